@@ -1,0 +1,1 @@
+//! Model hyper-parameters (from GGUF metadata or a Hugging Face config.json).

@@ -1,0 +1,56 @@
+//! Model architectures and the seam the runner calls: one flattened batch in, logits out.
+//!
+//! CONTRACT (shared by the runner, the model and the CUDA kernels; change only with all three):
+//! - The runner flattens every scheduled sequence's new tokens into one batch (`ForwardBatch`).
+//! - `CausalLM::forward` writes the new K/V of every token into the paged cache at
+//!   `slot_mapping[i]` (slot = block_id * block_size + offset; -1 = do not write), then attends each
+//!   token over its sequence's context (cached tokens + this chunk, causal) through the block table,
+//!   and returns f32 logits `[n, vocab]` for the sequences with `compute_logits` (in `seqs` order).
+//! - The paged cache tensors live in `KvCache` (one K and one V tensor per layer, shape
+//!   `[num_blocks, block_size, num_kv_heads, head_dim]`); the `kv` module only does block accounting.
+
+pub mod attention;
+pub mod cache;
+pub mod llama;
+
+pub use cache::KvCache;
+
+use crate::config::ModelConfig;
+use candle_core::{Device, Result, Tensor};
+
+/// One sequence's slice of a flattened batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqInput {
+    /// Index of this sequence's first token in `ForwardBatch::token_ids`.
+    pub query_start: usize,
+    /// Number of new tokens of this sequence in the batch (1 for decode, a chunk for prefill).
+    pub query_len: usize,
+    /// Tokens of context after this step: already cached + `query_len`.
+    pub context_len: usize,
+    /// Physical block ids covering positions `0..context_len` (block_size tokens each).
+    pub block_table: Vec<u32>,
+    /// Return logits for this sequence's last token in this batch.
+    pub compute_logits: bool,
+}
+
+/// A whole step's input: tokens of all scheduled sequences, flattened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardBatch {
+    pub token_ids: Vec<u32>,
+    /// Absolute position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// Cache slot each token's K/V is written to.
+    pub slot_mapping: Vec<i64>,
+    pub seqs: Vec<SeqInput>,
+}
+
+/// A decoder-only language model served by the engine.
+pub trait CausalLM: Send {
+    fn config(&self) -> &ModelConfig;
+    fn device(&self) -> &Device;
+    /// Paged forward (see the module contract). Returns f32 logits `[n_logits, vocab]`.
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor>;
+    /// Plain forward without any cache: causal attention over `tokens` (positions 0..n), f32 logits
+    /// for every position `[n, vocab]`. The reference the paged path is tested against.
+    fn forward_full(&self, tokens: &[u32]) -> Result<Tensor>;
+}
