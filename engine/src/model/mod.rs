@@ -10,6 +10,8 @@
 //!   `[num_blocks, block_size, num_kv_heads, head_dim]`); the `kv` module only does block accounting.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod attention_cuda;
 pub mod cache;
 pub mod llama;
 

@@ -1,0 +1,259 @@
+// Paged attention over a block table: one kernel for decode, prefill and chunked prefill, with GQA.
+//
+// Layouts (all contiguous, element offsets already applied by the host):
+//   q, out        [num_tokens, num_heads, D]
+//   key/value     [num_blocks, block_size, num_kv_heads, D]
+//   block_tables  u32 [num_seqs, max_blocks_per_seq]
+//   context_lens  u32 [num_seqs]   tokens of context after this step (cached + new)
+//   query_start   u32 [num_seqs + 1] prefix sums of query lengths
+// Token j (0-based in its sequence's chunk) of sequence s attends to keys 0 ..= ctx - qlen + j.
+//
+// Work split: a CTA takes up to QT query tokens of one sequence times GH query heads of one kv head
+// (R = QT*GH <= 16 rows sharing every K/V tile load), and one context partition of `partition`
+// keys (grid.z). Keys are read 32 at a time into shared memory as f32; scores, the online softmax
+// (running max m, sum l) and the output accumulate in f32. With one partition the CTA writes `out`;
+// with several it writes (m, l, acc) partials that paged_attention_combine merges.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define KT 32        // keys per shared-memory tile
+#define MAX_ROWS 16  // query rows (token x head) per CTA
+#define THREADS 128
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void from_f32(float v, float* d) { *d = v; }
+__device__ __forceinline__ void from_f32(float v, __half* d) { *d = __float2half(v); }
+__device__ __forceinline__ void from_f32(float v, __nv_bfloat16* d) { *d = __float2bfloat16(v); }
+
+// Loads 16 bytes of T from global memory and widens them to f32 in shared memory.
+template <typename T>
+__device__ __forceinline__ void load16_to_f32(const T* __restrict__ src, float* dst) {
+    constexpr int N = 16 / sizeof(T);
+    uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = to_f32(e[i]);
+}
+
+// Finds which sequence and which of its QT-token tiles CTA `tile` covers; false if none.
+__device__ bool locate_tile(const uint32_t* __restrict__ query_start, int num_seqs, int qt, int tile,
+                            int* seq, int* q_begin) {
+    int seen = 0;
+    for (int s = 0; s < num_seqs; ++s) {
+        const int qlen = (int)(query_start[s + 1] - query_start[s]);
+        const int tiles = (qlen + qt - 1) / qt;
+        if (tile < seen + tiles) {
+            *seq = s;
+            *q_begin = (tile - seen) * qt;
+            return true;
+        }
+        seen += tiles;
+    }
+    return false;
+}
+
+template <typename T, int D>
+__device__ void paged_attention_impl(
+    T* __restrict__ out, float* __restrict__ part_m, float* __restrict__ part_l,
+    float* __restrict__ part_acc, const T* __restrict__ q, const T* __restrict__ key_cache,
+    const T* __restrict__ value_cache, const uint32_t* __restrict__ block_tables,
+    const uint32_t* __restrict__ context_lens, const uint32_t* __restrict__ query_start,
+    int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
+    int qt, int gh, int partition, float scale) {
+    static_assert(D % 4 == 0 && D <= 256, "head_dim");
+    constexpr int VEC = 16 / sizeof(T);         // elements per 16-byte load
+    constexpr int ACC = MAX_ROWS * D / THREADS;  // output elements owned per thread
+    __shared__ __align__(16) float ks[KT][D + 4];
+    __shared__ __align__(16) float vs[KT][D];
+    __shared__ __align__(16) float qs[MAX_ROWS][D];
+    __shared__ float ps[MAX_ROWS][KT];
+    __shared__ float row_m[MAX_ROWS], row_l[MAX_ROWS], row_alpha[MAX_ROWS];
+    __shared__ int row_limit[MAX_ROWS];  // last key index the row may see; -1 = row unused
+
+    int seq, q_begin;
+    if (!locate_tile(query_start, num_seqs, qt, blockIdx.x, &seq, &q_begin)) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int group = num_heads / num_kv_heads;
+    const int head_groups = (group + gh - 1) / gh;
+    const int kv_head = blockIdx.y / head_groups;
+    const int head0 = kv_head * group + (blockIdx.y % head_groups) * gh;
+    const int heads_here = min(gh, kv_head * group + group - head0);
+    const int qstart = (int)query_start[seq];
+    const int qlen = (int)query_start[seq + 1] - qstart;
+    const int ctx = (int)context_lens[seq];
+    const int tokens_here = min(qt, qlen - q_begin);
+    const int rows = tokens_here * heads_here;
+    const int key_begin = blockIdx.z * partition;
+    const int last_key = min(ctx - qlen + q_begin + tokens_here - 1, ctx - 1);
+    const int key_end = min(key_begin + partition, last_key + 1);
+    const uint32_t* table = block_tables + (size_t)seq * max_blocks_per_seq;
+    const int num_splits = gridDim.z;
+
+    // Query rows (row = token * heads_here + head), pre-scaled, into shared memory.
+    for (int i = tid; i < MAX_ROWS * (D / VEC); i += THREADS) {
+        const int r = i / (D / VEC), c = (i % (D / VEC)) * VEC;
+        if (r < rows) {
+            const int token = qstart + q_begin + r / heads_here, head = head0 + r % heads_here;
+            load16_to_f32(q + ((size_t)token * num_heads + head) * D + c, &qs[r][c]);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) qs[r][c + e] *= scale;
+        }
+    }
+    if (tid < MAX_ROWS) {
+        row_m[tid] = -INFINITY;
+        row_l[tid] = 0.f;
+        row_limit[tid] = tid < rows ? ctx - qlen + q_begin + tid / heads_here : -1;
+    }
+    float acc[ACC];
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) acc[a] = 0.f;
+    __syncthreads();
+
+    for (int t0 = key_begin; t0 < key_end; t0 += KT) {
+        // K/V tile: KT keys x D, 16-byte loads, widened to f32.
+        for (int i = tid; i < KT * (D / VEC); i += THREADS) {
+            const int k = i / (D / VEC), c = (i % (D / VEC)) * VEC;
+            const int key = t0 + k;
+            if (key < key_end) {
+                const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
+                const size_t off = (slot * num_kv_heads + kv_head) * D + c;
+                load16_to_f32(key_cache + off, &ks[k][c]);
+                load16_to_f32(value_cache + off, &vs[k][c]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) ks[k][c + e] = vs[k][c + e] = 0.f;
+            }
+        }
+        __syncthreads();
+
+        // Scores: lane = key, warp w takes rows w, w+4, w+8, w+12.
+        {
+            float s[MAX_ROWS / 4];
+#pragma unroll
+            for (int j = 0; j < MAX_ROWS / 4; ++j) s[j] = 0.f;
+#pragma unroll 4
+            for (int c = 0; c < D; c += 4) {
+                const float4 kv = *reinterpret_cast<const float4*>(&ks[lane][c]);
+#pragma unroll
+                for (int j = 0; j < MAX_ROWS / 4; ++j) {
+                    const int r = warp + 4 * j;
+                    if (r < rows) {
+                        const float4 qv = *reinterpret_cast<const float4*>(&qs[r][c]);
+                        s[j] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                    }
+                }
+            }
+            // Online softmax per row, one warp per row.
+#pragma unroll
+            for (int j = 0; j < MAX_ROWS / 4; ++j) {
+                const int r = warp + 4 * j;
+                if (r >= rows) continue;
+                const int key = t0 + lane;
+                const bool valid = key < key_end && key <= row_limit[r];
+                const float score = valid ? s[j] : -INFINITY;
+                float mx = score;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                const float m_old = row_m[r];
+                const float m_new = fmaxf(m_old, mx);
+                const float p = valid ? __expf(score - m_new) : 0.f;
+                float sum = p;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+                ps[r][lane] = p;
+                __syncwarp();
+                if (lane == 0) {
+                    const float alpha = m_new == -INFINITY ? 1.f : __expf(m_old - m_new);
+                    row_alpha[r] = alpha;
+                    row_m[r] = m_new;
+                    row_l[r] = row_l[r] * alpha + sum;
+                }
+            }
+        }
+        __syncthreads();
+
+        // P.V: thread owns elements e = tid + THREADS*a of the [rows, D] output.
+#pragma unroll
+        for (int a = 0; a < ACC; ++a) {
+            const int e = tid + THREADS * a, r = e / D, d = e % D;
+            if (r < rows) {
+                float v = acc[a] * row_alpha[r];
+#pragma unroll 8
+                for (int k = 0; k < KT; ++k) v += ps[r][k] * vs[k][d];
+                acc[a] = v;
+            }
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) {
+        const int e = tid + THREADS * a, r = e / D, d = e % D;
+        if (r >= rows) continue;
+        const int token = qstart + q_begin + r / heads_here, head = head0 + r % heads_here;
+        const size_t row = (size_t)token * num_heads + head;
+        if (num_splits == 1) {
+            const float l = row_l[r];
+            from_f32(l > 0.f ? acc[a] / l : 0.f, &out[row * D + d]);
+        } else {
+            const size_t pr = row * num_splits + blockIdx.z;
+            part_acc[pr * D + d] = acc[a];
+            if (d == 0) {
+                part_m[pr] = row_m[r];
+                part_l[pr] = row_l[r];
+            }
+        }
+    }
+}
+
+// Merges the per-partition partials: grid (num_tokens * num_heads), D threads.
+template <typename T, int D>
+__device__ void paged_attention_combine_impl(T* __restrict__ out, const float* __restrict__ part_m,
+                                             const float* __restrict__ part_l,
+                                             const float* __restrict__ part_acc, int num_splits) {
+    const size_t row = blockIdx.x;
+    const int d = threadIdx.x;
+    if (d >= D) return;
+    float m = -INFINITY;
+    for (int z = 0; z < num_splits; ++z) m = fmaxf(m, part_m[row * num_splits + z]);
+    float l = 0.f, v = 0.f;
+    if (m != -INFINITY) {
+        for (int z = 0; z < num_splits; ++z) {
+            const size_t pr = row * num_splits + z;
+            const float w = __expf(part_m[pr] - m);  // exp(-inf) = 0 for empty partitions
+            l += w * part_l[pr];
+            v += w * part_acc[pr * D + d];
+        }
+    }
+    from_f32(l > 0.f ? v / l : 0.f, &out[row * D + d]);
+}
+
+#define PAGED_ATTENTION(SUFFIX, T, D)                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_##SUFFIX##_d##D(      \
+        T* out, float* part_m, float* part_l, float* part_acc, const T* q, const T* key_cache,  \
+        const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,       \
+        const uint32_t* query_start, int num_seqs, int num_heads, int num_kv_heads,              \
+        int block_size, int max_blocks_per_seq, int qt, int gh, int partition, float scale) {    \
+        paged_attention_impl<T, D>(out, part_m, part_l, part_acc, q, key_cache, value_cache,     \
+                                   block_tables, context_lens, query_start, num_seqs, num_heads, \
+                                   num_kv_heads, block_size, max_blocks_per_seq, qt, gh,         \
+                                   partition, scale);                                            \
+    }                                                                                            \
+    extern "C" __global__ void paged_attention_combine_##SUFFIX##_d##D(                          \
+        T* out, const float* part_m, const float* part_l, const float* part_acc,                 \
+        int num_splits) {                                                                        \
+        paged_attention_combine_impl<T, D>(out, part_m, part_l, part_acc, num_splits);           \
+    }
+
+#define PAGED_ATTENTION_ALL_D(SUFFIX, T) \
+    PAGED_ATTENTION(SUFFIX, T, 64)       \
+    PAGED_ATTENTION(SUFFIX, T, 80)       \
+    PAGED_ATTENTION(SUFFIX, T, 96)       \
+    PAGED_ATTENTION(SUFFIX, T, 128)
+
+PAGED_ATTENTION_ALL_D(f32, float)
+PAGED_ATTENTION_ALL_D(f16, __half)
+PAGED_ATTENTION_ALL_D(bf16, __nv_bfloat16)

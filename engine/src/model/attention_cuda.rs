@@ -1,0 +1,540 @@
+//! CUDA versions of the paged-attention ops (kernels in `engine/kernels/*.cu`, loaded through cudarc).
+//!
+//! Same contract as the CPU reference ops in `attention.rs`. Kernels are compiled to PTX by
+//! `engine/build.rs` and JIT-loaded once per device through candle's module cache.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape,
+    Storage, Tensor,
+};
+use std::sync::OnceLock;
+
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/kernels_ptx.rs"));
+}
+
+/// Keys per shared-memory tile and query rows per CTA (`KT`, `MAX_ROWS` in paged_attention.cu).
+const KEY_TILE: usize = 32;
+const MAX_ROWS: usize = 16;
+const THREADS: u32 = 128;
+/// Head sizes the paged-attention kernel is instantiated for.
+pub const SUPPORTED_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
+
+/// Raw device address of a storage's first element under `layout`, plus the stream-ordering guard
+/// that must live until the kernel using it is launched.
+fn device_ptr<'a>(
+    s: &'a CudaStorage,
+    layout: &Layout,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let ((ptr, guard), elem) = match &s.slice {
+        CudaStorageSlice::BF16(x) => (x.device_ptr(stream), 2),
+        CudaStorageSlice::F16(x) => (x.device_ptr(stream), 2),
+        CudaStorageSlice::F32(x) => (x.device_ptr(stream), 4),
+        CudaStorageSlice::U32(x) => (x.device_ptr(stream), 4),
+        CudaStorageSlice::I64(x) => (x.device_ptr(stream), 8),
+        _ => bail!("paged attention: unsupported dtype {:?}", s.dtype()),
+    };
+    Ok((ptr + (layout.start_offset() * elem) as u64, guard))
+}
+
+fn device_ptr_mut<'a>(
+    s: &'a mut CudaStorage,
+    layout: &Layout,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let dtype = s.dtype();
+    let ((ptr, guard), elem) = match &mut s.slice {
+        CudaStorageSlice::BF16(x) => (x.device_ptr_mut(stream), 2),
+        CudaStorageSlice::F16(x) => (x.device_ptr_mut(stream), 2),
+        CudaStorageSlice::F32(x) => (x.device_ptr_mut(stream), 4),
+        _ => bail!("kv cache: unsupported dtype {dtype:?}"),
+    };
+    Ok((ptr + (layout.start_offset() * elem) as u64, guard))
+}
+
+fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("paged attention: unsupported storage dtype {other:?}"),
+    })
+}
+
+fn cuda_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => bail!("{what} must live on the CUDA device"),
+    }
+}
+
+fn multiprocessor_count(stream: &CudaStream) -> usize {
+    static SMS: OnceLock<usize> = OnceLock::new();
+    *SMS.get_or_init(|| {
+        stream
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map(|n| n.max(1) as usize)
+            .unwrap_or(132)
+    })
+}
+
+// ------------------------------------------------------------------------------ write_kv_cache
+
+/// Copies rows of `src` into one paged cache (the op is applied once for K, once for V).
+struct ReshapeAndCache;
+
+impl InplaceOp3 for ReshapeAndCache {
+    fn name(&self) -> &'static str {
+        "reshape_and_cache"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        bail!("reshape_and_cache (CUDA) called with CPU tensors; use attention::write_kv_cache")
+    }
+
+    fn cuda_fwd(
+        &self,
+        cache: &mut CudaStorage,
+        cache_l: &Layout,
+        src: &CudaStorage,
+        src_l: &Layout,
+        slots: &CudaStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        let (num_blocks, block_size, kv_heads, head_dim) = cache_l.shape().dims4()?;
+        let (n, src_heads, src_dim) = src_l.shape().dims3()?;
+        if (src_heads, src_dim) != (kv_heads, head_dim) {
+            bail!("write_kv_cache: k/v [{n}, {src_heads}, {src_dim}] vs cache heads {kv_heads} x {head_dim}")
+        }
+        if slots_l.shape().dims1()? != n || slots.dtype() != DType::I64 {
+            bail!("write_kv_cache: slot_mapping must be i64 [{n}]")
+        }
+        if cache.dtype() != src.dtype() {
+            bail!(
+                "write_kv_cache: k/v {:?} vs cache {:?}",
+                src.dtype(),
+                cache.dtype()
+            )
+        }
+        if !cache_l.is_contiguous() || !slots_l.is_contiguous() {
+            bail!("write_kv_cache: cache and slot_mapping must be contiguous")
+        }
+        // Rows of k/v may be strided (e.g. a narrow of a fused qkv output) but each row is dense.
+        let stride = src_l.stride();
+        if stride[2] != 1 || stride[1] != head_dim {
+            bail!("write_kv_cache: each k/v row [heads, head_dim] must be contiguous")
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = cache.device.clone();
+        let stream = dev.cuda_stream();
+        let elem = cache.dtype().size_in_bytes();
+        let row_bytes = kv_heads * head_dim * elem;
+        let (src_ptr, _g1) = device_ptr(src, src_l, &stream)?;
+        let (slot_ptr, _g2) = device_ptr(slots, slots_l, &stream)?;
+        let (dst_ptr, _g3) = device_ptr_mut(cache, cache_l, &stream)?;
+        // Widest copy unit that divides the row, the token stride and every base address.
+        let src_stride_bytes = stride[0] * elem;
+        let unit = [16usize, 4, 2]
+            .into_iter()
+            .find(|&u| {
+                row_bytes % u == 0
+                    && src_stride_bytes % u == 0
+                    && (src_ptr as usize) % u == 0
+                    && (dst_ptr as usize) % u == 0
+            })
+            .unwrap_or(2);
+        let name = match unit {
+            16 => "reshape_and_cache_v16",
+            4 => "reshape_and_cache_u32",
+            _ => "reshape_and_cache_u16",
+        };
+        let func = dev.get_or_load_custom_func(name, "cache_ops", ptx::CACHE_OPS)?;
+        let row_units = (row_bytes / unit) as i64;
+        let stride_units = (src_stride_bytes / unit) as i64;
+        let num_slots = (num_blocks * block_size) as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: ((row_units as u32).clamp(32, 256), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = func.builder();
+        b.arg(&src_ptr)
+            .arg(&dst_ptr)
+            .arg(&slot_ptr)
+            .arg(&row_units)
+            .arg(&stride_units)
+            .arg(&num_slots);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+/// CUDA `write_kv_cache`: k, v `[n, num_kv_heads, head_dim]` into the caches at `slot_mapping`
+/// (i64 `[n]`, -1 skipped), in place. Two launches (K then V) on candle's stream.
+pub fn write_kv_cache(
+    k: &Tensor,
+    v: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+) -> Result<()> {
+    let slot_mapping = if slot_mapping.dtype() == DType::I64 {
+        slot_mapping.clone()
+    } else {
+        slot_mapping.to_dtype(DType::I64)?
+    };
+    key_cache.inplace_op3(k, &slot_mapping, &ReshapeAndCache)?;
+    value_cache.inplace_op3(v, &slot_mapping, &ReshapeAndCache)
+}
+
+// ------------------------------------------------------------------------------ paged_attention
+
+struct PagedAttention {
+    key_cache: Tensor,
+    value_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    query_start_loc: Tensor,
+    /// Upper bound of any sequence's context length (sizes the context partitions).
+    max_context_len: usize,
+    scale: f32,
+}
+
+impl PagedAttention {
+    /// Checks every input and launches the kernel(s) writing `out` (`[n, num_heads, head_dim]`).
+    fn launch(
+        &self,
+        q: &CudaStorage,
+        q_l: &Layout,
+        out: &mut CudaStorage,
+        out_l: &Layout,
+    ) -> Result<()> {
+        let (n, num_heads, head_dim) = q_l.shape().dims3()?;
+        if out_l.shape() != q_l.shape() || !out_l.is_contiguous() || out.dtype() != q.dtype() {
+            bail!(
+                "paged_attention: out must be a contiguous {:?} {:?}",
+                q.dtype(),
+                q_l.shape()
+            )
+        }
+        let (kc_s, kc_l) = self.key_cache.storage_and_layout();
+        let (vc_s, vc_l) = self.value_cache.storage_and_layout();
+        let (bt_s, bt_l) = self.block_tables.storage_and_layout();
+        let (cl_s, cl_l) = self.context_lens.storage_and_layout();
+        let (qs_s, qs_l) = self.query_start_loc.storage_and_layout();
+        let kc = cuda_storage(&kc_s, "key_cache")?;
+        let vc = cuda_storage(&vc_s, "value_cache")?;
+        let bt = cuda_storage(&bt_s, "block_tables")?;
+        let cl = cuda_storage(&cl_s, "context_lens")?;
+        let qsl = cuda_storage(&qs_s, "query_start_loc")?;
+
+        let (_, block_size, num_kv_heads, kv_dim) = kc_l.shape().dims4()?;
+        if vc_l.shape() != kc_l.shape() {
+            bail!(
+                "paged_attention: key cache {:?} vs value cache {:?}",
+                kc_l.shape(),
+                vc_l.shape()
+            )
+        }
+        if kv_dim != head_dim || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!("paged_attention: q heads {num_heads}x{head_dim} vs kv heads {num_kv_heads}x{kv_dim}")
+        }
+        if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+            bail!("paged_attention: head_dim {head_dim} not in {SUPPORTED_HEAD_DIMS:?}")
+        }
+        let dtype = q.dtype();
+        if kc.dtype() != dtype || vc.dtype() != dtype {
+            bail!(
+                "paged_attention: q {dtype:?}, caches {:?}/{:?}",
+                kc.dtype(),
+                vc.dtype()
+            )
+        }
+        let (num_seqs, max_blocks) = bt_l.shape().dims2()?;
+        if cl_l.shape().dims1()? != num_seqs || qs_l.shape().dims1()? != num_seqs + 1 {
+            bail!("paged_attention: context_lens [{num_seqs}] and query_start_loc [{num_seqs}+1] expected")
+        }
+        for (s, what) in [
+            (bt, "block_tables"),
+            (cl, "context_lens"),
+            (qsl, "query_start_loc"),
+        ] {
+            if s.dtype() != DType::U32 {
+                bail!("paged_attention: {what} must be u32, got {:?}", s.dtype())
+            }
+        }
+        for (l, what) in [
+            (q_l, "q"),
+            (kc_l, "key_cache"),
+            (vc_l, "value_cache"),
+            (bt_l, "block_tables"),
+            (cl_l, "context_lens"),
+            (qs_l, "query_start_loc"),
+        ] {
+            if !l.is_contiguous() {
+                bail!("paged_attention: {what} must be contiguous")
+            }
+        }
+
+        let dev = q.device.clone();
+        let stream = dev.cuda_stream();
+        let elem = dtype.size_in_bytes();
+        if n == 0 || num_seqs == 0 {
+            return Ok(());
+        }
+
+        // Work split (see paged_attention.cu): rows = qt tokens x gh heads of one kv head.
+        let group = num_heads / num_kv_heads;
+        let gh = group.min(MAX_ROWS);
+        let qt = (MAX_ROWS / gh).max(1);
+        let head_groups = group.div_ceil(gh);
+        let tiles = n.div_ceil(qt) + num_seqs; // upper bound of sum over seqs of ceil(qlen/qt)
+        let base_ctas = tiles * num_kv_heads * head_groups;
+        let max_ctx = self.max_context_len.clamp(1, max_blocks * block_size);
+        let target = 2 * multiprocessor_count(&stream);
+        let (splits, partition) = if base_ctas >= target {
+            (1, max_ctx.div_ceil(KEY_TILE) * KEY_TILE)
+        } else {
+            let want = target.div_ceil(base_ctas);
+            let partition = max_ctx.div_ceil(want).div_ceil(KEY_TILE).max(2) * KEY_TILE;
+            (max_ctx.div_ceil(partition), partition)
+        };
+        let parts = if splits > 1 {
+            let rows = n * num_heads * splits;
+            Some(unsafe {
+                (
+                    dev.alloc::<f32>(rows)?,
+                    dev.alloc::<f32>(rows)?,
+                    dev.alloc::<f32>(rows * head_dim)?,
+                )
+            })
+        } else {
+            None
+        };
+
+        let suffix = dtype_suffix(dtype)?;
+        let (q_ptr, _g0) = device_ptr(q, q_l, &stream)?;
+        let (kc_ptr, _g1) = device_ptr(kc, kc_l, &stream)?;
+        let (vc_ptr, _g2) = device_ptr(vc, vc_l, &stream)?;
+        let (bt_ptr, _g3) = device_ptr(bt, bt_l, &stream)?;
+        let (cl_ptr, _g4) = device_ptr(cl, cl_l, &stream)?;
+        let (qs_ptr, _g5) = device_ptr(qsl, qs_l, &stream)?;
+        for (p, what) in [(q_ptr, "q"), (kc_ptr, "key_cache"), (vc_ptr, "value_cache")] {
+            if p % 16 != 0 {
+                bail!(
+                    "paged_attention: {what} is not 16-byte aligned (start offset x {elem} bytes)"
+                )
+            }
+        }
+        let (out_ptr, _g6) = device_ptr_mut(out, out_l, &stream)?;
+        let (pm, pl, pa) = match &parts {
+            Some((m, l, a)) => (
+                m.device_ptr(&stream).0,
+                l.device_ptr(&stream).0,
+                a.device_ptr(&stream).0,
+            ),
+            None => (0u64, 0u64, 0u64),
+        };
+
+        let func = dev.get_or_load_custom_func(
+            &format!("paged_attention_{suffix}_d{head_dim}"),
+            "paged_attention",
+            ptx::PAGED_ATTENTION,
+        )?;
+        let (num_seqs_i, num_heads_i, kv_heads_i) =
+            (num_seqs as i32, num_heads as i32, num_kv_heads as i32);
+        let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
+        let (qt_i, gh_i, partition_i) = (qt as i32, gh as i32, partition as i32);
+        let scale = self.scale;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                tiles as u32,
+                (num_kv_heads * head_groups) as u32,
+                splits as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = func.builder();
+        b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
+        b.arg(&q_ptr)
+            .arg(&kc_ptr)
+            .arg(&vc_ptr)
+            .arg(&bt_ptr)
+            .arg(&cl_ptr)
+            .arg(&qs_ptr);
+        b.arg(&num_seqs_i)
+            .arg(&num_heads_i)
+            .arg(&kv_heads_i)
+            .arg(&block_size_i);
+        b.arg(&max_blocks_i)
+            .arg(&qt_i)
+            .arg(&gh_i)
+            .arg(&partition_i)
+            .arg(&scale);
+        unsafe { b.launch(cfg) }.w()?;
+
+        if splits > 1 {
+            let func = dev.get_or_load_custom_func(
+                &format!("paged_attention_combine_{suffix}_d{head_dim}"),
+                "paged_attention",
+                ptx::PAGED_ATTENTION,
+            )?;
+            let splits_i = splits as i32;
+            let cfg = LaunchConfig {
+                grid_dim: ((n * num_heads) as u32, 1, 1),
+                block_dim: (head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = func.builder();
+            b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa).arg(&splits_i);
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        drop(parts); // freed in stream order after the kernels
+        Ok(())
+    }
+}
+
+impl CustomOp1 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "paged_attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("paged_attention (CUDA) called with CPU tensors; use attention::paged_attention")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = q.device.clone();
+        let numel = q_l.shape().elem_count();
+        let mut out = match q.dtype() {
+            DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(numel)? }, dev),
+            DType::F16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(numel)? }, dev)
+            }
+            DType::BF16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(numel)? }, dev)
+            }
+            other => bail!("paged_attention: unsupported storage dtype {other:?}"),
+        };
+        let out_l = Layout::contiguous(q_l.shape());
+        self.launch(q, q_l, &mut out, &out_l)?;
+        Ok((out, q_l.shape().clone()))
+    }
+}
+
+/// The same op writing into an existing output tensor (`PagedAttention::q` is the query).
+struct PagedAttentionInto {
+    op: PagedAttention,
+    q: Tensor,
+}
+
+impl InplaceOp1 for PagedAttentionInto {
+    fn name(&self) -> &'static str {
+        "paged_attention_into"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        bail!("paged_attention (CUDA) called with CPU tensors; use attention::paged_attention")
+    }
+
+    fn cuda_fwd(&self, out: &mut CudaStorage, out_l: &Layout) -> Result<()> {
+        let (q_s, q_l) = self.q.storage_and_layout();
+        self.op.launch(cuda_storage(&q_s, "q")?, q_l, out, out_l)
+    }
+}
+
+/// CUDA paged attention over explicit metadata tensors (u32, on the device of `q`).
+/// `max_context_len` is any upper bound of the batch's context lengths (None: the block table
+/// width times the block size); it only sizes the context partitions.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_with(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    block_tables: &Tensor,
+    context_lens: &Tensor,
+    query_start_loc: &Tensor,
+    max_context_len: Option<usize>,
+    scale: f32,
+) -> Result<Tensor> {
+    let op = PagedAttention::new(
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        query_start_loc,
+        max_context_len,
+        scale,
+    )?;
+    q.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// [`paged_attention_with`] writing into `out` (same shape and dtype as `q`, contiguous): lets a
+/// caller reuse a buffer, and lets tests poison the output to prove every element is written.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_into(
+    out: &Tensor,
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    block_tables: &Tensor,
+    context_lens: &Tensor,
+    query_start_loc: &Tensor,
+    max_context_len: Option<usize>,
+    scale: f32,
+) -> Result<()> {
+    let op = PagedAttention::new(
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        query_start_loc,
+        max_context_len,
+        scale,
+    )?;
+    out.inplace_op1(&PagedAttentionInto {
+        op,
+        q: q.contiguous()?,
+    })
+}
+
+impl PagedAttention {
+    fn new(
+        key_cache: &Tensor,
+        value_cache: &Tensor,
+        block_tables: &Tensor,
+        context_lens: &Tensor,
+        query_start_loc: &Tensor,
+        max_context_len: Option<usize>,
+        scale: f32,
+    ) -> Result<Self> {
+        let (_, block_size, _, _) = key_cache.dims4()?;
+        let bound = block_tables.dim(1)? * block_size;
+        Ok(PagedAttention {
+            key_cache: key_cache.clone(),
+            value_cache: value_cache.clone(),
+            block_tables: block_tables.contiguous()?,
+            context_lens: context_lens.contiguous()?,
+            query_start_loc: query_start_loc.contiguous()?,
+            max_context_len: max_context_len.unwrap_or(bound).min(bound),
+            scale,
+        })
+    }
+}

@@ -1,0 +1,413 @@
+//! The engine's CUDA kernels against f64 references on random inputs (run on a GPU machine).
+//!
+//! Built only with `--features cuda`; each test needs a CUDA device and fails if none is present.
+//! `bench_paged_attention_decode` (ignored by default) times decode at Qwen2.5-1.5B shape against
+//! the HBM floor; set `KERNEL_BENCH_OUT=<file>` to also write its table as markdown.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use engine::model::attention_cuda::{paged_attention_into, write_kv_cache};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * 1.7).collect()
+}
+
+/// One test case: per sequence (query_len, context_len).
+struct Case {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    seqs: Vec<(usize, usize)>,
+}
+
+/// f64 paged attention straight from the contract, over host copies of the (rounded) inputs.
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    c: &Case,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    tables: &[Vec<u32>],
+    scale: f64,
+) -> Vec<f64> {
+    let (h, kvh, d, bs) = (c.heads, c.kv_heads, c.head_dim, c.block_size);
+    let n: usize = c.seqs.iter().map(|s| s.0).sum();
+    let mut out = vec![0f64; n * h * d];
+    let mut t0 = 0;
+    for (s, &(qlen, ctx)) in c.seqs.iter().enumerate() {
+        for j in 0..qlen {
+            let tok = t0 + j;
+            for head in 0..h {
+                let g = head / (h / kvh);
+                let qv = &q[(tok * h + head) * d..][..d];
+                let last = ctx - qlen + j;
+                let mut scores = Vec::with_capacity(last + 1);
+                for key in 0..=last {
+                    let slot = tables[s][key / bs] as usize * bs + key % bs;
+                    let kv = &kc[(slot * kvh + g) * d..][..d];
+                    let dot: f64 = qv.iter().zip(kv).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    scores.push(dot * scale);
+                }
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+                let l: f64 = w.iter().sum();
+                let o = &mut out[(tok * h + head) * d..][..d];
+                for (key, wk) in w.iter().enumerate() {
+                    let slot = tables[s][key / bs] as usize * bs + key % bs;
+                    let vv = &vc[(slot * kvh + g) * d..][..d];
+                    for (oi, vi) in o.iter_mut().zip(vv) {
+                        *oi += wk / l * *vi as f64;
+                    }
+                }
+            }
+        }
+        t0 += qlen;
+    }
+    out
+}
+
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("copy to host")
+}
+
+/// Runs one case in one dtype; returns the relative L2 error against the f64 reference.
+fn check_attention(c: &Case, dtype: DType, seed: u64) -> f64 {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (h, kvh, d, bs) = (c.heads, c.kv_heads, c.head_dim, c.block_size);
+    let n: usize = c.seqs.iter().map(|s| s.0).sum();
+    let blocks_per_seq: Vec<usize> = c.seqs.iter().map(|s| s.1.div_ceil(bs)).collect();
+    let num_blocks = blocks_per_seq.iter().sum::<usize>() + 3;
+    // Shuffled physical blocks, so that the block table really is followed.
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    ids.shuffle(&mut rng);
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for &nb in &blocks_per_seq {
+        tables.push(ids[next..next + nb].to_vec());
+        next += nb;
+    }
+    let max_blocks = *blocks_per_seq.iter().max().unwrap();
+    let mut flat_tables = vec![0u32; c.seqs.len() * max_blocks];
+    for (s, t) in tables.iter().enumerate() {
+        flat_tables[s * max_blocks..][..t.len()].copy_from_slice(t);
+    }
+    let mut qsl = vec![0u32];
+    for s in &c.seqs {
+        qsl.push(qsl.last().unwrap() + s.0 as u32);
+    }
+    let ctx: Vec<u32> = c.seqs.iter().map(|s| s.1 as u32).collect();
+
+    let cache_shape = (num_blocks, bs, kvh, d);
+    let mk = |v: Vec<f32>, shape: &[usize]| {
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| t.to_device(&dev))
+            .expect("upload")
+    };
+    let cache_elems = num_blocks * bs * kvh * d;
+    let kc = mk(randn(&mut rng, cache_elems), &[num_blocks, bs, kvh, d]);
+    let vc = mk(randn(&mut rng, cache_elems), &[num_blocks, bs, kvh, d]);
+    let q = mk(randn(&mut rng, n * h * d), &[n, h, d]);
+    assert_eq!(kc.dims4().unwrap(), cache_shape);
+    let u32_tensor =
+        |v: &[u32], shape: &[usize]| Tensor::from_slice(v, shape, &dev).expect("upload metadata");
+    let bt = u32_tensor(&flat_tables, &[c.seqs.len(), max_blocks]);
+    let cl = u32_tensor(&ctx, &[c.seqs.len()]);
+    let qs = u32_tensor(&qsl, &[c.seqs.len() + 1]);
+    let scale = 1.0 / (d as f64).sqrt();
+
+    // Output poisoned with NaN: any element the kernel skips stays NaN and fails the check.
+    let out = Tensor::full(f32::NAN, (n, h, d), &dev)
+        .and_then(|t| t.to_dtype(dtype))
+        .unwrap();
+    paged_attention_into(&out, &q, &kc, &vc, &bt, &cl, &qs, None, scale as f32)
+        .expect("paged_attention_into");
+    let got = host_f32(&out);
+    let want = reference(
+        c,
+        &host_f32(&q),
+        &host_f32(&kc),
+        &host_f32(&vc),
+        &tables,
+        scale,
+    );
+    let nan = got.iter().filter(|x| !x.is_finite()).count();
+    assert_eq!(nan, 0, "{nan} output elements not written or not finite");
+    let num: f64 = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (*g as f64 - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den).sqrt()
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        _ => 1e-2,
+    }
+}
+
+#[test]
+fn paged_attention_matches_reference() {
+    let cases = [
+        // Qwen2.5-1.5B shape: decode batch with ragged contexts, one crossing partitions.
+        Case {
+            heads: 12,
+            kv_heads: 2,
+            head_dim: 128,
+            block_size: 16,
+            seqs: vec![(1, 1), (1, 17), (1, 300), (1, 1024)],
+        },
+        // prefill + chunked prefill + decode mixed in one batch (SmolLM2 shape)
+        Case {
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+            seqs: vec![(37, 37), (20, 85), (1, 64), (5, 5)],
+        },
+        // no GQA, head_dim 96 (Phi-3-mini shape), odd block size
+        Case {
+            heads: 8,
+            kv_heads: 8,
+            head_dim: 96,
+            block_size: 8,
+            seqs: vec![(3, 40), (1, 333)],
+        },
+        // group of 8 (CodeLlama-34B shape), head_dim 80 kernel instantiation
+        Case {
+            heads: 16,
+            kv_heads: 2,
+            head_dim: 80,
+            block_size: 32,
+            seqs: vec![(2, 2), (1, 129), (70, 70)],
+        },
+        // wide group (more heads per kv head than rows per CTA)
+        Case {
+            heads: 20,
+            kv_heads: 1,
+            head_dim: 64,
+            block_size: 16,
+            seqs: vec![(3, 50), (1, 7)],
+        },
+    ];
+    let mut seed = 7;
+    for (i, c) in cases.iter().enumerate() {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            seed += 1;
+            let err = check_attention(c, dtype, seed);
+            println!("case {i} {dtype:?}: rel L2 error {err:.3e}");
+            assert!(
+                err < tolerance(dtype),
+                "case {i} {dtype:?}: rel error {err:.3e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn write_kv_cache_writes_exactly_the_mapped_slots() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(42);
+    for (dtype, kvh, d, bs) in [
+        (DType::BF16, 2, 128, 16),
+        (DType::F16, 3, 64, 8),
+        (DType::F32, 1, 96, 16),
+    ] {
+        let num_blocks = 9;
+        let slots_total = num_blocks * bs;
+        let n = 23;
+        // k/v as a narrow of a wider [n, 3*kvh, d] tensor: strided token rows, as from a fused qkv.
+        let wide = Tensor::from_vec(
+            randn(&mut rng, n * 3 * kvh * d),
+            (n, 3 * kvh, d),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
+        let k = wide.narrow(1, 0, kvh).unwrap();
+        let v = wide.narrow(1, kvh, kvh).unwrap();
+        let mut free: Vec<i64> = (0..slots_total as i64).collect();
+        free.shuffle(&mut rng);
+        let mut slots: Vec<i64> = free[..n].to_vec();
+        slots[4] = -1;
+        slots[11] = -1;
+        let slot_t = Tensor::from_slice(&slots, n, &dev).unwrap();
+        let poison = || {
+            Tensor::full(f32::NAN, (num_blocks, bs, kvh, d), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (kc, vc) = (poison(), poison());
+        write_kv_cache(&k, &v, &kc, &vc, &slot_t).expect("write_kv_cache");
+        for (src, cache) in [(&k, &kc), (&v, &vc)] {
+            let src = host_f32(&src.contiguous().unwrap());
+            let cache = host_f32(cache);
+            let row = kvh * d;
+            let mut written = vec![false; slots_total];
+            for (i, &s) in slots.iter().enumerate() {
+                if s < 0 {
+                    continue;
+                }
+                let s = s as usize;
+                written[s] = true;
+                assert_eq!(
+                    &cache[s * row..][..row],
+                    &src[i * row..][..row],
+                    "{dtype:?} token {i}"
+                );
+            }
+            for (s, w) in written.iter().enumerate() {
+                if !w {
+                    assert!(
+                        cache[s * row..][..row].iter().all(|x| x.is_nan()),
+                        "{dtype:?}: slot {s} touched"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB buffer.
+fn copy_bandwidth(dev: &Device) -> f64 {
+    let n = 1usize << 29; // bf16 elements = 1 GiB
+    let a = Tensor::ones(n, DType::BF16, dev)
+        .unwrap()
+        .affine(0.5, 0.25)
+        .unwrap();
+    let mut times = Vec::new();
+    for i in 0..12 {
+        dev.synchronize().unwrap();
+        let t = Instant::now();
+        let b = a.copy().unwrap();
+        dev.synchronize().unwrap();
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        drop(b);
+    }
+    2.0 * (n * 2) as f64 / median(times)
+}
+
+#[test]
+#[ignore = "benchmark: run on the GPU machine with --ignored --nocapture"]
+fn bench_paged_attention_decode() {
+    let dev = gpu();
+    let (h, kvh, d, bs, ctx) = (12usize, 2usize, 128usize, 16usize, 1024usize);
+    let bw = copy_bandwidth(&dev);
+    let mut rows = vec![format!(
+        "| batch | context | KV bytes read | median us/call | floor us (KV bytes / copy bw) | achieved GB/s | x floor |\n|---:|---:|---:|---:|---:|---:|---:|"
+    )];
+    println!("copy bandwidth (read+write): {:.0} GB/s", bw / 1e9);
+    let mut rng = StdRng::seed_from_u64(1);
+    for batch in [1usize, 8, 32, 128] {
+        let blocks_per_seq = ctx / bs;
+        let kv_bytes = batch * ctx * kvh * d * 2 * 2;
+        // Enough disjoint block-table sets that one pass over all of them exceeds L2 many times.
+        let sets = (512usize << 20).div_ceil(kv_bytes).clamp(2, 256);
+        let num_blocks = sets * batch * blocks_per_seq;
+        let cache = |rng: &mut StdRng| {
+            Tensor::from_vec(
+                randn(rng, num_blocks * bs * kvh * d),
+                (num_blocks, bs, kvh, d),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap()
+        };
+        let (kc, vc) = (cache(&mut rng), cache(&mut rng));
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        ids.shuffle(&mut rng);
+        let tables: Vec<Tensor> = ids
+            .chunks(batch * blocks_per_seq)
+            .map(|c| Tensor::from_slice(c, (batch, blocks_per_seq), &dev).unwrap())
+            .collect();
+        let cl = Tensor::from_vec(vec![ctx as u32; batch], batch, &dev).unwrap();
+        let qs = Tensor::from_vec((0..=batch as u32).collect::<Vec<_>>(), batch + 1, &dev).unwrap();
+        let q = Tensor::from_vec(randn(&mut rng, batch * h * d), (batch, h, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        let out = Tensor::zeros((batch, h, d), DType::BF16, &dev).unwrap();
+        let scale = 1.0 / (d as f32).sqrt();
+        let run = |i: usize| {
+            paged_attention_into(
+                &out,
+                &q,
+                &kc,
+                &vc,
+                &tables[i % tables.len()],
+                &cl,
+                &qs,
+                Some(ctx),
+                scale,
+            )
+            .unwrap()
+        };
+        for i in 0..20 {
+            run(i);
+        }
+        let reps = 200;
+        let mut per_call = Vec::new();
+        for r in 0..7 {
+            dev.synchronize().unwrap();
+            let t = Instant::now();
+            for i in 0..reps {
+                run(r * reps + i);
+            }
+            dev.synchronize().unwrap();
+            per_call.push(t.elapsed().as_secs_f64() / reps as f64);
+        }
+        let t = median(per_call);
+        let floor = kv_bytes as f64 / bw;
+        rows.push(format!(
+            "| {batch} | {ctx} | {:.2} MiB | {:.1} | {:.1} | {:.0} | {:.1} |",
+            kv_bytes as f64 / (1 << 20) as f64,
+            t * 1e6,
+            floor * 1e6,
+            kv_bytes as f64 / t / 1e9,
+            t / floor
+        ));
+    }
+    let table = format!(
+        "Paged-attention decode, Qwen2.5-1.5B shape (12 q heads, 2 kv heads, head_dim 128, bf16, \
+         block 16), host-timed back-to-back launches (launch overhead included), median of 7x200.\n\
+         Copy bandwidth (1 GiB device copy, read+write): {:.0} GB/s.\n\n{}\n",
+        bw / 1e9,
+        rows.join("\n")
+    );
+    println!("{table}");
+    if let Ok(path) = std::env::var("KERNEL_BENCH_OUT") {
+        std::fs::write(path, &table).expect("write KERNEL_BENCH_OUT");
+    }
+}
