@@ -8,6 +8,8 @@
 pub mod policy;
 pub mod request;
 mod scheduler;
+#[cfg(test)]
+mod tests;
 
 pub use request::{Request, RequestStatus};
 pub use scheduler::Scheduler;
