@@ -1,1 +1,123 @@
-//! TODO
+//! The model runner: one planned step in, one flattened forward pass, one sampled token per
+//! sequence that reached the end of its known tokens out.
+
+use crate::core::{ExecuteError, ModelExecutor};
+use crate::model::{CausalLM, ForwardBatch, KvCache, SeqInput};
+use crate::sampling::Sampler;
+use crate::sched::SchedulerOutput;
+use candle_core::DType;
+
+/// Flattens every scheduled request's new tokens into one batch: positions continue from each
+/// request's computed tokens, each token's cache slot comes from its block table, and logits are
+/// asked for only where the scheduler wants a sample.
+pub fn build_forward_batch(
+    out: &SchedulerOutput,
+    block_size: usize,
+) -> Result<ForwardBatch, ExecuteError> {
+    let mut b = ForwardBatch::default();
+    let n = out.total_num_scheduled_tokens;
+    b.token_ids.reserve(n);
+    b.positions.reserve(n);
+    b.slot_mapping.reserve(n);
+    for sr in &out.scheduled {
+        let start = sr.num_computed_tokens;
+        let context_len = start + sr.token_ids.len();
+        let blocks_needed = context_len.div_ceil(block_size);
+        if sr.block_table.len() < blocks_needed {
+            return Err(ExecuteError(format!(
+                "request {:?}: block table has {} blocks, {context_len} tokens need {blocks_needed}",
+                sr.request_id,
+                sr.block_table.len()
+            )));
+        }
+        b.seqs.push(SeqInput {
+            query_start: b.token_ids.len(),
+            query_len: sr.token_ids.len(),
+            context_len,
+            block_table: sr.block_table[..blocks_needed].to_vec(),
+            compute_logits: sr.sample,
+        });
+        for (j, &t) in sr.token_ids.iter().enumerate() {
+            let pos = start + j;
+            let block = sr.block_table[pos / block_size] as i64;
+            b.token_ids.push(t);
+            b.positions.push(pos as u32);
+            b.slot_mapping
+                .push(block * block_size as i64 + (pos % block_size) as i64);
+        }
+    }
+    Ok(b)
+}
+
+/// Owns the model, its paged cache and the per-request samplers.
+pub struct ModelRunner {
+    model: Box<dyn CausalLM>,
+    cache: KvCache,
+    sampler: Sampler,
+}
+
+impl ModelRunner {
+    pub fn new(model: Box<dyn CausalLM>, cache: KvCache) -> Self {
+        Self {
+            model,
+            cache,
+            sampler: Sampler::new(),
+        }
+    }
+
+    pub fn model(&self) -> &dyn CausalLM {
+        self.model.as_ref()
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Requests with live sampler state (seeded generators).
+    pub fn num_sampler_states(&self) -> usize {
+        self.sampler.num_generators()
+    }
+}
+
+impl ModelExecutor for ModelRunner {
+    fn execute(&mut self, out: &SchedulerOutput) -> Result<Vec<Option<u32>>, ExecuteError> {
+        for id in &out.finished_req_ids {
+            self.sampler.remove(id);
+        }
+        if out.scheduled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = build_forward_batch(out, self.cache.block_size)?;
+        let n_logits = batch.seqs.iter().filter(|s| s.compute_logits).count();
+        let rows: Vec<Vec<f32>> = if n_logits == 0 {
+            // Nothing to sample (all mid-prefill chunks): still write the cache.
+            self.model
+                .forward(&batch, &mut self.cache)
+                .map_err(|e| ExecuteError(e.to_string()))?;
+            Vec::new()
+        } else {
+            self.model
+                .forward(&batch, &mut self.cache)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_vec2::<f32>())
+                .map_err(|e| ExecuteError(e.to_string()))?
+        };
+        if rows.len() != n_logits {
+            return Err(ExecuteError(format!(
+                "model returned {} logit rows for {n_logits} sequences",
+                rows.len()
+            )));
+        }
+        let mut rows = rows.into_iter();
+        Ok(out
+            .scheduled
+            .iter()
+            .map(|sr| {
+                sr.sample.then(|| {
+                    let row = rows.next().expect("counted above");
+                    self.sampler.sample(&sr.request_id, &row, &sr.sampling)
+                })
+            })
+            .collect())
+    }
+}
