@@ -1,1 +1,310 @@
-//! TODO
+//! Llama-family decoder (Llama, Qwen2 with QKV bias, Phi-3 with fused projections) on candle ops.
+//!
+//! Weights use the Hugging Face layout and rotary convention ("rotate_half" over the two halves of
+//! each head); loaders convert other layouts (llama.cpp's permuted Q/K) before they get here.
+//! Matmuls run in the compute dtype; RMSNorm statistics and softmax run in f32.
+
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+
+use super::attention::{paged_attention, write_kv_cache, AttentionMetadata};
+use super::{CausalLM, ForwardBatch, KvCache};
+use crate::config::{Architecture, ModelConfig};
+use crate::weights::{LoadError, WeightSource};
+
+/// y = x W^T (+ b), W `[out, in]`.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: Tensor,
+    /// Fused [q; k; v] projection.
+    qkv_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: Tensor,
+    /// Fused [gate; up] projection.
+    gate_up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// A loaded Llama-family model.
+#[derive(Debug)]
+pub struct LlamaModel {
+    cfg: ModelConfig,
+    device: Device,
+    dtype: DType,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    /// Rotary tables `[max_position_embeddings, head_dim / 2]` in the compute dtype.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn shape_err(e: candle_core::Error) -> LoadError {
+    LoadError::Tensor(e)
+}
+
+impl LlamaModel {
+    /// Build the model from HF-named weights (already in `dtype` on `device`).
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &mut dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, LoadError> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let inter = cfg.intermediate_size;
+        let embed_tokens = src.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let (qkv, gate_up) = if cfg.architecture == Architecture::Phi3 {
+                (
+                    src.get(&format!("{p}.self_attn.qkv_proj.weight"), &[q_out + 2 * kv_out, h])?,
+                    src.get(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?,
+                )
+            } else {
+                let q = src.get(&format!("{p}.self_attn.q_proj.weight"), &[q_out, h])?;
+                let k = src.get(&format!("{p}.self_attn.k_proj.weight"), &[kv_out, h])?;
+                let v = src.get(&format!("{p}.self_attn.v_proj.weight"), &[kv_out, h])?;
+                let gate = src.get(&format!("{p}.mlp.gate_proj.weight"), &[inter, h])?;
+                let up = src.get(&format!("{p}.mlp.up_proj.weight"), &[inter, h])?;
+                (
+                    Tensor::cat(&[q, k, v], 0).map_err(shape_err)?,
+                    Tensor::cat(&[gate, up], 0).map_err(shape_err)?,
+                )
+            };
+            let qkv_bias = if cfg.attention_bias {
+                let q = src.get(&format!("{p}.self_attn.q_proj.bias"), &[q_out])?;
+                let k = src.get(&format!("{p}.self_attn.k_proj.bias"), &[kv_out])?;
+                let v = src.get(&format!("{p}.self_attn.v_proj.bias"), &[kv_out])?;
+                Some(Tensor::cat(&[q, k, v], 0).map_err(shape_err)?)
+            } else {
+                None
+            };
+            layers.push(Layer {
+                input_layernorm: src.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv_proj: Linear::new(qkv, qkv_bias),
+                o_proj: Linear::new(src.get(&format!("{p}.self_attn.o_proj.weight"), &[h, q_out])?, None),
+                post_attention_layernorm: src
+                    .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up_proj: Linear::new(gate_up, None),
+                down_proj: Linear::new(src.get(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?, None),
+            });
+        }
+        let norm = src.get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            src.get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let (cos, sin) = rotary_tables(cfg, dtype, device).map_err(shape_err)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            dtype,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head: Linear::new(lm_head, None),
+            cos,
+            sin,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, w, self.cfg.rms_norm_eps as f32)
+    }
+
+    /// q/k/v for `n` tokens with rotary applied: q `[n, heads, hd]`, k/v `[n, kvh, hd]`.
+    fn qkv(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let n = x.dim(0)?;
+        let (heads, kvh, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let qkv = layer.qkv_proj.forward(x)?;
+        let q = qkv.narrow(1, 0, heads * hd)?.reshape((1, n, heads, hd))?;
+        let k = qkv.narrow(1, heads * hd, kvh * hd)?.reshape((1, n, kvh, hd))?;
+        let v = qkv.narrow(1, (heads + kvh) * hd, kvh * hd)?.reshape((n, kvh, hd))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?.squeeze(0)?;
+        Ok((q, k, v.contiguous()?))
+    }
+
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let inter = self.cfg.intermediate_size;
+        let gu = layer.gate_up_proj.forward(x)?;
+        let gate = gu.narrow(D::Minus1, 0, inter)?;
+        let up = gu.narrow(D::Minus1, inter, inter)?;
+        layer.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if let Some(t) = tokens.iter().find(|t| **t as usize >= self.cfg.vocab_size) {
+            bail!("token id {t} out of the vocabulary ({})", self.cfg.vocab_size);
+        }
+        Ok(())
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.rms_norm(x, &self.norm)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    /// Causal attention over the whole sequence without a cache, in f32 softmax.
+    fn dense_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let n = q.dim(0)?;
+        let (heads, kvh, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let group = heads / kvh;
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            // [n, kvh, hd] -> [heads, n, hd]
+            t.transpose(0, 1)?
+                .unsqueeze(1)?
+                .expand((kvh, group, n, hd))?
+                .reshape((heads, n, hd))
+        };
+        let q = q.transpose(0, 1)?.contiguous()?;
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, n, n), &self.device)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        p.to_dtype(self.dtype)?
+            .matmul(&v)?
+            .transpose(0, 1)?
+            .reshape((n, heads * hd))
+    }
+}
+
+/// cos/sin of `position * theta^(-2i/head_dim)`, `[max_position_embeddings, head_dim / 2]`.
+fn rotary_tables(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let max_pos = cfg.max_position_embeddings.max(1);
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32)
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let pos = Tensor::arange(0u32, max_pos as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_pos, 1))?;
+    let freqs = pos.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}
+
+impl CausalLM for LlamaModel {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        let n = batch.token_ids.len();
+        if n == 0 || batch.positions.len() != n || batch.slot_mapping.len() != n {
+            bail!(
+                "forward: {} tokens, {} positions, {} slots",
+                n,
+                batch.positions.len(),
+                batch.slot_mapping.len()
+            );
+        }
+        if cache.layers.len() != self.layers.len() {
+            bail!("KV cache has {} layers, model {}", cache.layers.len(), self.layers.len());
+        }
+        self.check_tokens(&batch.token_ids)?;
+        if let Some(p) = batch
+            .positions
+            .iter()
+            .find(|p| **p as usize >= self.cfg.max_position_embeddings)
+        {
+            bail!("position {p} past max_position_embeddings {}", self.cfg.max_position_embeddings);
+        }
+        let meta = AttentionMetadata::new(&batch.seqs, &self.device)?;
+        let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
+        let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
+        let slots = Tensor::new(batch.slot_mapping.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let scale = 1.0 / (self.cfg.head_dim as f32).sqrt();
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        for (layer, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
+            let h = self.rms_norm(&x, &layer.input_layernorm)?;
+            let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
+            write_kv_cache(&k, &v, kc, vc, &slots)?;
+            let attn = paged_attention(&q, kc, vc, &meta, scale)?;
+            let attn = attn.reshape((n, self.cfg.num_attention_heads * self.cfg.head_dim))?;
+            x = (x + layer.o_proj.forward(&attn)?)?;
+            let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
+            x = (&x + self.mlp(layer, &h)?)?;
+        }
+        let last: Vec<u32> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.compute_logits)
+            .map(|s| (s.query_start + s.query_len - 1) as u32)
+            .collect();
+        if last.is_empty() {
+            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device);
+        }
+        let idx = Tensor::new(last.as_slice(), &self.device)?;
+        self.logits(&x.index_select(&idx, 0)?)
+    }
+
+    fn forward_full(&self, tokens: &[u32]) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 || n > self.cfg.max_position_embeddings {
+            bail!("forward_full: {n} tokens (max {})", self.cfg.max_position_embeddings);
+        }
+        self.check_tokens(tokens)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let cos = self.cos.narrow(0, 0, n)?;
+        let sin = self.sin.narrow(0, 0, n)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        for layer in &self.layers {
+            let h = self.rms_norm(&x, &layer.input_layernorm)?;
+            let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
+            let attn = self.dense_attention(&q, &k, &v)?;
+            x = (x + layer.o_proj.forward(&attn)?)?;
+            let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
+            x = (&x + self.mlp(layer, &h)?)?;
+        }
+        self.logits(&x)
+    }
+}
