@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod gguf;
 pub mod kv;
+pub mod launch;
 pub mod metrics;
 pub mod model;
 pub mod runner;
