@@ -1,0 +1,291 @@
+//! The engine core end to end: fake executors for the loop's contract, a tiny dummy model and the
+//! real SmolLM2 for batched-equals-alone under preemption.
+
+use candle_core::{DType, Device};
+use engine::core::{
+    EngineCore, EngineHandle, EngineRequest, ExecuteError, FinishReason, ModelExecutor,
+    RequestEvent,
+};
+use engine::metrics::EngineMetrics;
+use engine::model::KvCache;
+use engine::runner::ModelRunner;
+use engine::sampling::SamplingParams;
+use engine::sched::policy::Fcfs;
+use engine::sched::{SchedulerConfig, SchedulerOutput};
+use engine::weights::{load_model, LoadFormat};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn sched_config(blocks: usize, block_size: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+        max_model_len: 256,
+        block_size,
+        num_gpu_blocks: blocks,
+        enable_prefix_caching: false,
+    }
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: 0.0,
+        ..Default::default()
+    }
+}
+
+fn request(id: &str, prompt: Vec<u32>, sampling: SamplingParams) -> EngineRequest {
+    EngineRequest {
+        request_id: id.into(),
+        prompt_token_ids: prompt,
+        sampling,
+        priority: 0,
+        arrival_time: Instant::now(),
+    }
+}
+
+/// Collects a request's events: its tokens and the final event.
+fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<RequestEvent>) -> (Vec<u32>, RequestEvent) {
+    let mut toks = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            RequestEvent::Tokens { token_ids } => toks.extend(token_ids),
+            other => return (toks, other),
+        }
+    }
+    panic!("channel closed without a final event");
+}
+
+fn wait_idle(h: &EngineHandle) {
+    let m = h.metrics();
+    let t0 = Instant::now();
+    while m.num_requests_running() + m.num_requests_waiting() > 0 || m.kv_cache_usage() > 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "engine never went idle"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Next token = last token of the chunk + 1 (mod 1000); fails a step holding token 999.
+struct CountingExecutor {
+    delay: Duration,
+}
+
+impl ModelExecutor for CountingExecutor {
+    fn execute(&mut self, out: &SchedulerOutput) -> Result<Vec<Option<u32>>, ExecuteError> {
+        std::thread::sleep(self.delay);
+        if out.scheduled.iter().any(|s| s.token_ids.contains(&999)) {
+            return Err(ExecuteError("poisoned token 999".into()));
+        }
+        Ok(out
+            .scheduled
+            .iter()
+            .map(|s| s.sample.then(|| (s.token_ids.last().unwrap() + 1) % 1000))
+            .collect())
+    }
+}
+
+fn spawn_fake(blocks: usize, delay_ms: u64) -> EngineHandle {
+    let (h, _join) = EngineCore::spawn(
+        sched_config(blocks, 4),
+        Box::new(Fcfs),
+        Box::new(CountingExecutor {
+            delay: Duration::from_millis(delay_ms),
+        }),
+        Arc::new(EngineMetrics::new("fake")),
+    )
+    .unwrap();
+    h
+}
+
+#[test]
+fn core_streams_tokens_and_finishes_under_preemption() {
+    let h = spawn_fake(12, 0);
+    let rxs: Vec<_> = (0..8u32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..(3 + i * 3)).map(|t| t + 10 * i).collect();
+            let mut sp = greedy(5 + i as usize);
+            if i == 7 {
+                sp.stop_token_ids = vec![prompt.last().unwrap() + 3];
+            }
+            (
+                prompt,
+                sp.clone(),
+                h.add_request(request(&format!("r{i}"), prompt, sp)),
+            )
+        })
+        .collect();
+    for (prompt, sp, rx) in rxs {
+        let (toks, fin) = collect(rx);
+        let last = *prompt.last().unwrap();
+        let n = if sp.stop_token_ids.is_empty() {
+            sp.max_tokens
+        } else {
+            3
+        };
+        let expected: Vec<u32> = (1..=n as u32).map(|k| last + k).collect();
+        assert_eq!(toks, expected);
+        match fin {
+            RequestEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => {
+                let want = if sp.stop_token_ids.is_empty() {
+                    FinishReason::Length
+                } else {
+                    FinishReason::Stop
+                };
+                assert_eq!(reason, want);
+                assert_eq!(prompt_tokens, prompt.len());
+                assert_eq!(completion_tokens, n);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    wait_idle(&h);
+    let m = h.metrics();
+    assert!(
+        m.num_preemptions() > 0,
+        "pool of 12 blocks should force preemption"
+    );
+    assert_eq!(m.requests_finished(FinishReason::Length), 7);
+    assert_eq!(m.requests_finished(FinishReason::Stop), 1);
+    assert_eq!(m.generation_tokens(), (5..12).sum::<u64>() + 3);
+    let text = m.render_prometheus();
+    assert!(text.contains("vllm:num_preemptions_total{engine=\"0\",model_name=\"fake\"}"));
+    assert!(text.contains("num_gpu_blocks=\"12\""));
+}
+
+#[test]
+fn abort_disconnect_refusal_and_model_errors() {
+    let h = spawn_fake(64, 2);
+    // explicit abort
+    let rx = h.add_request(request("a", vec![1, 2, 3], greedy(200)));
+    std::thread::sleep(Duration::from_millis(20));
+    h.abort("a");
+    let (toks, fin) = collect(rx);
+    assert!(toks.len() < 200);
+    assert!(matches!(
+        fin,
+        RequestEvent::Finished {
+            reason: FinishReason::Abort,
+            ..
+        }
+    ));
+    // dropped receiver: the request is aborted and its blocks freed
+    drop(h.add_request(request("b", vec![1, 2, 3], greedy(200))));
+    wait_idle(&h);
+    assert_eq!(h.metrics().requests_finished(FinishReason::Abort), 2);
+    // refused up front
+    let (_, fin) = collect(h.add_request(request("c", vec![1; 300], greedy(1))));
+    assert!(matches!(fin, RequestEvent::Error { message } if message.contains("max_model_len")));
+    // a model error fails the step's requests; the loop goes on
+    let bad = h.add_request(request("d", vec![5, 999, 6], greedy(3)));
+    let (_, fin) = collect(bad);
+    assert!(matches!(fin, RequestEvent::Error { message } if message.contains("poisoned")));
+    let (toks, _) = collect(h.add_request(request("e", vec![7], greedy(3))));
+    assert_eq!(toks, vec![8, 9, 10]);
+    wait_idle(&h);
+}
+
+/// A tiny llama config.json in a fresh directory.
+fn tiny_model_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "engine-sched-tiny-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+fn spawn_model(path: &std::path::Path, format: LoadFormat, blocks: usize) -> EngineHandle {
+    let model = load_model(path, format, DType::F32, &Device::Cpu, 7).unwrap();
+    let cache = KvCache::new(model.config(), blocks, 16, DType::F32, &Device::Cpu).unwrap();
+    let (h, _join) = EngineCore::spawn(
+        sched_config(blocks, 16),
+        Box::new(Fcfs),
+        Box::new(ModelRunner::new(model, cache)),
+        Arc::new(EngineMetrics::new("m")),
+    )
+    .unwrap();
+    h
+}
+
+/// 8 concurrent greedy requests on a pool small enough to preempt produce exactly the tokens
+/// each produces alone; all blocks are free afterwards.
+fn batched_equals_alone(path: &std::path::Path, format: LoadFormat, vocab: u32, out_len: usize) {
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| {
+            (0..(5 + i * 9))
+                .map(|t| (t * 31 + i * 17 + 3) % vocab)
+                .collect()
+        })
+        .collect();
+    let alone_engine = spawn_model(path, format, 64);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            collect(alone_engine.add_request(request(&format!("a{i}"), p.clone(), greedy(out_len))))
+                .0
+        })
+        .collect();
+    alone_engine.shutdown();
+    // the longest needs ceil((68 + out_len)/16) blocks; 8 requests need far more than 10
+    let h = spawn_model(path, format, 10);
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| h.add_request(request(&format!("b{i}"), p.clone(), greedy(out_len))))
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let (toks, fin) = collect(rx);
+        assert!(matches!(fin, RequestEvent::Finished { .. }), "{fin:?}");
+        assert_eq!(toks.len(), out_len);
+        assert_eq!(toks, alone[i], "request {i} differs batched vs alone");
+    }
+    wait_idle(&h);
+    assert!(h.metrics().num_preemptions() > 0, "expected preemption");
+    assert_eq!(h.metrics().kv_cache_usage(), 0.0);
+    h.shutdown();
+}
+
+#[test]
+fn dummy_model_batched_with_preemption_equals_alone() {
+    let dir = tiny_model_dir();
+    batched_equals_alone(&dir, LoadFormat::Dummy, 256, 12);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn smollm2_path() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SMOLLM2_GGUF") {
+        return Some(PathBuf::from(p));
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    p.exists().then_some(p)
+}
+
+#[test]
+fn smollm2_batched_with_preemption_equals_alone() {
+    let Some(path) = smollm2_path() else {
+        eprintln!("SKIPPED smollm2_batched_with_preemption_equals_alone: set SMOLLM2_GGUF or run scripts/fetch-model.sh");
+        return;
+    };
+    batched_equals_alone(&path, LoadFormat::Gguf, 49152, 8);
+}
