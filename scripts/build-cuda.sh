@@ -8,6 +8,8 @@
 #         CARGO_TARGET_DIR   cargo target dir             (default <workspace>/target/cuda)
 #         CUDA_COMPUTE_CAP   PTX/SASS target              (default 90)
 #         SKIP_BUILD=1       set up toolchain + vendored crate only
+#         KERNELS_ONLY=1     integration-test binary with only the cuda_kernels module (when other
+#                            test modules of the working tree do not compile yet)
 #
 # Output: .carry/engine.xz (release server) and .carry/engine-it.xz (the integration-test binary),
 # stripped and xz-compressed, to be carried to the GPU machine (see scripts/gpu/).
@@ -87,6 +89,12 @@ list=$(mktemp)
 (cd "$MIRROR" && find . -type f ! -path './Cargo.lock' | sed 's|^\./||' | LC_ALL=C sort) |
     comm -23 - "$list" | (cd "$MIRROR" && xargs -r rm -f)
 rm -f "$list"
+if [ "${KERNELS_ONLY:-0}" = 1 ]; then
+    printf '//! CUDA kernel tests only (scripts/build-cuda.sh KERNELS_ONLY=1).\n\nmod cuda_kernels;\n' \
+        > "$MIRROR/engine/tests/it/main.rs"
+elif [ -f "$MIRROR/engine/tests/it/main.rs" ]; then
+    touch "$MIRROR/engine/tests/it/main.rs"  # a restored older mtime would not trigger a rebuild
+fi
 
 export NVCC=$CUDA_HOME/bin/nvcc CUDA_HOME CUDARC_CUDA_VERSION=13000 CUDA_COMPUTE_CAP=$CAP
 export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2} CANDLE_CUDA_LINK_DIR=$CUDA_VENV/link

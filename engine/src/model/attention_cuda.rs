@@ -3,6 +3,8 @@
 //! Same contract as the CPU reference ops in `attention.rs`. Kernels are compiled to PTX by
 //! `engine/build.rs` and JIT-loaded once per device through candle's module cache.
 
+use super::attention::AttentionMetadata;
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
@@ -458,6 +460,26 @@ impl InplaceOp1 for PagedAttentionInto {
         let (q_s, q_l) = self.q.storage_and_layout();
         self.op.launch(cuda_storage(&q_s, "q")?, q_l, out, out_l)
     }
+}
+
+/// CUDA `paged_attention` (the dispatch target of `attention::paged_attention` for CUDA tensors).
+pub fn paged_attention(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    meta: &AttentionMetadata,
+    scale: f32,
+) -> Result<Tensor> {
+    paged_attention_with(
+        q,
+        key_cache,
+        value_cache,
+        &meta.block_tables,
+        &meta.context_lens,
+        &meta.query_start_loc,
+        Some(meta.max_context_len),
+        scale,
+    )
 }
 
 /// CUDA paged attention over explicit metadata tensors (u32, on the device of `q`).
