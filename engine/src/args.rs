@@ -9,6 +9,7 @@ use std::path::PathBuf;
 #[command(
     name = "engine",
     version,
+    args_override_self = true,
     about = "OpenAI-compatible LLM server: continuous batching over a paged KV cache"
 )]
 pub struct EngineArgs {
@@ -283,7 +284,7 @@ mod tests {
     fn model_as_flag_positional_or_after_serve() {
         let a = parse(&["--model", "x"]).unwrap();
         assert_eq!(a.model().unwrap(), &PathBuf::from("x"));
-        let b = parse(&["serve", "y", "--port", "9"]).unwrap();
+        let b = parse(&["serve", "y", "--port", "8", "--port", "9"]).unwrap();
         assert_eq!(b.model().unwrap(), &PathBuf::from("y"));
         assert_eq!(b.port, 9);
         assert!(parse(&["a", "--model", "b"]).is_err());
