@@ -1,5 +1,6 @@
 //! `probe bench`: load generation, statistics and reports for serving benchmarks.
 
+pub mod cli;
 pub mod compare;
 pub mod dataset;
 pub mod output;

@@ -10,13 +10,16 @@ use std::path::{Path, PathBuf};
 
 const SIZE: (u32, u32) = (1000, 560);
 
+/// (x, y) points of one series.
+pub type Points = Vec<(f64, f64)>;
+
 /// KV cache usage metric names, newest vLLM name first.
 pub const KV_USAGE_METRICS: [&str; 2] = ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"];
 pub const WAITING_METRIC: &str = "vllm:num_requests_waiting";
 pub const RUNNING_METRIC: &str = "vllm:num_requests_running";
 
 /// (index, ttft ms) and (index, tpot ms) of completed requests, in issuing order.
-pub fn per_request_series(rows: &[RequestRow]) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+pub fn per_request_series(rows: &[RequestRow]) -> (Points, Points) {
     let ttft = rows
         .iter()
         .filter_map(|r| r.ttft_ms.map(|v| (r.index as f64, v)))

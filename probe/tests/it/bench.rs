@@ -230,7 +230,7 @@ async fn scripted_run_matches_hand_computed_stats() {
     for p in ["compare_ttft", "compare_tpot", "compare_kv_cache_usage"] {
         assert_png(&cmp.join("plots").join(format!("{p}.png")));
     }
-    assert!(compare(&[dir.clone()], &cmp, None).is_err());
+    assert!(compare(std::slice::from_ref(&dir), &cmp, None).is_err());
     for d in [dir, dir_b, cmp] {
         let _ = std::fs::remove_dir_all(d);
     }
