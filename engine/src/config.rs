@@ -145,9 +145,7 @@ impl ModelConfig {
             num_hidden_layers: hf.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: hf.num_key_value_heads.unwrap_or(heads),
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / heads.max(1)),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / heads.max(1)),
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
@@ -241,7 +239,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} must be even for rotary", self.head_dim));
+            return bad(format!(
+                "head_dim {} must be even for rotary",
+                self.head_dim
+            ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             return bad("rms_norm_eps and rope_theta must be positive".into());
@@ -252,7 +253,10 @@ impl ModelConfig {
     /// KV-cache bytes one token takes over all layers: 2 (K and V) * layers * kv_heads * head_dim
     /// * element size.
     pub fn kv_bytes_per_token(&self, dtype: DType) -> usize {
-        2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype.size_in_bytes()
+        2 * self.num_hidden_layers
+            * self.num_key_value_heads
+            * self.head_dim
+            * dtype.size_in_bytes()
     }
 
     /// Parameter count of the weights this config describes (tied embeddings counted once).

@@ -145,7 +145,9 @@ impl WeightSource for GgufSource<'_> {
         let mut t = Tensor::from_vec(data, found, &Device::Cpu)?;
         if let Some(n_head) = perm {
             if shape[0] % (2 * n_head) != 0 {
-                return Err(LoadError::Layout(format!("{name}: rows not divisible by 2*{n_head}")));
+                return Err(LoadError::Layout(format!(
+                    "{name}: rows not divisible by 2*{n_head}"
+                )));
             }
             t = unpermute_rows(&t, n_head)?;
         }
@@ -174,7 +176,10 @@ impl SafetensorsSource {
             .collect();
         paths.sort();
         if paths.is_empty() {
-            return Err(LoadError::Layout(format!("{}: no *.safetensors files", dir.display())));
+            return Err(LoadError::Layout(format!(
+                "{}: no *.safetensors files",
+                dir.display()
+            )));
         }
         let mut files = Vec::new();
         let mut index = HashMap::new();
@@ -209,10 +214,11 @@ impl WeightSource for SafetensorsSource {
             .get(name)
             .ok_or_else(|| LoadError::MissingWeight(name.into()))?;
         let (path, mmap) = &self.files[i];
-        let st = safetensors::SafeTensors::deserialize(mmap).map_err(|e| LoadError::Safetensors {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let st =
+            safetensors::SafeTensors::deserialize(mmap).map_err(|e| LoadError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         let view = st.tensor(name).map_err(|e| LoadError::Safetensors {
             path: path.clone(),
             message: e.to_string(),
@@ -334,7 +340,12 @@ pub fn load_model(
         LoadFormat::Gguf => {
             let gguf = GgufFile::open(model)?;
             let cfg = ModelConfig::from_gguf(&gguf)?;
-            LlamaModel::load(&cfg, &mut GgufSource::new(&gguf, &cfg, dtype, device), dtype, device)?
+            LlamaModel::load(
+                &cfg,
+                &mut GgufSource::new(&gguf, &cfg, dtype, device),
+                dtype,
+                device,
+            )?
         }
         LoadFormat::Safetensors => {
             if !model.is_dir() {
@@ -370,9 +381,16 @@ mod tests {
         // interleaved pairs [a0 b0 a1 b1].
         let stored = Tensor::new(&[[0f32], [2.0], [1.0], [3.0]], &Device::Cpu).unwrap();
         let hf = unpermute_rows(&stored, 1).unwrap();
-        assert_eq!(hf.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(
+            hf.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.0, 1.0, 2.0, 3.0]
+        );
         // Two heads stay separate.
-        let stored = Tensor::new(&[[0f32], [2.0], [1.0], [3.0], [4.0], [6.0], [5.0], [7.0]], &Device::Cpu).unwrap();
+        let stored = Tensor::new(
+            &[[0f32], [2.0], [1.0], [3.0], [4.0], [6.0], [5.0], [7.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let hf = unpermute_rows(&stored, 2).unwrap();
         assert_eq!(
             hf.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -399,10 +417,23 @@ mod tests {
         assert!(v.iter().any(|x| *x != 0.0));
         // Same seed, same weights.
         let m2 = load_model(&cfg, LoadFormat::Dummy, DType::F32, &Device::Cpu, 1).unwrap();
-        let v2: Vec<f32> = m2.forward_full(&[1, 2, 3]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let v2: Vec<f32> = m2
+            .forward_full(&[1, 2, 3])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(v, v2);
         assert!(m.forward_full(&[64]).is_err());
-        assert!(load_model(&dir.join("nope"), LoadFormat::Auto, DType::F32, &Device::Cpu, 1).is_err());
+        assert!(load_model(
+            &dir.join("nope"),
+            LoadFormat::Auto,
+            DType::F32,
+            &Device::Cpu,
+            1
+        )
+        .is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -65,7 +65,12 @@ impl AttentionMetadata {
             }
             query_start_loc.push((start + s.query_len) as u32);
         }
-        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let max_blocks = seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut flat = vec![0u32; seqs.len() * max_blocks];
         for (i, s) in seqs.iter().enumerate() {
             flat[i * max_blocks..i * max_blocks + s.block_table.len()]
@@ -239,7 +244,10 @@ impl PagedAttention {
         let mut qf = vec![0f32; hd];
         let m = &self.meta;
         for s in 0..m.context_lens.len() {
-            let (start, end) = (m.query_start_loc[s] as usize, m.query_start_loc[s + 1] as usize);
+            let (start, end) = (
+                m.query_start_loc[s] as usize,
+                m.query_start_loc[s + 1] as usize,
+            );
             let ctx = m.context_lens[s] as usize;
             let qlen = end - start;
             if qlen > ctx {
@@ -271,7 +279,11 @@ impl PagedAttention {
                     let mut max = f32::NEG_INFINITY;
                     for &row in &rows[..visible] {
                         let krow = &kc[row + kv_off..][..hd];
-                        let dot: f32 = qf.iter().zip(krow).map(|(a, b)| a * b.to_f64() as f32).sum();
+                        let dot: f32 = qf
+                            .iter()
+                            .zip(krow)
+                            .map(|(a, b)| a * b.to_f64() as f32)
+                            .sum();
                         max = max.max(dot);
                         scores.push(dot);
                     }

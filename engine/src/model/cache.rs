@@ -39,7 +39,12 @@ impl KvCache {
         if num_blocks == 0 || block_size == 0 {
             bail!("KV cache needs at least one block of at least one token");
         }
-        let shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim);
+        let shape = (
+            num_blocks,
+            block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok((
@@ -148,7 +153,10 @@ mod tests {
     fn swap_out_then_in_moves_block_contents() {
         let dev = Device::Cpu;
         let mut cache = KvCache::new(&cfg(), 4, 2, DType::F32, &dev).unwrap();
-        assert_eq!(KvCache::bytes_per_block(&cfg(), 2, DType::F32), 2 * 2 * 4 * 4 * 2);
+        assert_eq!(
+            KvCache::bytes_per_block(&cfg(), 2, DType::F32),
+            2 * 2 * 4 * 4 * 2
+        );
         // Fill each block with its id (K) and -id (V), layer offset 10*layer.
         for (l, (k, v)) in cache.layers.iter().enumerate() {
             for b in 0..4 {
@@ -164,7 +172,14 @@ mod tests {
         cache.swap_in(&host, &[0, 2]).unwrap();
         let firsts = |t: &Tensor| -> Vec<f32> {
             (0..4)
-                .map(|b| t.get(b).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0])
+                .map(|b| {
+                    t.get(b)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()[0]
+                })
                 .collect()
         };
         assert_eq!(firsts(&cache.layers[0].0), vec![3.0, 1.0, 1.0, 3.0]);

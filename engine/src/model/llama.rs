@@ -82,7 +82,10 @@ impl LlamaModel {
             let p = format!("model.layers.{i}");
             let (qkv, gate_up) = if cfg.architecture == Architecture::Phi3 {
                 (
-                    src.get(&format!("{p}.self_attn.qkv_proj.weight"), &[q_out + 2 * kv_out, h])?,
+                    src.get(
+                        &format!("{p}.self_attn.qkv_proj.weight"),
+                        &[q_out + 2 * kv_out, h],
+                    )?,
                     src.get(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?,
                 )
             } else {
@@ -107,11 +110,17 @@ impl LlamaModel {
             layers.push(Layer {
                 input_layernorm: src.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv_proj: Linear::new(qkv, qkv_bias),
-                o_proj: Linear::new(src.get(&format!("{p}.self_attn.o_proj.weight"), &[h, q_out])?, None),
+                o_proj: Linear::new(
+                    src.get(&format!("{p}.self_attn.o_proj.weight"), &[h, q_out])?,
+                    None,
+                ),
                 post_attention_layernorm: src
                     .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up_proj: Linear::new(gate_up, None),
-                down_proj: Linear::new(src.get(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?, None),
+                down_proj: Linear::new(
+                    src.get(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                    None,
+                ),
             });
         }
         let norm = src.get("model.norm.weight", &[h])?;
@@ -143,7 +152,13 @@ impl LlamaModel {
     }
 
     /// q/k/v for `n` tokens with rotary applied: q `[n, heads, hd]`, k/v `[n, kvh, hd]`.
-    fn qkv(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn qkv(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let n = x.dim(0)?;
         let (heads, kvh, hd) = (
             self.cfg.num_attention_heads,
@@ -152,8 +167,12 @@ impl LlamaModel {
         );
         let qkv = layer.qkv_proj.forward(x)?;
         let q = qkv.narrow(1, 0, heads * hd)?.reshape((1, n, heads, hd))?;
-        let k = qkv.narrow(1, heads * hd, kvh * hd)?.reshape((1, n, kvh, hd))?;
-        let v = qkv.narrow(1, (heads + kvh) * hd, kvh * hd)?.reshape((n, kvh, hd))?;
+        let k = qkv
+            .narrow(1, heads * hd, kvh * hd)?
+            .reshape((1, n, kvh, hd))?;
+        let v = qkv
+            .narrow(1, (heads + kvh) * hd, kvh * hd)?
+            .reshape((n, kvh, hd))?;
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?.squeeze(0)?;
         Ok((q, k, v.contiguous()?))
@@ -164,12 +183,17 @@ impl LlamaModel {
         let gu = layer.gate_up_proj.forward(x)?;
         let gate = gu.narrow(D::Minus1, 0, inter)?;
         let up = gu.narrow(D::Minus1, inter, inter)?;
-        layer.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        layer
+            .down_proj
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         if let Some(t) = tokens.iter().find(|t| **t as usize >= self.cfg.vocab_size) {
-            bail!("token id {t} out of the vocabulary ({})", self.cfg.vocab_size);
+            bail!(
+                "token id {t} out of the vocabulary ({})",
+                self.cfg.vocab_size
+            );
         }
         Ok(())
     }
@@ -246,7 +270,11 @@ impl CausalLM for LlamaModel {
             );
         }
         if cache.layers.len() != self.layers.len() {
-            bail!("KV cache has {} layers, model {}", cache.layers.len(), self.layers.len());
+            bail!(
+                "KV cache has {} layers, model {}",
+                cache.layers.len(),
+                self.layers.len()
+            );
         }
         self.check_tokens(&batch.token_ids)?;
         if let Some(p) = batch
@@ -254,7 +282,10 @@ impl CausalLM for LlamaModel {
             .iter()
             .find(|p| **p as usize >= self.cfg.max_position_embeddings)
         {
-            bail!("position {p} past max_position_embeddings {}", self.cfg.max_position_embeddings);
+            bail!(
+                "position {p} past max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
         }
         let meta = AttentionMetadata::new(&batch.seqs, &self.device)?;
         let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
@@ -290,7 +321,10 @@ impl CausalLM for LlamaModel {
     fn forward_full(&self, tokens: &[u32]) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 || n > self.cfg.max_position_embeddings {
-            bail!("forward_full: {n} tokens (max {})", self.cfg.max_position_embeddings);
+            bail!(
+                "forward_full: {n} tokens (max {})",
+                self.cfg.max_position_embeddings
+            );
         }
         self.check_tokens(tokens)?;
         let ids = Tensor::new(tokens, &self.device)?;

@@ -101,7 +101,10 @@ mod tests {
     fn chatml_fallback() {
         let t = ChatTemplate::chatml();
         let out = t.render(&[msg("user", "hi")], true).unwrap();
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
         let out = t.render(&[msg("user", "hi")], false).unwrap();
         assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n");
     }
@@ -114,7 +117,11 @@ mod tests {
             .with_special_tokens(Some("<s>".into()), Some("</s>".into()));
         let out = t
             .render(
-                &[msg("system", "  be brief "), msg("skip", "x"), msg("user", "hi")],
+                &[
+                    msg("system", "  be brief "),
+                    msg("skip", "x"),
+                    msg("user", "hi"),
+                ],
                 true,
             )
             .unwrap();

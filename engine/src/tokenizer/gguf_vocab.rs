@@ -66,7 +66,9 @@ pub(super) fn build(g: &GgufFile) -> Result<Built, TokenizerError> {
         .map(|(i, t)| (t.to_string(), i as u32))
         .collect();
     if vocab.len() != tokens.len() {
-        return Err(TokenizerError::Invalid("duplicate tokens in the vocabulary".into()));
+        return Err(TokenizerError::Invalid(
+            "duplicate tokens in the vocabulary".into(),
+        ));
     }
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
@@ -84,7 +86,11 @@ pub(super) fn build(g: &GgufFile) -> Result<Built, TokenizerError> {
                 false,
             )
             .map_err(TokenizerError::tk)?;
-            Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into()
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into()
         }
         _ => byte_level.into(),
     };
@@ -92,7 +98,10 @@ pub(super) fn build(g: &GgufFile) -> Result<Built, TokenizerError> {
     tk.with_decoder(Some(ByteLevelDecoder::default()));
 
     // Control and user-defined tokens match as whole units before BPE runs.
-    let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
+    let types: Vec<u64> = match g
+        .get("tokenizer.ggml.token_type")
+        .and_then(GgufValue::as_array)
+    {
         Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
         None => vec![],
     };
@@ -116,7 +125,10 @@ pub(super) fn build(g: &GgufFile) -> Result<Built, TokenizerError> {
             eos_token_ids.push(eot);
         }
     }
-    let add_bos = matches!(g.get("tokenizer.ggml.add_bos_token"), Some(GgufValue::Bool(true)));
+    let add_bos = matches!(
+        g.get("tokenizer.ggml.add_bos_token"),
+        Some(GgufValue::Bool(true))
+    );
     Ok(Built {
         tokenizer: tk,
         bos_token_id,

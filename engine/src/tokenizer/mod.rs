@@ -95,8 +95,10 @@ impl Tokenizer {
         };
         let inner = Arc::new(built.tokenizer);
         let name = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i));
-        let chat_template = chat_template
-            .with_special_tokens(name(built.bos_token_id), name(built.eos_token_ids.first().copied()));
+        let chat_template = chat_template.with_special_tokens(
+            name(built.bos_token_id),
+            name(built.eos_token_ids.first().copied()),
+        );
         Ok(Self {
             inner,
             bos_token_id: built.bos_token_id,
@@ -115,13 +117,13 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_file(p).map_err(TokenizerError::tk)?;
         let config_path = p.with_file_name("tokenizer_config.json");
         let config: serde_json::Value = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path).map_err(|source| TokenizerError::Io {
-                path: config_path.clone(),
-                source,
-            })?;
-            serde_json::from_str(&text).map_err(|e| {
-                TokenizerError::Invalid(format!("{}: {e}", config_path.display()))
-            })?
+            let text =
+                std::fs::read_to_string(&config_path).map_err(|source| TokenizerError::Io {
+                    path: config_path.clone(),
+                    source,
+                })?;
+            serde_json::from_str(&text)
+                .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", config_path.display())))?
         } else {
             serde_json::Value::Null
         };

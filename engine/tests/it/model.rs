@@ -161,7 +161,12 @@ fn paged_logits(
 
 fn new_cache(m: &dyn CausalLM, num_blocks: usize) -> (KvCache, Blocks) {
     let cache = KvCache::new(m.config(), num_blocks, BLOCK_SIZE, DType::F32, m.device()).unwrap();
-    (cache, Blocks { next: num_blocks as u32 })
+    (
+        cache,
+        Blocks {
+            next: num_blocks as u32,
+        },
+    )
 }
 
 fn greedy_paged(m: &dyn CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
@@ -236,7 +241,10 @@ fn smollm2_batched_paged_decoding_matches_forward_full() {
     prompts.push(vec![TEMPLATE_IDS[0]]);
     assert_eq!(prompts.len(), 8);
     const STEPS: usize = 6;
-    let want: Vec<Vec<u32>> = prompts.iter().map(|p| greedy_full(m.as_ref(), p, STEPS)).collect();
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| greedy_full(m.as_ref(), p, STEPS))
+        .collect();
 
     let (mut cache, mut blocks) = new_cache(m.as_ref(), 128);
     let mut seqs: Vec<PagedSeq> = prompts
@@ -272,7 +280,12 @@ fn smollm2_batched_paged_decoding_matches_forward_full() {
         paged_step(m.as_ref(), &mut cache, &mut blocks, &mut seqs, &chunk);
     }
     for (i, s) in seqs.iter().enumerate() {
-        assert_eq!(s.tokens[s.prompt_len..], want[i][..], "prompt {i} ({:?})", prompts[i]);
+        assert_eq!(
+            s.tokens[s.prompt_len..],
+            want[i][..],
+            "prompt {i} ({:?})",
+            prompts[i]
+        );
     }
 }
 
@@ -298,7 +311,8 @@ struct Goldens {
 
 #[test]
 fn smollm2_matches_reference_fixture() {
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_goldens.json");
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_goldens.json");
     if !fixture.is_file() {
         eprintln!(
             "\n*** SKIPPED: {} absent (make it with scripts/reference/make_goldens.py) ***\n",
@@ -308,14 +322,22 @@ fn smollm2_matches_reference_fixture() {
     }
     let Some(m) = model() else { return };
     let m = m.lock().unwrap();
-    let goldens: Goldens = serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
+    let goldens: Goldens =
+        serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
     assert!(!goldens.cases.is_empty());
     for (i, case) in goldens.cases.iter().enumerate() {
         let logits = m.forward_full(&case.prompt_ids).unwrap();
-        let last: Vec<f32> = logits.get(case.prompt_ids.len() - 1).unwrap().to_vec1().unwrap();
+        let last: Vec<f32> = logits
+            .get(case.prompt_ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (id, logit) in &case.top5_first {
             let got = last[*id as usize];
-            assert!((got - logit).abs() < 2e-2, "case {i}: logit of {id}: {got} vs {logit}");
+            assert!(
+                (got - logit).abs() < 2e-2,
+                "case {i}: logit of {id}: {got} vs {logit}"
+            );
         }
         // Greedy with the suppressed ids masked, through the paged path.
         let (mut cache, mut blocks) = new_cache(m.as_ref(), 64);
@@ -337,7 +359,11 @@ fn smollm2_matches_reference_fixture() {
             seq[0].tokens.push(next);
             tokens.push(next);
         }
-        assert_eq!(tokens[case.prompt_ids.len()..], case.greedy_ids[..], "case {i}");
+        assert_eq!(
+            tokens[case.prompt_ids.len()..],
+            case.greedy_ids[..],
+            "case {i}"
+        );
     }
 }
 
@@ -358,7 +384,13 @@ fn smollm2_decode_speed() {
             block_table: vec![],
             last_logits: None,
         }];
-        paged_step(m.as_ref(), &mut cache, &mut blocks, &mut seqs, &[TEMPLATE_IDS.len()]);
+        paged_step(
+            m.as_ref(),
+            &mut cache,
+            &mut blocks,
+            &mut seqs,
+            &[TEMPLATE_IDS.len()],
+        );
         let t = std::time::Instant::now();
         for _ in 0..32 {
             paged_step(m.as_ref(), &mut cache, &mut blocks, &mut seqs, &[1]);
@@ -366,5 +398,8 @@ fn smollm2_decode_speed() {
         rates.push(32.0 / t.elapsed().as_secs_f64());
     }
     rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    eprintln!("SmolLM2 CPU greedy decode: {:.1} tokens/s (median of {rates:?})", rates[1]);
+    eprintln!(
+        "SmolLM2 CPU greedy decode: {:.1} tokens/s (median of {rates:?})",
+        rates[1]
+    );
 }

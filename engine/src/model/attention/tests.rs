@@ -26,11 +26,22 @@ fn dense(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
     let q = q.transpose(0, 1).unwrap().contiguous().unwrap(); // [heads, qlen, hd]
     let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
     let mask: Vec<f32> = (0..qlen)
-        .flat_map(|i| (0..ctx).map(move |j| if j <= ctx - qlen + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..ctx).map(move |j| {
+                if j <= ctx - qlen + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (1, qlen, ctx), &Device::Cpu).unwrap();
     let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
-    p.matmul(&v.contiguous().unwrap()).unwrap().transpose(0, 1).unwrap()
+    p.matmul(&v.contiguous().unwrap())
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -47,7 +58,14 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// `seqs`: (cached tokens, new tokens) per sequence.
-fn check(heads: usize, kvh: usize, hd: usize, block_size: usize, seqs: &[(usize, usize)], seed: u64) {
+fn check(
+    heads: usize,
+    kvh: usize,
+    hd: usize,
+    block_size: usize,
+    seqs: &[(usize, usize)],
+    seed: u64,
+) {
     let dev = Device::Cpu;
     let mut rng = StdRng::seed_from_u64(seed);
     let blocks_needed: usize = seqs.iter().map(|(c, q)| (c + q).div_ceil(block_size)).sum();
@@ -61,7 +79,9 @@ fn check(heads: usize, kvh: usize, hd: usize, block_size: usize, seqs: &[(usize,
     let mut full = Vec::new();
     for &(cached, qlen) in seqs {
         let ctx = cached + qlen;
-        let table: Vec<u32> = (0..ctx.div_ceil(block_size)).map(|_| free.pop().unwrap()).collect();
+        let table: Vec<u32> = (0..ctx.div_ceil(block_size))
+            .map(|_| free.pop().unwrap())
+            .collect();
         let slot = |p: usize| (table[p / block_size] as usize * block_size + p % block_size) as i64;
         let k = Tensor::randn(0f32, 1.0, (ctx, kvh, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (ctx, kvh, hd), &dev).unwrap();
@@ -106,10 +126,13 @@ fn check(heads: usize, kvh: usize, hd: usize, block_size: usize, seqs: &[(usize,
     assert!(kc.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e5);
     let meta = AttentionMetadata::new(&inputs, &dev).unwrap();
     let scale = 1.0 / (hd as f64).sqrt();
-    let out = paged_attention(&Tensor::cat(&qs, 0).unwrap(), &kc, &vc, &meta, scale as f32).unwrap();
+    let out =
+        paged_attention(&Tensor::cat(&qs, 0).unwrap(), &kc, &vc, &meta, scale as f32).unwrap();
     for (s, (q, k, v)) in full.iter().enumerate() {
         let want = dense(q, k, v, scale);
-        let got = out.narrow(0, inputs[s].query_start, inputs[s].query_len).unwrap();
+        let got = out
+            .narrow(0, inputs[s].query_start, inputs[s].query_len)
+            .unwrap();
         let diff = max_abs_diff(&want, &got);
         assert!(diff < 1e-4, "seq {s} of {seqs:?}: max diff {diff}");
     }
@@ -120,7 +143,14 @@ fn paged_matches_dense_prefill_decode_and_chunks() {
     // MHA, prefill only.
     check(4, 4, 16, 4, &[(0, 7), (0, 1), (0, 9)], 1);
     // GQA 3:1 (SmolLM2's ratio), decode steps with cached context of various lengths.
-    check(9, 3, 64, 16, &[(36, 1), (0, 1), (15, 1), (16, 1), (100, 1)], 2);
+    check(
+        9,
+        3,
+        64,
+        16,
+        &[(36, 1), (0, 1), (15, 1), (16, 1), (100, 1)],
+        2,
+    );
     // GQA 8:1, chunked prefill (query_len > 1 over cached context), mixed with decodes.
     check(8, 1, 32, 8, &[(24, 5), (3, 1), (0, 13), (40, 17)], 3);
     // block_size 1 and odd head_dim.
@@ -136,7 +166,14 @@ fn random_shapes_match_dense() {
         let seqs: Vec<(usize, usize)> = (0..rng.gen_range(1..6))
             .map(|_| (rng.gen_range(0..40), rng.gen_range(1..12)))
             .collect();
-        check(heads, kvh, 8 * rng.gen_range(1..5), rng.gen_range(1..20), &seqs, 100 + seed);
+        check(
+            heads,
+            kvh,
+            8 * rng.gen_range(1..5),
+            rng.gen_range(1..20),
+            &seqs,
+            100 + seed,
+        );
     }
 }
 
@@ -187,6 +224,12 @@ fn bf16_cache_is_accumulated_in_f32() {
     let q = Tensor::ones((1, 1, 4), DType::BF16, &dev).unwrap();
     let out = paged_attention(&q, &kc, &vc, &meta, 0.5).unwrap();
     // Equal scores: the mean of 1, 2, 3.
-    let out: Vec<f32> = out.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let out: Vec<f32> = out
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(out, vec![2.0; 4]);
 }
