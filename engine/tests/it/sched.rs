@@ -112,11 +112,8 @@ fn core_streams_tokens_and_finishes_under_preemption() {
             if i == 7 {
                 sp.stop_token_ids = vec![prompt.last().unwrap() + 3];
             }
-            (
-                prompt,
-                sp.clone(),
-                h.add_request(request(&format!("r{i}"), prompt, sp)),
-            )
+            let rx = h.add_request(request(&format!("r{i}"), prompt.clone(), sp.clone()));
+            (prompt, sp, rx)
         })
         .collect();
     for (prompt, sp, rx) in rxs {
@@ -180,6 +177,14 @@ fn abort_disconnect_refusal_and_model_errors() {
     ));
     // dropped receiver: the request is aborted and its blocks freed
     drop(h.add_request(request("b", vec![1, 2, 3], greedy(200))));
+    let t0 = Instant::now();
+    while h.metrics().requests_finished(FinishReason::Abort) < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "dropped receiver never aborted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     wait_idle(&h);
     assert_eq!(h.metrics().requests_finished(FinishReason::Abort), 2);
     // refused up front
