@@ -1,4 +1,7 @@
 //! `probe` binary: parse the subcommand and hand it to the library.
-fn main() -> anyhow::Result<()> {
-    Ok(())
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    probe::cli::run(probe::cli::Cli::parse()).await
 }
