@@ -240,6 +240,13 @@ impl EngineMetrics {
     pub fn generation_tokens(&self) -> u64 {
         self.generation_tokens.load(Ordering::Relaxed)
     }
+    /// Prefix-cache (queried, hit) tokens so far.
+    pub fn prefix_cache(&self) -> (u64, u64) {
+        (
+            self.prefix_cache_queries.load(Ordering::Relaxed),
+            self.prefix_cache_hits.load(Ordering::Relaxed),
+        )
+    }
     pub fn requests_finished(&self, reason: FinishReason) -> u64 {
         let i = match reason {
             FinishReason::Stop => 0,

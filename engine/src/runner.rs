@@ -73,6 +73,11 @@ impl ModelRunner {
         &self.cache
     }
 
+    /// The model and its cache together (benchmarks time the forward alone through these).
+    pub fn parts_mut(&mut self) -> (&dyn CausalLM, &mut KvCache) {
+        (self.model.as_ref(), &mut self.cache)
+    }
+
     /// Requests with live sampler state (seeded generators).
     pub fn num_sampler_states(&self) -> usize {
         self.sampler.num_generators()

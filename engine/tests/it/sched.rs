@@ -218,11 +218,18 @@ fn tiny_model_dir() -> PathBuf {
     dir
 }
 
-fn spawn_model(path: &std::path::Path, format: LoadFormat, blocks: usize) -> EngineHandle {
+fn spawn_model(
+    path: &std::path::Path,
+    format: LoadFormat,
+    blocks: usize,
+    enable_prefix_caching: bool,
+) -> EngineHandle {
     let model = load_model(path, format, DType::F32, &Device::Cpu, 7).unwrap();
     let cache = KvCache::new(model.config(), blocks, 16, DType::F32, &Device::Cpu).unwrap();
+    let mut cfg = sched_config(blocks, 16);
+    cfg.enable_prefix_caching = enable_prefix_caching;
     let (h, _join) = EngineCore::spawn(
-        sched_config(blocks, 16),
+        cfg,
         Box::new(Fcfs),
         Box::new(ModelRunner::new(model, cache)),
         Arc::new(EngineMetrics::new("m")),
@@ -241,7 +248,7 @@ fn batched_equals_alone(path: &std::path::Path, format: LoadFormat, vocab: u32, 
                 .collect()
         })
         .collect();
-    let alone_engine = spawn_model(path, format, 64);
+    let alone_engine = spawn_model(path, format, 64, false);
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .enumerate()
@@ -252,7 +259,7 @@ fn batched_equals_alone(path: &std::path::Path, format: LoadFormat, vocab: u32, 
         .collect();
     alone_engine.shutdown();
     // the longest needs ceil((68 + out_len)/16) blocks; 8 requests need far more than 10
-    let h = spawn_model(path, format, 10);
+    let h = spawn_model(path, format, 10, false);
     let rxs: Vec<_> = prompts
         .iter()
         .enumerate()
@@ -293,4 +300,45 @@ fn smollm2_batched_with_preemption_equals_alone() {
         return;
     };
     batched_equals_alone(&path, LoadFormat::Gguf, 49152, 8);
+}
+
+#[test]
+fn dummy_model_prefix_caching_equals_no_caching() {
+    let dir = tiny_model_dir();
+    let shared: Vec<u32> = (0..40).map(|t| (t * 7 + 5) % 256).collect();
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| {
+            let mut p = shared.clone();
+            p.extend((0..(1 + i * 5)).map(|t| (t * 13 + i) % 256));
+            p
+        })
+        .collect();
+    let run = |caching: bool, blocks: usize| {
+        let h = spawn_model(&dir, LoadFormat::Dummy, blocks, caching);
+        // the first request alone warms the cache, then the rest together
+        let first = collect(h.add_request(request("p0", prompts[0].clone(), greedy(6)))).0;
+        let rxs: Vec<_> = prompts[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| h.add_request(request(&format!("p{}", i + 1), p.clone(), greedy(6))))
+            .collect();
+        let mut all = vec![first];
+        all.extend(rxs.into_iter().map(|rx| collect(rx).0));
+        wait_idle(&h);
+        let hits = h.metrics().prefix_cache().1;
+        h.shutdown();
+        (all, hits)
+    };
+    let (plain, no_hits) = run(false, 64);
+    assert_eq!(no_hits, 0);
+    let (cached, hits) = run(true, 64);
+    assert!(
+        hits >= 5 * 32,
+        "shared 40-token prefix should hit 2 blocks per request: {hits}"
+    );
+    assert_eq!(cached, plain);
+    // small pool: cached blocks are evicted and requests preempted, tokens still equal
+    let (tight, _) = run(true, 10);
+    assert_eq!(tight, plain);
+    let _ = std::fs::remove_dir_all(dir);
 }
