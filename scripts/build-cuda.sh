@@ -10,8 +10,9 @@
 #         SKIP_BUILD=1       set up toolchain + vendored crate only
 #         KERNELS_ONLY=1     integration-test binary with only the cuda_kernels module (when other
 #                            test modules of the working tree do not compile yet)
+#         IT_MODULES="a b"   integration-test binary with only these modules (e.g. "cuda_kernels cuda_model")
 #
-# Output: .carry/engine.xz (release server) and .carry/engine-it.xz (the integration-test binary),
+# Output: .carry/engine.xz (release server), .carry/engine-bench.xz and .carry/engine-it.xz (the integration-test binary),
 # stripped and xz-compressed, to be carried to the GPU machine (see scripts/gpu/).
 #
 # Why each step (nothing here touches the CPU build, CI, Cargo.toml or Cargo.lock):
@@ -89,9 +90,12 @@ list=$(mktemp)
 (cd "$MIRROR" && find . -type f ! -path './Cargo.lock' | sed 's|^\./||' | LC_ALL=C sort) |
     comm -23 - "$list" | (cd "$MIRROR" && xargs -r rm -f)
 rm -f "$list"
-if [ "${KERNELS_ONLY:-0}" = 1 ]; then
-    printf '//! CUDA kernel tests only (scripts/build-cuda.sh KERNELS_ONLY=1).\n\nmod cuda_kernels;\n' \
-        > "$MIRROR/engine/tests/it/main.rs"
+if [ "${KERNELS_ONLY:-0}" = 1 ] && [ -z "${IT_MODULES:-}" ]; then
+    IT_MODULES=cuda_kernels
+fi
+if [ -n "${IT_MODULES:-}" ]; then
+    { printf '//! GPU test modules only (scripts/build-cuda.sh IT_MODULES="%s").\n\n' "$IT_MODULES"
+      for m in $IT_MODULES; do printf 'mod %s;\n' "$m"; done; } > "$MIRROR/engine/tests/it/main.rs"
 elif [ -f "$MIRROR/engine/tests/it/main.rs" ]; then
     touch "$MIRROR/engine/tests/it/main.rs"  # a restored older mtime would not trigger a rebuild
 fi
@@ -101,7 +105,7 @@ export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2} CANDLE_CUDA_LINK_DIR=$CUDA_VENV
 patch_cfg="patch.crates-io.candle-core.path=\"$VENDOR/candle-core\""
 cd "$MIRROR"
 say "cargo build --release --features cuda (target $CARGO_TARGET_DIR)"
-nice -n 10 cargo --config "$patch_cfg" build --release -p engine --features cuda --bin engine
+nice -n 10 cargo --config "$patch_cfg" build --release -p engine --features cuda --bin engine --bin engine-bench
 say "cargo test --no-run --release --features cuda --test it"
 test_json=$(mktemp)
 nice -n 10 cargo --config "$patch_cfg" test --release -p engine --features cuda --test it --no-run \
@@ -117,7 +121,7 @@ rm -f "$test_json"
 
 # ---------------------------------------------------------------- 5. carry
 mkdir -p "$CARRY"
-for pair in "$CARGO_TARGET_DIR/release/engine:engine" "$test_bin:engine-it"; do
+for pair in "$CARGO_TARGET_DIR/release/engine:engine" "$CARGO_TARGET_DIR/release/engine-bench:engine-bench" "$test_bin:engine-it"; do
     src=${pair%%:*} name=${pair##*:}
     strip -o "$CARRY/$name" "$src"
     xz -6 -T2 -f "$CARRY/$name"

@@ -4,6 +4,7 @@ use crate::api::generate::{EngineClient, IncrementalDecode, TextCodec};
 use crate::api::server::Served;
 use crate::args::{DeviceArg, DtypeArg, EngineArgs};
 use crate::core::{EngineCore, EngineHandle, EngineRequest, RequestEvent};
+use crate::gpu_memory;
 use crate::metrics::EngineMetrics;
 use crate::model::{ForwardBatch, KvCache, SeqInput};
 use crate::runner::ModelRunner;
@@ -350,6 +351,35 @@ fn phase<E: std::fmt::Display>(phase: &'static str) -> impl Fn(E) -> LaunchError
     }
 }
 
+/// Up to 4 decode sequences (one new token each) after a `context`-token prefix, each reading
+/// block 0 and writing its new token to a slot of its own block (never past `num_blocks`).
+fn decode_warmup_batch(context: usize, block_size: usize, num_blocks: usize) -> ForwardBatch {
+    let num_seqs = num_blocks.saturating_sub(1).clamp(1, 4);
+    let mut b = ForwardBatch::default();
+    for s in 0..num_seqs {
+        let pos = context; // the token after the prefix written by the prefill warmup
+        let own_block = if num_blocks > 1 { 1 + s as u32 } else { 0 };
+        let table = if pos / block_size == 0 {
+            vec![0]
+        } else {
+            vec![0, own_block]
+        };
+        let block = table[pos / block_size];
+        b.token_ids.push(s as u32);
+        b.positions.push(pos as u32);
+        b.slot_mapping
+            .push(block as i64 * block_size as i64 + (pos % block_size) as i64);
+        b.seqs.push(SeqInput {
+            query_start: s,
+            query_len: 1,
+            context_len: pos + 1,
+            block_table: table,
+            compute_logits: true,
+        });
+    }
+    b
+}
+
 /// Build everything `args` asks for, timing each phase; `process_start` is the first instant of
 /// the process, so `phases.total` is cold-start time.
 pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, LaunchError> {
@@ -357,6 +387,10 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     let model_path = args.model()?.clone();
     let served_model_name = args.served_model_name()?;
     let device = select_device(args.device)?;
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        gpu_memory::keep_pool_memory(&device).map_err(phase("CUDA device init"))?;
+    }
     let dtype = resolve_dtype(args.dtype, &device);
     let mut phases = StartupPhases::default();
 
@@ -383,15 +417,44 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         Some(b) => b,
         None if device.is_cuda() => {
             let t = Instant::now();
+            let (free, total) = gpu_mem_info(&device)?;
+            let mem = phase("memory profiling");
+            let pool_before = gpu_memory::pool_used(&device).map_err(&mem)?;
+            gpu_memory::reset_pool_peak(&device).map_err(&mem)?;
             let n = args.max_num_batched_tokens.min(max_model_len);
             let tokens: Vec<u32> = (0..n as u32).map(|i| i % cfg.vocab_size as u32).collect();
             model
                 .forward_full(&tokens)
                 .map_err(phase("memory profiling"))?;
             device.synchronize().map_err(phase("memory profiling"))?;
+            let peak = gpu_memory::pool_used_peak(&device).map_err(&mem)?;
             phases.profile = t.elapsed().as_secs_f64();
-            let (free, total) = gpu_mem_info(&device)?;
-            gpu_kv_budget(total, free, args.gpu_memory_utilization)?
+            let profile = gpu_memory::GpuMemoryProfile {
+                total,
+                used_after_load: total.saturating_sub(free),
+                activation_peak: peak.saturating_sub(pool_before),
+                utilization: args.gpu_memory_utilization,
+            };
+            tracing::info!(
+                "Memory profiling takes {:.2} seconds: total GPU memory {:.2} GiB x utilization {} = {:.2} GiB; in use after loading {:.2} GiB (weights {:.2} GiB); activation peak of a {n}-token forward {:.2} GiB",
+                phases.profile,
+                total as f64 / GIB,
+                args.gpu_memory_utilization,
+                total as f64 * args.gpu_memory_utilization / GIB,
+                profile.used_after_load as f64 / GIB,
+                weights_bytes as f64 / GIB,
+                profile.activation_peak as f64 / GIB
+            );
+            match profile.kv_budget() {
+                Some(b) => b,
+                None => {
+                    return Err(LaunchError::NoGpuMemoryForKv {
+                        used_gib: (profile.used_after_load + profile.activation_peak) as f64 / GIB,
+                        limit_gib: total as f64 * args.gpu_memory_utilization / GIB,
+                        util: args.gpu_memory_utilization,
+                    })
+                }
+            }
         }
         None => CPU_KV_CACHE_DEFAULT,
     };
@@ -426,6 +489,14 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         }],
     };
     model.forward(&warm, &mut cache).map_err(phase("warmup"))?;
+    // Then a decode-shaped step (several sequences of one new token each), so that every kernel
+    // the serving loop launches is loaded (PTX JIT on CUDA) before the engine reports ready.
+    model
+        .forward(
+            &decode_warmup_batch(n, args.block_size, plan.num_blocks),
+            &mut cache,
+        )
+        .map_err(phase("warmup"))?;
     device.synchronize().map_err(phase("warmup"))?;
     phases.warmup = t.elapsed().as_secs_f64();
 
@@ -458,10 +529,11 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         metrics.set_startup_phase(name, seconds);
     }
     tracing::info!(
-        "Engine ready in {:.2} s (tokenizer {:.2} s, weights {:.2} s, KV alloc {:.2} s, warmup {:.2} s)",
+        "Engine ready in {:.2} s (tokenizer {:.2} s, weights {:.2} s, memory profiling {:.2} s, KV alloc {:.2} s, warmup {:.2} s)",
         phases.total,
         phases.tokenizer_load,
         phases.weights_load,
+        phases.profile,
         phases.kv_cache_alloc,
         phases.warmup
     );

@@ -9,6 +9,7 @@ pub mod args;
 pub mod config;
 pub mod core;
 pub mod gguf;
+pub mod gpu_memory;
 pub mod kv;
 pub mod launch;
 pub mod metrics;

@@ -2,5 +2,7 @@
 
 mod api;
 mod cuda_kernels;
+#[cfg(feature = "cuda")]
+mod cuda_model;
 mod model;
 mod sched;

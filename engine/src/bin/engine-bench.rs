@@ -1,0 +1,414 @@
+//! engine-bench: times the model directly (no HTTP) against the hardware floor of each phase.
+//!
+//! Measures the device's two ceilings (device-to-device copy bandwidth, bf16 matmul TFLOP/s), then
+//! decode steps at several batch sizes over a filled paged cache and single-sequence prefills, and
+//! prints each beside its floor (bytes / bandwidth for decode, 2 x params x tokens / TFLOP/s for
+//! prefill) as a markdown table. Decode is timed three ways: the runner's whole step (forward,
+//! logits to host, sampling), the forward alone (synchronized), and the forward's host enqueue
+//! time against its GPU time between CUDA events (launch-bound when the two are close).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use engine::args::{DeviceArg, DtypeArg};
+use engine::config::ModelConfig;
+use engine::core::ModelExecutor;
+use engine::launch::{resolve_dtype, select_device};
+use engine::model::{CausalLM, ForwardBatch, KvCache, SeqInput};
+use engine::runner::ModelRunner;
+use engine::sampling::SamplingParams;
+use engine::sched::{ScheduledRequest, SchedulerOutput};
+use engine::weights::{load_model, LoadFormat};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "engine-bench",
+    about = "Model decode/prefill timings against the hardware floor"
+)]
+struct Cli {
+    /// config.json (with --load-format dummy), a GGUF file or a safetensors directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value_t = LoadFormat::Dummy)]
+    load_format: LoadFormat,
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
+    /// Decode batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+    batch_sizes: Vec<usize>,
+    /// Tokens of context each decoding sequence reads.
+    #[arg(long, default_value_t = 1024)]
+    context: usize,
+    /// Prefill lengths (one sequence each), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    prefill: Vec<usize>,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Square matmul size for the TFLOP/s ceiling.
+    #[arg(long, default_value_t = 8192)]
+    matmul_size: usize,
+    /// Bytes copied for the bandwidth ceiling (MiB).
+    #[arg(long, default_value_t = 2048)]
+    copy_mib: usize,
+    /// Also write the table here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Milliseconds of `f` on the host, synchronized before and after.
+fn host_ms(device: &Device, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    device.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// GPU-side milliseconds between CUDA events around `f`, plus the host time until `f` returned
+/// (enqueue time; `f` must not synchronize for the comparison to mean anything).
+#[cfg(feature = "cuda")]
+fn event_ms(device: &Device, f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    let stream = device.as_cuda_device()?.cuda_stream();
+    device.synchronize()?;
+    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let t = Instant::now();
+    f()?;
+    let enqueue = t.elapsed().as_secs_f64() * 1e3;
+    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    Ok((enqueue, start.elapsed_ms(&end)? as f64))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn event_ms(_device: &Device, _f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    bail!("CUDA events need the cuda feature")
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + written), cuMemcpyDtoD of `bytes`.
+#[cfg(feature = "cuda")]
+fn copy_bandwidth(device: &Device, bytes: usize, iters: usize) -> Result<f64> {
+    let n = bytes / 4;
+    let src = Tensor::randn(0f32, 1.0, n, device)?;
+    let stream = device.as_cuda_device()?.cuda_stream();
+    let mut dst = stream.alloc_zeros::<f32>(n)?;
+    let (storage, _) = src.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        bail!("copy source is not on the GPU")
+    };
+    let src_slice = s.as_cuda_slice::<f32>()?;
+    let mut times = Vec::new();
+    for i in 0..iters + 2 {
+        let (_, ms) = event_ms(device, &mut || {
+            stream.memcpy_dtod(src_slice, &mut dst)?;
+            Ok(())
+        })?;
+        if i >= 2 {
+            times.push(ms);
+        }
+    }
+    Ok(2.0 * (n * 4) as f64 / (median(times) * 1e-3) / 1e9)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn copy_bandwidth(device: &Device, bytes: usize, iters: usize) -> Result<f64> {
+    let src = Tensor::randn(0f32, 1.0, bytes / 4, device)?;
+    let mut times = Vec::new();
+    for _ in 0..iters {
+        times.push(host_ms(device, &mut || {
+            let _ = src.copy()?;
+            Ok(())
+        })?);
+    }
+    Ok(2.0 * bytes as f64 / (median(times) * 1e-3) / 1e9)
+}
+
+/// Square matmul TFLOP/s in `dtype` (random inputs).
+fn matmul_tflops(device: &Device, dtype: DType, n: usize, iters: usize) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let mut times = Vec::new();
+    for i in 0..iters + 2 {
+        let ms = host_ms(device, &mut || {
+            let _ = a.matmul(&b)?;
+            Ok(())
+        })?;
+        if i >= 2 {
+            times.push(ms);
+        }
+    }
+    Ok(2.0 * (n as f64).powi(3) / (median(times) * 1e-3) / 1e12)
+}
+
+/// Replace every cache tensor with random values (never time attention over zeros).
+fn fill_cache(cache: &mut KvCache, device: &Device) -> Result<()> {
+    let dtype = cache.dtype();
+    for (k, v) in cache.layers.iter_mut() {
+        let shape = k.shape().clone();
+        *k = Tensor::randn(0f32, 1.0, &shape, device)?.to_dtype(dtype)?;
+        *v = Tensor::randn(0f32, 1.0, &shape, device)?.to_dtype(dtype)?;
+    }
+    Ok(())
+}
+
+/// One decode step of `batch` sequences, each with `context` cached tokens and its own blocks.
+fn decode_step(batch: usize, context: usize, block_size: usize, vocab: usize) -> SchedulerOutput {
+    let blocks_per_seq = (context + 1).div_ceil(block_size);
+    let scheduled = (0..batch)
+        .map(|s| ScheduledRequest {
+            request_id: format!("bench-{s}"),
+            token_ids: vec![((s * 7919 + 13) % vocab) as u32],
+            num_computed_tokens: context,
+            block_table: (0..blocks_per_seq)
+                .map(|b| (s * blocks_per_seq + b) as u32)
+                .collect(),
+            sample: true,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            num_output_tokens: 1,
+        })
+        .collect();
+    SchedulerOutput {
+        scheduled,
+        total_num_scheduled_tokens: batch,
+        ..SchedulerOutput::default()
+    }
+}
+
+fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
+    ForwardBatch {
+        token_ids: (0..n).map(|i| ((i * 31 + 7) % vocab) as u32).collect(),
+        positions: (0..n as u32).collect(),
+        slot_mapping: (0..n as i64).collect(),
+        seqs: vec![SeqInput {
+            query_start: 0,
+            query_len: n,
+            context_len: n,
+            block_table: (0..n.div_ceil(block_size) as u32).collect(),
+            compute_logits: true,
+        }],
+    }
+}
+
+struct DecodeRow {
+    batch: usize,
+    step_ms: f64,
+    forward_ms: f64,
+    enqueue_ms: Option<f64>,
+    gpu_ms: Option<f64>,
+    floor_ms: f64,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let device = select_device(cli.device)?;
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        engine::gpu_memory::keep_pool_memory(&device)?;
+    }
+    let dtype = resolve_dtype(cli.dtype, &device);
+    let iters = cli.iters.max(1);
+    eprintln!("device {device:?}, dtype {dtype:?}");
+
+    let copy_gbs = copy_bandwidth(&device, cli.copy_mib << 20, iters)?;
+    let tflops = matmul_tflops(&device, dtype, cli.matmul_size, iters.min(10))?;
+    eprintln!("copy {copy_gbs:.0} GB/s, matmul {tflops:.1} TFLOP/s");
+
+    let t = Instant::now();
+    let model = load_model(&cli.model, cli.load_format, dtype, &device, cli.seed)
+        .with_context(|| format!("loading {}", cli.model.display()))?;
+    device.synchronize()?;
+    let cfg: ModelConfig = model.config().clone();
+    let params = cfg.num_parameters();
+    let weight_bytes = params * dtype.size_in_bytes() as u64;
+    eprintln!(
+        "model: {} layers, {:.3} B params, {:.2} GiB weights, loaded in {:.1} s",
+        cfg.num_hidden_layers,
+        params as f64 / 1e9,
+        weight_bytes as f64 / (1u64 << 30) as f64,
+        t.elapsed().as_secs_f64()
+    );
+    let bs = cli.block_size;
+    let max_batch = cli.batch_sizes.iter().copied().max().unwrap_or(1);
+    let max_prefill = cli.prefill.iter().copied().max().unwrap_or(0);
+    if cli.context + 1 > cfg.max_position_embeddings || max_prefill > cfg.max_position_embeddings {
+        bail!("context/prefill past max_position_embeddings");
+    }
+    let num_blocks = (max_batch * (cli.context + 1).div_ceil(bs)).max(max_prefill.div_ceil(bs));
+    let mut cache = KvCache::new(&cfg, num_blocks, bs, dtype, &device)?;
+    fill_cache(&mut cache, &device)?;
+    let kv_per_token = cfg.kv_bytes_per_token(dtype) as u64;
+    let mut runner = ModelRunner::new(model, cache);
+
+    // ---- decode
+    let mut rows = Vec::new();
+    for &batch in &cli.batch_sizes {
+        let step = decode_step(batch, cli.context, bs, cfg.vocab_size);
+        let fb = engine::runner::build_forward_batch(&step, bs)?;
+        let (mut step_t, mut fwd_t, mut enq_t, mut gpu_t) = (vec![], vec![], vec![], vec![]);
+        for i in 0..iters + 3 {
+            let s = host_ms(&device, &mut || {
+                runner.execute(&step).map_err(|e| anyhow::anyhow!(e.0))?;
+                Ok(())
+            })?;
+            let f = {
+                let (model, cache) = runner_parts(&mut runner);
+                host_ms(&device, &mut || {
+                    model.forward(&fb, cache)?;
+                    Ok(())
+                })?
+            };
+            let ev = if device.is_cuda() {
+                let (model, cache) = runner_parts(&mut runner);
+                Some(event_ms(&device, &mut || {
+                    model.forward(&fb, cache)?;
+                    Ok(())
+                })?)
+            } else {
+                None
+            };
+            if i >= 3 {
+                step_t.push(s);
+                fwd_t.push(f);
+                if let Some((e, g)) = ev {
+                    enq_t.push(e);
+                    gpu_t.push(g);
+                }
+            }
+        }
+        let bytes = weight_bytes + batch as u64 * (cli.context as u64 + 1) * kv_per_token;
+        let row = DecodeRow {
+            batch,
+            step_ms: median(step_t),
+            forward_ms: median(fwd_t),
+            enqueue_ms: (!enq_t.is_empty()).then(|| median(enq_t)),
+            gpu_ms: (!gpu_t.is_empty()).then(|| median(gpu_t)),
+            floor_ms: bytes as f64 / (copy_gbs * 1e9) * 1e3,
+        };
+        eprintln!(
+            "decode batch {batch}: step {:.3} ms, forward {:.3} ms, floor {:.3} ms",
+            row.step_ms, row.forward_ms, row.floor_ms
+        );
+        rows.push(row);
+    }
+
+    // ---- prefill
+    let mut prows = Vec::new();
+    for &n in &cli.prefill {
+        let fb = prefill_batch(n, bs, cfg.vocab_size);
+        let mut times = Vec::new();
+        let reps = iters.min(10);
+        for i in 0..reps + 2 {
+            let (model, cache) = runner_parts(&mut runner);
+            let ms = host_ms(&device, &mut || {
+                model.forward(&fb, cache)?;
+                Ok(())
+            })?;
+            if i >= 2 {
+                times.push(ms);
+            }
+        }
+        let floor = 2.0 * params as f64 * n as f64 / (tflops * 1e12) * 1e3;
+        let ms = median(times);
+        eprintln!("prefill {n}: {ms:.2} ms, floor {floor:.2} ms");
+        prows.push((n, ms, floor));
+    }
+
+    let table = render(&cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &prows);
+    println!("{table}");
+    if let Some(p) = &cli.out {
+        std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// The runner's model and cache, to time the forward alone through the same objects.
+fn runner_parts(runner: &mut ModelRunner) -> (&dyn CausalLM, &mut KvCache) {
+    runner.parts_mut()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    cli: &Cli,
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    copy_gbs: f64,
+    tflops: f64,
+    rows: &[DecodeRow],
+    prows: &[(usize, f64, f64)],
+) -> String {
+    let mut s = String::new();
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let _ = writeln!(
+        s,
+        "# engine-bench: {} ({} layers, {:.3} B params), {:?}, {:?}\n",
+        cli.model.display(),
+        cfg.num_hidden_layers,
+        cfg.num_parameters() as f64 / 1e9,
+        dtype,
+        device
+    );
+    let _ = writeln!(
+        s,
+        "Ceilings: device-to-device copy {copy_gbs:.0} GB/s (read + write, {} MiB), {:?} matmul {tflops:.1} TFLOP/s ({n}x{n}x{n}).\n",
+        cli.copy_mib, dtype, n = cli.matmul_size
+    );
+    let _ = writeln!(
+        s,
+        "## Decode (context {}, block {}, greedy; median of {})\n",
+        cli.context, cli.block_size, cli.iters
+    );
+    let _ = writeln!(s, "| batch | runner step ms | forward ms | enqueue ms | GPU ms (events) | HBM floor ms | step / floor | tok/s |");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} | {:.3} | {} | {} | {:.3} | {:.2}x | {:.0} |",
+            r.batch,
+            r.step_ms,
+            r.forward_ms,
+            opt(r.enqueue_ms),
+            opt(r.gpu_ms),
+            r.floor_ms,
+            r.step_ms / r.floor_ms,
+            r.batch as f64 / (r.step_ms * 1e-3)
+        );
+    }
+    let _ = writeln!(s, "\nHBM floor = (weight bytes + batch x (context + 1) x KV bytes/token) / copy bandwidth. Enqueue = host time until the forward returned without a sync; when it is close to the GPU time the step is launch-bound.\n");
+    let _ = writeln!(s, "## Prefill (one sequence; median)\n");
+    let _ = writeln!(s, "| tokens | ms | matmul floor ms | ms / floor | tok/s |");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+    for (n, ms, floor) in prows {
+        let _ = writeln!(
+            s,
+            "| {n} | {ms:.2} | {floor:.2} | {:.2}x | {:.0} |",
+            ms / floor,
+            *n as f64 / (ms * 1e-3)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nMatmul floor = 2 x params x tokens / measured TFLOP/s (attention FLOPs not counted)."
+    );
+    s
+}
