@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/fetch-model.sh
 export SMOLLM2_GGUF="${SMOLLM2_GGUF:-$PWD/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-cargo test --workspace --locked "$@"
+cargo test --workspace "$@"
