@@ -10,7 +10,11 @@ use crate::progress::Progress;
 use crate::report::{self, Format};
 
 #[derive(Parser, Debug)]
-#[command(name = "probe", version, about = "Lab instrument for OpenAI-compatible LLM servers")]
+#[command(
+    name = "probe",
+    version,
+    about = "Lab instrument for OpenAI-compatible LLM servers"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -124,7 +128,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(a) => println!("{}", crate::bench::cli::compare_main(&a)?.display()),
         Command::KvScaling(a) => println!("{}", crate::kvscaling::cli::main(*a).await?.display()),
         Command::FetchModel => {
-            let p = tokio::task::spawn_blocking(|| crate::fetch::ensure(&crate::fetch::SMOLLM2)).await??;
+            let p = tokio::task::spawn_blocking(|| crate::fetch::ensure(&crate::fetch::SMOLLM2))
+                .await??;
             println!("{}", p.display());
         }
     }

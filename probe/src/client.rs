@@ -89,7 +89,10 @@ impl GenRequest {
         body.insert("max_tokens".into(), self.max_tokens.into());
         body.insert("temperature".into(), f64::from(self.temperature).into());
         body.insert("stream".into(), true.into());
-        body.insert("stream_options".into(), serde_json::json!({ "include_usage": true }));
+        body.insert(
+            "stream_options".into(),
+            serde_json::json!({ "include_usage": true }),
+        );
         for (k, v) in &self.extra {
             body.insert(k.clone(), v.clone());
         }
@@ -162,7 +165,12 @@ impl Client {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| ClientError::Build(e.to_string()))?;
-        Ok(Self { http, base_url: trimmed, clock, opts })
+        Ok(Self {
+            http,
+            base_url: trimmed,
+            clock,
+            opts,
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -192,7 +200,10 @@ impl Client {
         scheduled_s: f64,
     ) -> RequestRecord {
         match req.body() {
-            Ok(body) => self.stream_body(req.api, body, index, label, scheduled_s).await,
+            Ok(body) => {
+                self.stream_body(req.api, body, index, label, scheduled_s)
+                    .await
+            }
             Err(e) => {
                 let now = self.clock.now_s();
                 RequestRecord {
@@ -246,7 +257,12 @@ impl Client {
         rec
     }
 
-    async fn run(&self, api: Api, body: Vec<u8>, rec: &mut RequestRecord) -> Result<(), RequestError> {
+    async fn run(
+        &self,
+        api: Api,
+        body: Vec<u8>,
+        rec: &mut RequestRecord,
+    ) -> Result<(), RequestError> {
         let mut builder = self
             .http
             .post(self.url(api.path()))
@@ -310,8 +326,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn request_error(e: reqwest::Error) -> RequestError {
-    let kind = if e.is_timeout() { ErrorKind::Timeout } else { ErrorKind::Connect };
-    RequestError { kind, message: error_chain(&e), status: None }
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Connect
+    };
+    RequestError {
+        kind,
+        message: error_chain(&e),
+        status: None,
+    }
 }
 
 /// The human message of an error body: OpenAI `{"error":{"message"}}`, vLLM `{"message"}`, or
@@ -377,7 +401,12 @@ struct PromptDetailsWire {
 }
 
 /// Applies one SSE `data:` payload (not `[DONE]`) to the record.
-fn apply_event(data: &[u8], at: f64, api: Api, rec: &mut RequestRecord) -> Result<(), RequestError> {
+fn apply_event(
+    data: &[u8],
+    at: f64,
+    api: Api,
+    rec: &mut RequestRecord,
+) -> Result<(), RequestError> {
     let chunk: ChunkWire = serde_json::from_slice(data).map_err(|e| RequestError {
         kind: ErrorKind::Protocol,
         message: format!(
@@ -542,12 +571,27 @@ mod tests {
     #[test]
     fn chunk_application_records_text_usage_and_timings() {
         let mut rec = RequestRecord::default();
-        apply_event(br#"{"choices":[{"delta":{"role":"assistant"}}]}"#, 1.0, Api::Chat, &mut rec)
-            .unwrap();
-        apply_event(br#"{"choices":[{"delta":{"content":"Hi"}}]}"#, 1.5, Api::Chat, &mut rec)
-            .unwrap();
-        apply_event(br#"{"choices":[{"delta":{"content":" \"x\""}}]}"#, 2.0, Api::Chat, &mut rec)
-            .unwrap();
+        apply_event(
+            br#"{"choices":[{"delta":{"role":"assistant"}}]}"#,
+            1.0,
+            Api::Chat,
+            &mut rec,
+        )
+        .unwrap();
+        apply_event(
+            br#"{"choices":[{"delta":{"content":"Hi"}}]}"#,
+            1.5,
+            Api::Chat,
+            &mut rec,
+        )
+        .unwrap();
+        apply_event(
+            br#"{"choices":[{"delta":{"content":" \"x\""}}]}"#,
+            2.0,
+            Api::Chat,
+            &mut rec,
+        )
+        .unwrap();
         let usage = br#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,
             "prompt_tokens_details":{"cached_tokens":4},"timings":{"prefill_s":0.01}}}"#;
         apply_event(usage, 2.1, Api::Chat, &mut rec).unwrap();
@@ -558,7 +602,13 @@ mod tests {
         assert_eq!(rec.cached_tokens, Some(4));
         assert_eq!(rec.server_timings.unwrap()["prefill_s"], 0.01);
         let mut c = RequestRecord::default();
-        apply_event(br#"{"choices":[{"text":"ok"}]}"#, 3.0, Api::Completions, &mut c).unwrap();
+        apply_event(
+            br#"{"choices":[{"text":"ok"}]}"#,
+            3.0,
+            Api::Completions,
+            &mut c,
+        )
+        .unwrap();
         assert_eq!((c.text.as_str(), c.chunk_times_s.len()), ("ok", 1));
         let e = apply_event(b"{not json", 1.0, Api::Chat, &mut c).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Protocol);
@@ -566,8 +616,14 @@ mod tests {
 
     #[test]
     fn error_bodies_give_their_message() {
-        assert_eq!(error_message(r#"{"error":{"message":"too long","type":"x"}}"#), "too long");
-        assert_eq!(error_message(r#"{"object":"error","message":"bad"}"#), "bad");
+        assert_eq!(
+            error_message(r#"{"error":{"message":"too long","type":"x"}}"#),
+            "too long"
+        );
+        assert_eq!(
+            error_message(r#"{"object":"error","message":"bad"}"#),
+            "bad"
+        );
         assert_eq!(error_message("plain failure\n"), "plain failure");
     }
 
@@ -580,7 +636,10 @@ mod tests {
         let mut comp = GenRequest::greedy(Api::Completions, "m", "hi", 4);
         comp.extra.insert("ignore_eos".into(), true.into());
         let v: serde_json::Value = serde_json::from_slice(&comp.body().unwrap()).unwrap();
-        assert_eq!((v["prompt"].as_str(), v["ignore_eos"].as_bool()), (Some("hi"), Some(true)));
+        assert_eq!(
+            (v["prompt"].as_str(), v["ignore_eos"].as_bool()),
+            (Some("hi"), Some(true))
+        );
         comp.prompt = Prompt::Tokens(vec![1, 2]);
         comp.api = Api::Chat;
         assert!(comp.body().is_err());

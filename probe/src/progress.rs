@@ -14,12 +14,18 @@ pub struct Progress {
 impl Progress {
     /// Bars when stderr is a terminal.
     pub fn auto() -> Self {
-        Self { tty: std::io::stderr().is_terminal(), quiet: false }
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            quiet: false,
+        }
     }
 
     /// No output at all (tests).
     pub fn quiet() -> Self {
-        Self { tty: false, quiet: true }
+        Self {
+            tty: false,
+            quiet: true,
+        }
     }
 
     /// One status line.
@@ -35,7 +41,9 @@ impl Progress {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new(len);
-        if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}") {
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+        {
             bar.set_style(style);
         }
         bar.set_message(what.to_string());

@@ -25,26 +25,40 @@ pub enum Format {
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not valid run data: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("template {name}: {detail}")]
     Template { name: String, detail: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
-    move |source| ReportError::Io { path: path.to_path_buf(), source }
+    move |source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), ReportError> {
-    let text = serde_json::to_string_pretty(v)
-        .map_err(|source| ReportError::Json { path: path.to_path_buf(), source })?;
+    let text = serde_json::to_string_pretty(v).map_err(|source| ReportError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
     std::fs::write(path, text).map_err(io_err(path))
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ReportError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| ReportError::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|source| ReportError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Writes the raw data and the report into `dir`; returns the report path.
@@ -63,7 +77,11 @@ pub fn write_run(
 }
 
 /// `probe report <dir>`: re-renders from the stored JSON files.
-pub fn render_dir(dir: &Path, template: Option<&Path>, format: Format) -> Result<PathBuf, ReportError> {
+pub fn render_dir(
+    dir: &Path,
+    template: Option<&Path>,
+    format: Format,
+) -> Result<PathBuf, ReportError> {
     let info: RunInfo = read_json(&dir.join("run.json"))?;
     let records: Vec<RequestRecord> = read_json(&dir.join("records.json"))?;
     let samples: Vec<Sample> = read_json(&dir.join("samples.json"))?;
@@ -96,8 +114,14 @@ fn render_to(
 /// Renders the context with the embedded template or the one at `template`.
 pub fn render(ctx: &ReportContext, template: Option<&Path>) -> Result<String, ReportError> {
     let (name, source) = match template {
-        Some(p) => (p.display().to_string(), std::fs::read_to_string(p).map_err(io_err(p))?),
-        None => ("first_token_latency.md.tera".to_string(), FIRST_TOKEN_LATENCY.to_string()),
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p).map_err(io_err(p))?,
+        ),
+        None => (
+            "first_token_latency.md.tera".to_string(),
+            FIRST_TOKEN_LATENCY.to_string(),
+        ),
     };
     let terr = |e: tera::Error| {
         let mut detail = e.to_string();
@@ -106,7 +130,10 @@ pub fn render(ctx: &ReportContext, template: Option<&Path>) -> Result<String, Re
             detail.push_str(&format!(": {s}"));
             src = s.source();
         }
-        ReportError::Template { name: name.clone(), detail }
+        ReportError::Template {
+            name: name.clone(),
+            detail,
+        }
     };
     let mut tera = tera::Tera::default();
     tera.add_raw_template("report", &source).map_err(terr)?;
@@ -122,7 +149,10 @@ pub struct Row {
 }
 
 fn row(name: &str, value: impl Into<String>) -> Row {
-    Row { name: name.to_string(), value: value.into() }
+    Row {
+        name: name.to_string(),
+        value: value.into(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -209,7 +239,11 @@ pub fn median(v: &[f64]) -> Option<f64> {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
-    Some(if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    })
 }
 
 fn tagged<'a>(samples: &'a [Sample], tag: &str) -> Option<&'a Sample> {
@@ -232,13 +266,20 @@ fn na(reason: &str) -> String {
     format!("not available ({reason})")
 }
 
-fn proc_value<T>(s: Option<&Sample>, f: impl Fn(&crate::samplers::ProcReading) -> Option<T>) -> Result<T, String> {
+fn proc_value<T>(
+    s: Option<&Sample>,
+    f: impl Fn(&crate::samplers::ProcReading) -> Option<T>,
+) -> Result<T, String> {
     let s = s.ok_or("not sampled")?;
     match &s.process {
         None => Err("no server process watched (attach mode)".into()),
         Some(Reading::NotAvailable(r)) => Err(r.clone()),
         Some(Reading::Value(p)) => f(p).ok_or_else(|| {
-            if p.missing.is_empty() { "field missing".into() } else { p.missing.join("; ") }
+            if p.missing.is_empty() {
+                "field missing".into()
+            } else {
+                p.missing.join("; ")
+            }
         }),
     }
 }
@@ -258,7 +299,10 @@ fn cpu_between(samples: &[Sample], a: &str, b: &str) -> Result<f64, String> {
 fn page_cache(s: Option<&Sample>) -> Result<f64, String> {
     let s = s.ok_or("not sampled")?;
     match &s.meminfo {
-        Reading::Value(m) => m.page_cache_bytes().map(|b| b as f64).ok_or_else(|| "Cached/Buffers missing in /proc/meminfo".into()),
+        Reading::Value(m) => m
+            .page_cache_bytes()
+            .map(|b| b as f64)
+            .ok_or_else(|| "Cached/Buffers missing in /proc/meminfo".into()),
         Reading::NotAvailable(r) => Err(r.clone()),
     }
 }
@@ -275,9 +319,15 @@ fn warm_gpu(samples: &[Sample]) -> (Result<f64, String>, Result<f64, String>) {
     let start = tagged(samples, "after_cold").map(|s| s.t_s);
     let end = tagged(samples, "after_warm").map(|s| s.t_s);
     let (Some(start), Some(end)) = (start, end) else {
-        return (Err("warm runs not sampled".into()), Err("warm runs not sampled".into()));
+        return (
+            Err("warm runs not sampled".into()),
+            Err("warm runs not sampled".into()),
+        );
     };
-    let during: Vec<&Sample> = samples.iter().filter(|s| s.t_s >= start && s.t_s <= end).collect();
+    let during: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.t_s >= start && s.t_s <= end)
+        .collect();
     let mut reason = "no samples during warm runs".to_string();
     let (mut util, mut power) = (Vec::new(), Vec::new());
     for s in &during {
@@ -289,7 +339,13 @@ fn warm_gpu(samples: &[Sample]) -> (Result<f64, String>, Result<f64, String>) {
             Reading::NotAvailable(r) => reason = r.clone(),
         }
     }
-    let mean = |v: &[f64]| if v.is_empty() { Err(reason.clone()) } else { Ok(v.iter().sum::<f64>() / v.len() as f64) };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            Err(reason.clone())
+        } else {
+            Ok(v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
     (mean(&util), mean(&power))
 }
 
@@ -308,10 +364,33 @@ pub fn context(info: &RunInfo, records: &[RequestRecord], samples: &[Sample]) ->
     };
     let mut config = vec![
         row("Model", model),
-        row("Server", format!("{} ({})", info.server_url, if info.mode.is_empty() { "n/a" } else { info.mode.as_str() })),
-        row("Engine version", info.engine_version.clone().unwrap_or_else(|| "n/a".into())),
-        row("Flags", cfg.engine_args.clone().or(cfg.server_cmd.clone()).unwrap_or_else(|| "(defaults)".into())),
-        row("API", format!("{:?}, streamed, temperature 0", cfg.api).to_lowercase()),
+        row(
+            "Server",
+            format!(
+                "{} ({})",
+                info.server_url,
+                if info.mode.is_empty() {
+                    "n/a"
+                } else {
+                    info.mode.as_str()
+                }
+            ),
+        ),
+        row(
+            "Engine version",
+            info.engine_version.clone().unwrap_or_else(|| "n/a".into()),
+        ),
+        row(
+            "Flags",
+            cfg.engine_args
+                .clone()
+                .or(cfg.server_cmd.clone())
+                .unwrap_or_else(|| "(defaults)".into()),
+        ),
+        row(
+            "API",
+            format!("{:?}, streamed, temperature 0", cfg.api).to_lowercase(),
+        ),
         row("Prompt", format!("{:?}", cfg.prompt)),
         row("Max tokens", cfg.max_tokens.to_string()),
         row("Warm runs", cfg.warm.to_string()),
@@ -321,15 +400,32 @@ pub fn context(info: &RunInfo, records: &[RequestRecord], samples: &[Sample]) ->
     if let Some(n) = info.startup.kv_cache_tokens {
         config.push(row("KV cache size", format!("{n} tokens")));
     }
-    if let (Some(t), Some(x)) = (info.startup.max_concurrency_tokens, info.startup.max_concurrency) {
-        config.push(row("Maximum concurrency", format!("{x:.2}x for {t} tokens per request")));
+    if let (Some(t), Some(x)) = (
+        info.startup.max_concurrency_tokens,
+        info.startup.max_concurrency,
+    ) {
+        config.push(row(
+            "Maximum concurrency",
+            format!("{x:.2}x for {t} tokens per request"),
+        ));
     }
 
     let cold = records.iter().find(|r| r.label == "cold_1");
-    let warm: Vec<&RequestRecord> = records.iter().filter(|r| r.label.starts_with("warm_")).collect();
-    let single_runs = cold.into_iter().chain(warm.first().copied()).map(run_row).collect();
+    let warm: Vec<&RequestRecord> = records
+        .iter()
+        .filter(|r| r.label.starts_with("warm_"))
+        .collect();
+    let single_runs = cold
+        .into_iter()
+        .chain(warm.first().copied())
+        .map(run_row)
+        .collect();
     let failed_runs = records.iter().filter(|r| !r.ok()).map(run_row).collect();
-    let warm_ttft: Vec<f64> = warm.iter().filter(|r| r.ok()).filter_map(|r| r.ttft_s()).collect();
+    let warm_ttft: Vec<f64> = warm
+        .iter()
+        .filter(|r| r.ok())
+        .filter_map(|r| r.ttft_s())
+        .collect();
     let fmt_opt = |v: Option<f64>| v.map(ms).unwrap_or_else(|| "n/a".into());
     let variance = Variance {
         runs: warm.len(),
@@ -345,24 +441,66 @@ pub fn context(info: &RunInfo, records: &[RequestRecord], samples: &[Sample]) ->
         .filter(|s| s.tag == "periodic")
         .find(|s| tagged(samples, "after_cold").is_some_and(|c| s.t_s > c.t_s));
     let (util, power) = warm_gpu(samples);
-    let rss = |tag: &str| show(proc_value(tagged(samples, tag), |p| p.rss_bytes.map(|b| b as f64)), mb);
-    let disk_cold = proc_value(tagged(samples, "after_cold"), |p| p.read_bytes)
-        .and_then(|b| Ok(b as f64 - proc_value(tagged(samples, "before_cold"), |p| p.read_bytes)? as f64));
-    let disk_total = proc_value(tagged(samples, "after_warm"), |p| p.read_bytes.map(|b| b as f64));
+    let rss = |tag: &str| {
+        show(
+            proc_value(tagged(samples, tag), |p| p.rss_bytes.map(|b| b as f64)),
+            mb,
+        )
+    };
+    let disk_cold = proc_value(tagged(samples, "after_cold"), |p| p.read_bytes).and_then(|b| {
+        Ok(b as f64 - proc_value(tagged(samples, "before_cold"), |p| p.read_bytes)? as f64)
+    });
+    let disk_total = proc_value(tagged(samples, "after_warm"), |p| {
+        p.read_bytes.map(|b| b as f64)
+    });
     let sanity = vec![
-        row("GPU memory used before server start", show(gpu_mem(tagged(samples, "before_start")), gib)),
-        row("GPU memory used after cold request", show(gpu_mem(tagged(samples, "after_cold")), gib)),
-        row("GPU memory used during warm runs", show(gpu_mem(during_warm.or(tagged(samples, "after_warm"))), gib)),
-        row("GPU utilization during warm runs (mean)", show(util, |x| format!("{x:.0} %"))),
-        row("GPU power during warm runs (mean)", show(power, |x| format!("{x:.0} W"))),
-        row("Server CPU during cold request", show(cpu_between(samples, "before_cold", "after_cold"), |x| format!("{x:.0} %"))),
-        row("Server CPU during warm runs", show(cpu_between(samples, "after_cold", "after_warm"), |x| format!("{x:.0} %"))),
+        row(
+            "GPU memory used before server start",
+            show(gpu_mem(tagged(samples, "before_start")), gib),
+        ),
+        row(
+            "GPU memory used after cold request",
+            show(gpu_mem(tagged(samples, "after_cold")), gib),
+        ),
+        row(
+            "GPU memory used during warm runs",
+            show(gpu_mem(during_warm.or(tagged(samples, "after_warm"))), gib),
+        ),
+        row(
+            "GPU utilization during warm runs (mean)",
+            show(util, |x| format!("{x:.0} %")),
+        ),
+        row(
+            "GPU power during warm runs (mean)",
+            show(power, |x| format!("{x:.0} W")),
+        ),
+        row(
+            "Server CPU during cold request",
+            show(cpu_between(samples, "before_cold", "after_cold"), |x| {
+                format!("{x:.0} %")
+            }),
+        ),
+        row(
+            "Server CPU during warm runs",
+            show(cpu_between(samples, "after_cold", "after_warm"), |x| {
+                format!("{x:.0} %")
+            }),
+        ),
         row("Server RSS after cold request", rss("after_cold")),
         row("Server RSS after warm runs", rss("after_warm")),
-        row("Server disk bytes read during cold request", show(disk_cold, mb)),
+        row(
+            "Server disk bytes read during cold request",
+            show(disk_cold, mb),
+        ),
         row("Server disk bytes read, whole run", show(disk_total, mb)),
-        row("Page cache (Cached+Buffers) before cold", show(page_cache(tagged(samples, "before_cold")), mb)),
-        row("Page cache (Cached+Buffers) after cold", show(page_cache(tagged(samples, "after_cold")), mb)),
+        row(
+            "Page cache (Cached+Buffers) before cold",
+            show(page_cache(tagged(samples, "before_cold")), mb),
+        ),
+        row(
+            "Page cache (Cached+Buffers) after cold",
+            show(page_cache(tagged(samples, "after_cold")), mb),
+        ),
     ];
 
     ReportContext {
@@ -387,7 +525,12 @@ fn timing(r: &RequestRecord, key: &str) -> Option<f64> {
     r.server_timings.as_ref()?.get(key)?.as_f64()
 }
 
-fn observations(info: &RunInfo, cold: Option<&RequestRecord>, warm: &[&RequestRecord], warm_ttft: &[f64]) -> Vec<String> {
+fn observations(
+    info: &RunInfo,
+    cold: Option<&RequestRecord>,
+    warm: &[&RequestRecord],
+    warm_ttft: &[f64],
+) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(t) = info.spawn_to_ready_s {
         let phases = info.startup.phases();
@@ -396,7 +539,11 @@ fn observations(info: &RunInfo, cold: Option<&RequestRecord>, warm: &[&RequestRe
             .filter(|(k, _)| k != "total")
             .map(|(k, v)| format!("{} {:.2} s", k.replace('_', " "), v))
             .collect();
-        let known: f64 = phases.iter().filter(|(k, _)| k != "total").map(|(_, v)| v).sum();
+        let known: f64 = phases
+            .iter()
+            .filter(|(k, _)| k != "total")
+            .map(|(_, v)| v)
+            .sum();
         if named.is_empty() {
             out.push(format!("The server took {t:.2} s from spawn to ready; it reported no startup phases, so that time is not split further."));
         } else {
@@ -412,7 +559,13 @@ fn observations(info: &RunInfo, cold: Option<&RequestRecord>, warm: &[&RequestRe
         return out;
     };
     let Some(cold_ttft) = cold.ttft_s() else {
-        out.push(format!("The cold request produced no token ({}).", cold.error.as_ref().map(|e| e.message.as_str()).unwrap_or("empty stream")));
+        out.push(format!(
+            "The cold request produced no token ({}).",
+            cold.error
+                .as_ref()
+                .map(|e| e.message.as_str())
+                .unwrap_or("empty stream")
+        ));
         return out;
     };
     match median(warm_ttft) {
@@ -432,7 +585,10 @@ fn observations(info: &RunInfo, cold: Option<&RequestRecord>, warm: &[&RequestRe
         if let Some(wp) = median(&warm_prefill) {
             s.push_str(&format!(" (warm median prefill {} ms, so {} ms of first-prefill overhead such as lazy kernel setup)", ms(wp), ms(p - wp)));
         }
-        s.push_str(&format!("; the other {} ms is HTTP, tokenization and streaming outside the engine's timers.", ms(rest.max(0.0))));
+        s.push_str(&format!(
+            "; the other {} ms is HTTP, tokenization and streaming outside the engine's timers.",
+            ms(rest.max(0.0))
+        ));
         out.push(s);
     } else {
         out.push("The server reported no per-request timings, so the cold TTFT is not split into queueing and prefill.".into());

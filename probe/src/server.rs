@@ -23,13 +23,20 @@ pub enum ServerError {
     #[error("could not start `{cmd}`: {source}")]
     Spawn { cmd: String, source: std::io::Error },
     #[error("could not write the server log {path}: {source}")]
-    Log { path: PathBuf, source: std::io::Error },
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no free local port: {0}")]
     Port(std::io::Error),
     #[error(
         "server not ready after {waited_s:.1} s (no 200 from {health_url}); last log lines:\n{tail}"
     )]
-    NotReady { waited_s: f64, health_url: String, tail: String },
+    NotReady {
+        waited_s: f64,
+        health_url: String,
+        tail: String,
+    },
     #[error("server exited ({status}) before it was ready; last log lines:\n{tail}")]
     Exited { status: String, tail: String },
     #[error("no engine binary: {0}")]
@@ -46,12 +53,16 @@ pub fn find_engine_bin() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     // Test binaries live in target/<profile>/deps; the engine sits one level up.
-    [dir.join("engine"), dir.join("../engine")].into_iter().find(|p| p.is_file())
+    [dir.join("engine"), dir.join("../engine")]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// The workspace root this probe was built from, if it still exists (has `engine/Cargo.toml`).
 pub fn workspace_root() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
     root.join("engine/Cargo.toml").is_file().then_some(root)
 }
 
@@ -82,7 +93,10 @@ pub async fn engine_bin_or_build() -> Result<PathBuf, ServerError> {
     if bin.is_file() {
         Ok(bin)
     } else {
-        Err(ServerError::Build(format!("built, but {} is missing", bin.display())))
+        Err(ServerError::Build(format!(
+            "built, but {} is missing",
+            bin.display()
+        )))
     }
 }
 
@@ -96,7 +110,10 @@ pub fn free_port() -> Result<u16, ServerError> {
 pub fn command_words(cmd: &str, port: u16) -> Result<Vec<String>, ServerError> {
     let words = shlex::split(cmd).filter(|w| !w.is_empty());
     let words = words.ok_or_else(|| ServerError::BadCommand(cmd.to_string()))?;
-    Ok(words.into_iter().map(|w| w.replace("{port}", &port.to_string())).collect())
+    Ok(words
+        .into_iter()
+        .map(|w| w.replace("{port}", &port.to_string()))
+        .collect())
 }
 
 /// What to start.
@@ -118,7 +135,8 @@ impl LaunchSpec {
 
     /// The exact launch command, shell-quoted.
     pub fn command_line(&self) -> String {
-        shlex::try_join(self.argv.iter().map(String::as_str)).unwrap_or_else(|_| self.argv.join(" "))
+        shlex::try_join(self.argv.iter().map(String::as_str))
+            .unwrap_or_else(|_| self.argv.join(" "))
     }
 }
 
@@ -144,12 +162,17 @@ impl ServerHandle {
             .split_first()
             .ok_or_else(|| ServerError::BadCommand(String::new()))?;
         if let Some(dir) = spec.log_path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| ServerError::Log { path: spec.log_path.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| ServerError::Log {
+                path: spec.log_path.clone(),
+                source,
+            })?;
         }
         let file = tokio::fs::File::create(&spec.log_path)
             .await
-            .map_err(|source| ServerError::Log { path: spec.log_path.clone(), source })?;
+            .map_err(|source| ServerError::Log {
+                path: spec.log_path.clone(),
+                source,
+            })?;
         let mut cmd = Command::new(prog);
         cmd.args(args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -159,9 +182,10 @@ impl ServerHandle {
             .process_group(0)
             .kill_on_drop(true);
         let spawn_s = clock.now_s();
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| ServerError::Spawn { cmd: spec.command_line(), source })?;
+        let mut child = cmd.spawn().map_err(|source| ServerError::Spawn {
+            cmd: spec.command_line(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -256,7 +280,10 @@ impl ServerHandle {
             return;
         }
         signal_group(self.pid, libc::SIGTERM);
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             signal_group(self.pid, libc::SIGKILL);
             let _ = self.child.wait().await;
         }
@@ -360,7 +387,10 @@ impl StartupFacts {
     }
 
     /// GETs `/v1/engine/startup`; None when the server has no such route or says nothing useful.
-    pub async fn fetch_engine_startup(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    pub async fn fetch_engine_startup(
+        http: &reqwest::Client,
+        url: &str,
+    ) -> Option<serde_json::Value> {
         let r = http
             .get(format!("{url}/v1/engine/startup"))
             .timeout(Duration::from_secs(5))
@@ -370,7 +400,10 @@ impl StartupFacts {
         if !r.status().is_success() {
             return None;
         }
-        r.json::<serde_json::Value>().await.ok().filter(|v| v.is_object())
+        r.json::<serde_json::Value>()
+            .await
+            .ok()
+            .filter(|v| v.is_object())
     }
 
     /// Startup phase seconds from the engine report (`phases` object), sorted as reported.
@@ -379,12 +412,20 @@ impl StartupFacts {
             .as_ref()
             .and_then(|v| v.get("phases"))
             .and_then(|p| p.as_object())
-            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     pub fn phase(&self, name: &str) -> Option<f64> {
-        self.engine_startup.as_ref()?.get("phases")?.get(name)?.as_f64()
+        self.engine_startup
+            .as_ref()?
+            .get("phases")?
+            .get(name)?
+            .as_f64()
     }
 }
 
@@ -413,14 +454,22 @@ mod tests {
         let g = StartupFacts::from_log(
             "KV cache size: 512 tokens\nMaximum concurrency for 8192 tokens per request: 0.06x",
         );
-        assert_eq!((g.kv_cache_tokens, g.max_concurrency), (Some(512), Some(0.06)));
-        assert_eq!(StartupFacts::from_log("nothing here"), StartupFacts::default());
+        assert_eq!(
+            (g.kv_cache_tokens, g.max_concurrency),
+            (Some(512), Some(0.06))
+        );
+        assert_eq!(
+            StartupFacts::from_log("nothing here"),
+            StartupFacts::default()
+        );
     }
 
     #[test]
     fn phases_come_from_the_engine_report() {
         let f = StartupFacts {
-            engine_startup: Some(serde_json::json!({"phases": {"weights_load": 1.5, "warmup": 0.25}})),
+            engine_startup: Some(
+                serde_json::json!({"phases": {"weights_load": 1.5, "warmup": 0.25}}),
+            ),
             ..Default::default()
         };
         assert_eq!(f.phase("weights_load"), Some(1.5));

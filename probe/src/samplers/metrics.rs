@@ -102,7 +102,11 @@ impl ServerMetrics {
 
     /// GETs `<url>/metrics` and parses it.
     pub async fn scrape(http: &reqwest::Client, url: &str) -> Reading<Self> {
-        let resp = http.get(format!("{url}/metrics")).timeout(Duration::from_secs(5)).send().await;
+        let resp = http
+            .get(format!("{url}/metrics"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
         let resp = match resp {
             Ok(r) if r.status().is_success() => r,
             Ok(r) => return Reading::NotAvailable(format!("/metrics answered {}", r.status())),

@@ -68,7 +68,10 @@ impl GpuSampler {
         };
         let mut out = Vec::with_capacity(count as usize);
         for index in 0..count {
-            let mut r = GpuReading { index, ..Default::default() };
+            let mut r = GpuReading {
+                index,
+                ..Default::default()
+            };
             let dev = match nvml.device_by_index(index) {
                 Ok(d) => d,
                 Err(e) => {
@@ -82,9 +85,15 @@ impl GpuSampler {
             };
             let name = dev.name().map_err(|e| note("name", e)).ok();
             let mem = dev.memory_info().map_err(|e| note("memory", e)).ok();
-            let util = dev.utilization_rates().map_err(|e| note("utilization", e)).ok();
+            let util = dev
+                .utilization_rates()
+                .map_err(|e| note("utilization", e))
+                .ok();
             let power = dev.power_usage().map_err(|e| note("power", e)).ok();
-            let clock = dev.clock_info(NvClock::SM).map_err(|e| note("sm_clock", e)).ok();
+            let clock = dev
+                .clock_info(NvClock::SM)
+                .map_err(|e| note("sm_clock", e))
+                .ok();
             r.name = name;
             r.memory_used_bytes = mem.as_ref().map(|m| m.used);
             r.memory_total_bytes = mem.map(|m| m.total);

@@ -26,7 +26,11 @@ impl MemInfo {
                 let rest = l.strip_prefix(name)?.strip_prefix(':')?;
                 let mut words = rest.split_whitespace();
                 let n: u64 = words.next()?.parse().ok()?;
-                Some(if words.next() == Some("kB") { n * 1024 } else { n })
+                Some(if words.next() == Some("kB") {
+                    n * 1024
+                } else {
+                    n
+                })
             })
         };
         Self {
@@ -100,7 +104,13 @@ impl ProcSampler {
 
     /// Reads `<root>/<pid>/stat` and `<root>/<pid>/io` (tests point this at fixtures).
     pub fn with_root(pid: i32, root: PathBuf) -> Self {
-        Self { pid, root, ticks_per_s: procfs::ticks_per_second(), page_size: procfs::page_size(), last: None }
+        Self {
+            pid,
+            root,
+            ticks_per_s: procfs::ticks_per_second(),
+            page_size: procfs::page_size(),
+            last: None,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -114,7 +124,10 @@ impl ProcSampler {
             Ok(t) => t,
             Err(e) => return Reading::NotAvailable(format!("process {}: {e}", self.pid)),
         };
-        let mut r = ProcReading { pid: self.pid, ..Default::default() };
+        let mut r = ProcReading {
+            pid: self.pid,
+            ..Default::default()
+        };
         match parse_stat(&stat_text, self.ticks_per_s, self.page_size) {
             Ok((cpu, rss)) => {
                 r.cpu_time_s = Some(cpu);
@@ -128,7 +141,10 @@ impl ProcSampler {
             }
             Err(e) => r.missing.push(e),
         }
-        match std::fs::read_to_string(dir.join("io")).map_err(|e| format!("io: {e}")).and_then(|t| parse_io(&t)) {
+        match std::fs::read_to_string(dir.join("io"))
+            .map_err(|e| format!("io: {e}"))
+            .and_then(|t| parse_io(&t))
+        {
             Ok((read_bytes, rchar)) => {
                 r.read_bytes = Some(read_bytes);
                 r.rchar = Some(rchar);
@@ -155,9 +171,14 @@ mod tests {
         assert_eq!(m.buffers_bytes, Some(13_352 * 1024));
         assert_eq!(m.page_cache_bytes(), Some((6_536_064 + 13_352) * 1024));
         let partial = MemInfo::parse("MemTotal: 100 kB\n");
-        assert_eq!((partial.mem_total_bytes, partial.cached_bytes), (Some(102_400), None));
+        assert_eq!(
+            (partial.mem_total_bytes, partial.cached_bytes),
+            (Some(102_400), None)
+        );
         assert_eq!(partial.page_cache_bytes(), None);
-        assert!(MemInfo::read_from(Path::new("/nonexistent/meminfo")).reason().is_some());
+        assert!(MemInfo::read_from(Path::new("/nonexistent/meminfo"))
+            .reason()
+            .is_some());
     }
 
     #[test]
@@ -186,7 +207,11 @@ mod tests {
         let r = r.value().unwrap();
         assert!(r.rss_bytes.is_some());
         assert_eq!(r.read_bytes, None);
-        assert!(r.missing.iter().any(|m| m.starts_with("io")), "{:?}", r.missing);
+        assert!(
+            r.missing.iter().any(|m| m.starts_with("io")),
+            "{:?}",
+            r.missing
+        );
         // The live process (this test) can always be read.
         let mut me = ProcSampler::new(std::process::id() as i32);
         assert!(me.read(0.0).value().unwrap().rss_bytes.unwrap() > 0);

@@ -91,7 +91,14 @@ impl SamplerTask {
             Some(url) => Some(ServerMetrics::scrape(&self.http, url).await),
             None => None,
         };
-        let sample = Sample { t_s, tag: tag.to_string(), gpu, meminfo, process, metrics };
+        let sample = Sample {
+            t_s,
+            tag: tag.to_string(),
+            gpu,
+            meminfo,
+            process,
+            metrics,
+        };
         s.samples.push(sample.clone());
         sample
     }
@@ -114,7 +121,12 @@ impl SamplerTask {
     }
 
     pub fn stop_periodic(&self) {
-        if let Some(h) = self.periodic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(h) = self
+            .periodic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             h.abort();
         }
     }

@@ -76,7 +76,10 @@ impl Script {
     }
 
     pub fn failing(failure: Failure) -> Self {
-        Self { failure: Some(failure), ..Self::default() }
+        Self {
+            failure: Some(failure),
+            ..Self::default()
+        }
     }
 }
 
@@ -148,7 +151,12 @@ impl MockServer {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, url: format!("http://{addr}"), state, task }
+        Self {
+            addr,
+            url: format!("http://{addr}"),
+            state,
+            task,
+        }
     }
 
     /// Queues the script for the next request.
@@ -203,10 +211,18 @@ fn sse(v: &serde_json::Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-async fn generate(State(s): State<Arc<MockState>>, Json(body): Json<serde_json::Value>) -> Response {
+async fn generate(
+    State(s): State<Arc<MockState>>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
     let chat = body.get("messages").is_some();
     s.recorded.lock().unwrap().bodies.push(body);
-    let script = s.queue.lock().unwrap().pop_front().unwrap_or_else(|| s.cfg.default_script.clone());
+    let script = s
+        .queue
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(|| s.cfg.default_script.clone());
     match &script.failure {
         Some(Failure::Status(code, msg)) => {
             let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -225,16 +241,22 @@ async fn generate(State(s): State<Arc<MockState>>, Json(body): Json<serde_json::
     tokio::spawn(async move {
         // Role chunk first, at once (carries no content: must not count as the first token).
         if chat {
-            let role = serde_json::json!({"choices": [{"index": 0, "delta": {"role": "assistant"}}]});
+            let role =
+                serde_json::json!({"choices": [{"index": 0, "delta": {"role": "assistant"}}]});
             let _ = tx.send(Ok(sse(&role))).await;
         }
         for (i, text) in script.chunks.iter().enumerate() {
+            let wait = if i == 0 {
+                script.first_delay
+            } else {
+                script.chunk_gap
+            };
+            tokio::time::sleep(wait).await;
+            // Dropping after the wait lets the chunks already sent reach the client first.
             if script.failure == Some(Failure::DropAfter(i)) {
                 let _ = tx.send(Err(std::io::Error::other("scripted drop"))).await;
                 return;
             }
-            let wait = if i == 0 { script.first_delay } else { script.chunk_gap };
-            tokio::time::sleep(wait).await;
             let frame = sse(&chunk_json(chat, text));
             s.recorded.lock().unwrap().chunk_sent[slot].push(Instant::now());
             if tx.send(Ok(frame)).await.is_err() {
@@ -262,7 +284,8 @@ async fn generate(State(s): State<Arc<MockState>>, Json(body): Json<serde_json::
             let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(stream))
@@ -270,7 +293,8 @@ async fn generate(State(s): State<Arc<MockState>>, Json(body): Json<serde_json::
 }
 
 /// The vLLM-style log lines the child mock prints at startup.
-pub const CHILD_LOG: &str = "INFO 11-24 10:00:00 [gpu_worker.py:1] Loading weights took 0.50 seconds\n\
+pub const CHILD_LOG: &str =
+    "INFO 11-24 10:00:00 [gpu_worker.py:1] Loading weights took 0.50 seconds\n\
 INFO 11-24 10:00:01 [kv_cache_utils.py:1] GPU KV cache size: 23,296 tokens\n\
 INFO 11-24 10:00:01 [kv_cache_utils.py:2] Maximum concurrency for 2,048 tokens per request: 11.38x";
 
@@ -279,8 +303,13 @@ INFO 11-24 10:00:01 [kv_cache_utils.py:2] Maximum concurrency for 2,048 tokens p
 #[tokio::test]
 #[ignore = "only runs as a spawned child server"]
 async fn child_server() {
-    let Ok(port) = std::env::var("PROBE_MOCK_PORT") else { return };
-    let ready_ms: u64 = std::env::var("PROBE_MOCK_READY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let Ok(port) = std::env::var("PROBE_MOCK_PORT") else {
+        return;
+    };
+    let ready_ms: u64 = std::env::var("PROBE_MOCK_READY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     println!("{CHILD_LOG}");
     let cfg = MockConfig {
         port: port.parse().expect("PROBE_MOCK_PORT"),
