@@ -536,7 +536,7 @@ fn observations(
         let phases = info.startup.phases();
         let named: Vec<String> = phases
             .iter()
-            .filter(|(k, _)| k != "total")
+            .filter(|(k, v)| k != "total" && *v >= 0.005)
             .map(|(k, v)| format!("{} {:.2} s", k.replace('_', " "), v))
             .collect();
         let known: f64 = phases
@@ -569,9 +569,13 @@ fn observations(
         return out;
     };
     match median(warm_ttft) {
-        Some(w) if w > 0.0 => out.push(format!(
+        Some(w) if w > 0.0 && cold_ttft >= w => out.push(format!(
             "Cold TTFT was {} ms against a warm median of {} ms: the first request was {:.1}x slower ({} ms more).",
             ms(cold_ttft), ms(w), cold_ttft / w, ms(cold_ttft - w)
+        )),
+        Some(w) if w > 0.0 => out.push(format!(
+            "Cold TTFT was {} ms against a warm median of {} ms: the warm runs were slower than the cold one ({:.2}x), so the cold start costs nothing measurable here and the warm runs were held back by something else (compare the server CPU rows; a busy host or other load).",
+            ms(cold_ttft), ms(w), w / cold_ttft
         )),
         _ => out.push(format!("Cold TTFT was {} ms; no warm run succeeded to compare with.", ms(cold_ttft))),
     }
@@ -582,8 +586,14 @@ fn observations(
             "Server-side, the cold request waited {} ms in the queue and spent {} ms in its first prefill",
             ms(q), ms(p)
         );
-        if let Some(wp) = median(&warm_prefill) {
+        if let Some(wp) = median(&warm_prefill).filter(|wp| p > *wp) {
             s.push_str(&format!(" (warm median prefill {} ms, so {} ms of first-prefill overhead such as lazy kernel setup)", ms(wp), ms(p - wp)));
+        }
+        if let Some(wp) = median(&warm_prefill).filter(|wp| p <= *wp) {
+            s.push_str(&format!(
+                " (no slower than the warm median prefill of {} ms)",
+                ms(wp)
+            ));
         }
         s.push_str(&format!(
             "; the other {} ms is HTTP, tokenization and streaming outside the engine's timers.",
