@@ -10,6 +10,7 @@
 #         SKIP_BUILD=1       set up toolchain + vendored crate only
 #         KERNELS_ONLY=1     integration-test binary with only the cuda_kernels module (when other
 #                            test modules of the working tree do not compile yet)
+#         MIRROR_FROM=<rev>  build a commit (git archive) instead of the working tree
 #         IT_MODULES="a b"   integration-test binary with only these modules (e.g. "cuda_kernels cuda_model")
 #
 # Output: .carry/engine.xz (release server), .carry/engine-bench.xz and .carry/engine-it.xz (the integration-test binary),
@@ -84,8 +85,23 @@ fi
 say "mirroring the workspace into $MIRROR"
 mkdir -p "$MIRROR"
 list=$(mktemp)
-(cd "$ROOT" && git ls-files -co --exclude-standard | while IFS= read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done | LC_ALL=C sort) > "$list"
-(cd "$ROOT" && tar cf - -T "$list") | (cd "$MIRROR" && tar xpf -)
+if [ -n "${MIRROR_FROM:-}" ]; then
+    # A commit instead of the working tree (when others' uncommitted edits do not build): only
+    # files whose content differs are replaced, with a fresh mtime, so cargo sees every change.
+    say "mirroring commit $MIRROR_FROM instead of the working tree"
+    snap=$(mktemp -d)
+    (cd "$ROOT" && git archive "$MIRROR_FROM") | (cd "$snap" && tar xf -)
+    (cd "$snap" && find . -type f | sed 's|^\./||' | LC_ALL=C sort) > "$list"
+    while IFS= read -r f; do
+        if ! cmp -s "$snap/$f" "$MIRROR/$f"; then
+            mkdir -p "$MIRROR/$(dirname "$f")" && cp "$snap/$f" "$MIRROR/$f"
+        fi
+    done < "$list"
+    rm -rf "$snap"
+else
+    (cd "$ROOT" && git ls-files -co --exclude-standard | while IFS= read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done | LC_ALL=C sort) > "$list"
+    (cd "$ROOT" && tar cf - -T "$list") | (cd "$MIRROR" && tar xpf -)
+fi
 # drop files deleted from the workspace (keep the mirror's Cargo.lock: it carries the patch)
 (cd "$MIRROR" && find . -type f ! -path './Cargo.lock' | sed 's|^\./||' | LC_ALL=C sort) |
     comm -23 - "$list" | (cd "$MIRROR" && xargs -r rm -f)

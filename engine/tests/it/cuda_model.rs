@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use engine::model::{CausalLM, ForwardBatch, KvCache, SeqInput};
+use engine::model::{ForwardBatch, KvCache, SeqInput};
 use engine::weights::{load_model, LoadFormat};
 
 const BLOCK_SIZE: usize = 16;
@@ -177,6 +177,74 @@ fn argmax(row: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+fn smollm2_path() -> Option<PathBuf> {
+    let path = match std::env::var_os("SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    if path.is_file() {
+        return Some(path);
+    }
+    eprintln!(
+        "\n*** SKIPPED: SmolLM2 GGUF not found at {} (set SMOLLM2_GGUF) ***\n",
+        path.display()
+    );
+    None
+}
+
+/// Where the GPU's answer departs from the CPU's: last-position logits of the 37-token prompt for
+/// CPU f32 (reference), CPU bf16, CUDA f32 and CUDA bf16, dense and paged.
+#[test]
+fn cuda_smollm2_prompt_logits_against_cpu() {
+    let Some(path) = smollm2_path() else { return };
+    let gpu = cuda();
+    let last = |t: Tensor| t.get(TEMPLATE_IDS.len() - 1).unwrap();
+    let reference = {
+        let m = load_model(&path, LoadFormat::Auto, DType::F32, &Device::Cpu, 0).unwrap();
+        last(m.forward_full(&TEMPLATE_IDS).unwrap())
+    };
+    let ref_top = argmax(&reference.to_vec1::<f32>().unwrap());
+    eprintln!("CPU f32 dense: argmax {ref_top}");
+    let mut worst = 0f64;
+    for (dev, dtype) in [
+        (Device::Cpu, DType::BF16),
+        (gpu.clone(), DType::F32),
+        (gpu.clone(), DType::BF16),
+    ] {
+        let m = load_model(&path, LoadFormat::Auto, dtype, &dev, 0).unwrap();
+        let dense = last(m.forward_full(&TEMPLATE_IDS).unwrap());
+        let cfg = m.config().clone();
+        let mut cache = KvCache::new(&cfg, 4, BLOCK_SIZE, dtype, &dev).unwrap();
+        let n = TEMPLATE_IDS.len();
+        let batch = ForwardBatch {
+            token_ids: TEMPLATE_IDS.to_vec(),
+            positions: (0..n as u32).collect(),
+            slot_mapping: (0..n as i64).collect(),
+            seqs: vec![SeqInput {
+                query_start: 0,
+                query_len: n,
+                context_len: n,
+                block_table: (0..n.div_ceil(BLOCK_SIZE) as u32).collect(),
+                compute_logits: true,
+            }],
+        };
+        let paged = m.forward(&batch, &mut cache).unwrap().get(0).unwrap();
+        for (what, t) in [("dense", dense), ("paged", paged)] {
+            let err = rel_l2(&t, &reference);
+            let top = argmax(&t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap());
+            eprintln!("{dev:?} {dtype:?} {what}: argmax {top}, relative L2 vs CPU f32 {err:.2e}");
+            if dev.is_cuda() {
+                worst = worst.max(err);
+            }
+        }
+    }
+    assert!(
+        worst < 5e-2,
+        "CUDA logits off the CPU f32 reference: {worst:.3e}"
+    );
 }
 
 #[test]
