@@ -77,11 +77,21 @@ pub trait ModelExecutor: Send {
     /// Runs one step; returns one entry per `output.scheduled` request: the sampled token where
     /// `sample` is set, None otherwise.
     fn execute(&mut self, output: &SchedulerOutput) -> Result<Vec<Option<u32>>, ExecuteError>;
+
+    /// Bytes one KV block takes (all layers, K and V), when the executor can swap blocks to the
+    /// CPU pool (`output.blocks_to_swap_out/in`); None disables swapping.
+    fn kv_bytes_per_block(&self) -> Option<usize> {
+        None
+    }
 }
+
+/// `--swap-space` default, GiB (vLLM's).
+pub const DEFAULT_SWAP_SPACE_GIB: f64 = 4.0;
 
 enum Command {
     Add(Box<EngineRequest>, UnboundedSender<RequestEvent>),
     Abort(String),
+    ResetPrefixCache(mpsc::Sender<bool>),
     Shutdown,
 }
 
@@ -113,6 +123,16 @@ impl EngineHandle {
         let _ = self.tx.send(Command::Abort(request_id.to_string()));
     }
 
+    /// Drops the prefix cache's block hashes (vLLM's `reset_prefix_cache`) so the next requests
+    /// are cold; false when blocks are still in use (nothing is dropped then).
+    pub fn reset_prefix_cache(&self) -> bool {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Command::ResetPrefixCache(tx)).is_err() {
+            return false;
+        }
+        rx.recv().unwrap_or(false)
+    }
+
     pub fn metrics(&self) -> Arc<EngineMetrics> {
         self.metrics.clone()
     }
@@ -142,6 +162,8 @@ pub struct EngineCore {
     clients: HashMap<String, Client>,
     rx: mpsc::Receiver<Command>,
     prefix_seen: (u64, u64),
+    /// Bytes per KV block, for the swap-traffic counter.
+    kv_bytes_per_block: u64,
     shutdown: bool,
 }
 
@@ -154,6 +176,24 @@ impl EngineCore {
         executor: Box<dyn ModelExecutor>,
         metrics: Arc<EngineMetrics>,
     ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+        Self::spawn_with_swap_space(config, policy, executor, metrics, DEFAULT_SWAP_SPACE_GIB)
+    }
+
+    /// `spawn` with a `--swap-space` of `swap_space_gib` GiB: the CPU pool holds that many bytes
+    /// of KV blocks (none when the executor cannot swap).
+    pub fn spawn_with_swap_space(
+        config: SchedulerConfig,
+        policy: Box<dyn SchedulingPolicy>,
+        executor: Box<dyn ModelExecutor>,
+        metrics: Arc<EngineMetrics>,
+        swap_space_gib: f64,
+    ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+        let bytes_per_block = executor.kv_bytes_per_block().unwrap_or(0);
+        let num_cpu_blocks = if bytes_per_block == 0 || !(swap_space_gib > 0.0) {
+            0
+        } else {
+            (swap_space_gib * (1u64 << 30) as f64 / bytes_per_block as f64) as usize
+        };
         metrics.set_cache_config_info(vec![
             ("block_size".into(), config.block_size.to_string()),
             (
@@ -165,7 +205,7 @@ impl EngineCore {
                 }
                 .into(),
             ),
-            ("num_cpu_blocks".into(), "0".into()),
+            ("num_cpu_blocks".into(), num_cpu_blocks.to_string()),
             ("num_gpu_blocks".into(), config.num_gpu_blocks.to_string()),
         ]);
         let (tx, rx) = mpsc::channel();
@@ -175,12 +215,13 @@ impl EngineCore {
             config: Arc::new(config.clone()),
         };
         let mut core = EngineCore {
-            scheduler: Scheduler::new(config, policy),
+            scheduler: Scheduler::new(config, policy).with_num_cpu_blocks(num_cpu_blocks),
             executor,
             metrics,
             clients: HashMap::new(),
             rx,
             prefix_seen: (0, 0),
+            kv_bytes_per_block: bytes_per_block as u64,
             shutdown: false,
         };
         let join = std::thread::Builder::new()
@@ -263,6 +304,9 @@ impl EngineCore {
                 }
             }
             Command::Abort(id) => self.abort(&[id], None),
+            Command::ResetPrefixCache(reply) => {
+                let _ = reply.send(self.scheduler.reset_prefix_cache());
+            }
             Command::Shutdown => self.shutdown = true,
         }
     }
@@ -303,9 +347,17 @@ impl EngineCore {
     }
 
     fn step(&mut self) {
+        let swaps_before = self.scheduler.swap_counts();
         let out = self.scheduler.schedule();
         self.metrics
             .add_preemptions(out.preempted_req_ids.len() as u64);
+        let swaps = self.scheduler.swap_counts();
+        self.metrics.add_swaps(
+            swaps.swaps_out - swaps_before.swaps_out,
+            swaps.swaps_in - swaps_before.swaps_in,
+            (out.blocks_to_swap_out.len() + out.blocks_to_swap_in.len()) as u64
+                * self.kv_bytes_per_block,
+        );
         if out.is_empty() {
             // Nothing fits right now (cannot last: running requests always progress); wait
             // briefly for commands instead of spinning.
@@ -373,6 +425,7 @@ impl EngineCore {
                         queue_s: t.queued_s,
                         prefill_s: t.prefill_s,
                         decode_s: t.decode_s,
+                        preempted_s: t.preempted_s,
                     }),
                 );
                 let _ = client.tx.send(finished_event(req, reason));

@@ -122,6 +122,11 @@ pub struct EngineMetrics {
     pub request_queue_time: Histogram,
     pub request_prefill_time: Histogram,
     pub request_decode_time: Histogram,
+    /// Time requests spent preempted (recompute or swapped out).
+    pub request_preempted_time: Histogram,
+    swaps_out: AtomicU64,
+    swaps_in: AtomicU64,
+    swap_bytes: AtomicU64,
     cache_config: Mutex<Vec<(String, String)>>,
     startup_phases: Mutex<Vec<(String, f64)>>,
 }
@@ -133,6 +138,7 @@ pub struct FinishedRequestStats {
     pub queue_s: f64,
     pub prefill_s: f64,
     pub decode_s: f64,
+    pub preempted_s: f64,
 }
 
 impl EngineMetrics {
@@ -154,6 +160,10 @@ impl EngineMetrics {
             request_queue_time: Histogram::new(REQUEST_LATENCY_BUCKETS),
             request_prefill_time: Histogram::new(REQUEST_LATENCY_BUCKETS),
             request_decode_time: Histogram::new(REQUEST_LATENCY_BUCKETS),
+            request_preempted_time: Histogram::new(REQUEST_LATENCY_BUCKETS),
+            swaps_out: AtomicU64::new(0),
+            swaps_in: AtomicU64::new(0),
+            swap_bytes: AtomicU64::new(0),
             cache_config: Mutex::new(Vec::new()),
             startup_phases: Mutex::new(Vec::new()),
         }
@@ -175,6 +185,20 @@ impl EngineMetrics {
 
     pub fn add_preemptions(&self, n: u64) {
         self.num_preemptions.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Requests swapped out and in, and the KV bytes the swaps moved (both directions).
+    pub fn add_swaps(&self, out: u64, into: u64, bytes: u64) {
+        self.swaps_out.fetch_add(out, Ordering::Relaxed);
+        self.swaps_in.fetch_add(into, Ordering::Relaxed);
+        self.swap_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    /// (swapped out, swapped in, bytes moved) since start.
+    pub fn swaps(&self) -> (u64, u64, u64) {
+        (
+            self.swaps_out.load(Ordering::Relaxed),
+            self.swaps_in.load(Ordering::Relaxed),
+            self.swap_bytes.load(Ordering::Relaxed),
+        )
     }
     pub fn add_prompt_tokens(&self, n: u64) {
         self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
@@ -202,6 +226,7 @@ impl EngineMetrics {
             self.request_queue_time.observe(s.queue_s);
             self.request_prefill_time.observe(s.prefill_s);
             self.request_decode_time.observe(s.decode_s);
+            self.request_preempted_time.observe(s.preempted_s);
         }
     }
 
@@ -335,7 +360,24 @@ impl EngineMetrics {
                 u(&self.request_success[i])
             );
         }
-        let hists: [(&Histogram, &str, &str); 6] = [
+        {
+            let name = "vllm:num_swaps_total";
+            let _ = writeln!(
+                o,
+                "# HELP {name} Cumulative number of requests swapped between GPU and CPU KV pools.\n# TYPE {name} counter"
+            );
+            for (dir, a) in [("out", &self.swaps_out), ("in", &self.swaps_in)] {
+                let _ = writeln!(o, "{name}{{{labels},direction=\"{dir}\"}} {}", u(a));
+            }
+        }
+        scalar(
+            &mut o,
+            "engine_swap_bytes_total",
+            "counter",
+            "KV-cache bytes copied by swaps, both directions.",
+            u(&self.swap_bytes),
+        );
+        let hists: [(&Histogram, &str, &str); 7] = [
             (
                 &self.time_to_first_token,
                 "vllm:time_to_first_token_seconds",
@@ -365,6 +407,11 @@ impl EngineMetrics {
                 &self.request_decode_time,
                 "vllm:request_decode_time_seconds",
                 "Histogram of time spent in DECODE phase for request.",
+            ),
+            (
+                &self.request_preempted_time,
+                "engine_request_preempted_time_seconds",
+                "Histogram of time requests spent preempted (recompute or swapped).",
             ),
         ];
         for (h, name, help) in hists {

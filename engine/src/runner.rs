@@ -2,10 +2,12 @@
 //! sequence that reached the end of its known tokens out.
 
 use crate::core::{ExecuteError, ModelExecutor};
+use crate::model::cache::HostBlocks;
 use crate::model::{CausalLM, ForwardBatch, KvCache, SeqInput};
 use crate::sampling::Sampler;
 use crate::sched::SchedulerOutput;
-use candle_core::DType;
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
 
 /// Flattens every scheduled request's new tokens into one batch: positions continue from each
 /// request's computed tokens, each token's cache slot comes from its block table, and logits are
@@ -54,6 +56,8 @@ pub struct ModelRunner {
     model: Box<dyn CausalLM>,
     cache: KvCache,
     sampler: Sampler,
+    /// The CPU swap pool's contents: per CPU block, (K, V) of each layer `[1, bs, kvh, hd]`.
+    host_blocks: HashMap<u32, Vec<(Tensor, Tensor)>>,
 }
 
 impl ModelRunner {
@@ -62,7 +66,59 @@ impl ModelRunner {
             model,
             cache,
             sampler: Sampler::new(),
+            host_blocks: HashMap::new(),
         }
+    }
+
+    /// Executes a step's block copies: every swap-out, then every swap-in (a block freed by a
+    /// swap-out may be the destination of a swap-in in the same step).
+    pub fn swap_blocks(
+        &mut self,
+        swap_out: &[(u32, u32)],
+        swap_in: &[(u32, u32)],
+    ) -> Result<(), ExecuteError> {
+        let err = |e: candle_core::Error| ExecuteError(format!("KV swap failed: {e}"));
+        if !swap_out.is_empty() {
+            let gpu: Vec<u32> = swap_out.iter().map(|p| p.0).collect();
+            let host = self.cache.swap_out(&gpu).map_err(err)?;
+            for (i, &(_, cpu)) in swap_out.iter().enumerate() {
+                let layers = host
+                    .layers
+                    .iter()
+                    .map(|(k, v)| Ok((k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)))
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .map_err(err)?;
+                self.host_blocks.insert(cpu, layers);
+            }
+        }
+        if !swap_in.is_empty() {
+            let mut per_block = Vec::with_capacity(swap_in.len());
+            for &(cpu, _) in swap_in {
+                let b = self.host_blocks.remove(&cpu).ok_or_else(|| {
+                    ExecuteError(format!("swap-in of CPU block {cpu}, which holds nothing"))
+                })?;
+                per_block.push(b);
+            }
+            let num_layers = self.cache.layers.len();
+            let layers = (0..num_layers)
+                .map(|l| {
+                    let ks: Vec<&Tensor> = per_block.iter().map(|b| &b[l].0).collect();
+                    let vs: Vec<&Tensor> = per_block.iter().map(|b| &b[l].1).collect();
+                    Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(err)?;
+            let gpu: Vec<u32> = swap_in.iter().map(|p| p.1).collect();
+            self.cache
+                .swap_in(&HostBlocks { layers }, &gpu)
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// CPU blocks currently holding swapped-out KV.
+    pub fn num_host_blocks(&self) -> usize {
+        self.host_blocks.len()
     }
 
     pub fn model(&self) -> &dyn CausalLM {
@@ -85,10 +141,20 @@ impl ModelRunner {
 }
 
 impl ModelExecutor for ModelRunner {
+    fn kv_bytes_per_block(&self) -> Option<usize> {
+        let cfg = self.model.config();
+        Some(KvCache::bytes_per_block(
+            cfg,
+            self.cache.block_size,
+            self.cache.dtype(),
+        ))
+    }
+
     fn execute(&mut self, out: &SchedulerOutput) -> Result<Vec<Option<u32>>, ExecuteError> {
         for id in &out.finished_req_ids {
             self.sampler.remove(id);
         }
+        self.swap_blocks(&out.blocks_to_swap_out, &out.blocks_to_swap_in)?;
         if out.scheduled.is_empty() {
             return Ok(Vec::new());
         }

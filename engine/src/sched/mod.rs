@@ -12,7 +12,7 @@ mod scheduler;
 mod tests;
 
 pub use request::{Request, RequestStatus};
-pub use scheduler::Scheduler;
+pub use scheduler::{Scheduler, SwapCounts};
 
 use crate::core::FinishReason;
 use crate::sampling::SamplingParams;
@@ -56,15 +56,23 @@ pub struct SchedulerOutput {
     /// Requests to run this step, in batch order.
     pub scheduled: Vec<ScheduledRequest>,
     pub total_num_scheduled_tokens: usize,
-    /// Requests preempted (by recompute) while planning this step.
+    /// Requests preempted (by recompute or swap) while planning this step.
     pub preempted_req_ids: Vec<String>,
+    /// KV blocks to copy GPU -> CPU before this step's forward: (gpu_block, cpu_block).
+    pub blocks_to_swap_out: Vec<(u32, u32)>,
+    /// KV blocks to copy CPU -> GPU before this step's forward (after the swap-outs):
+    /// (cpu_block, gpu_block).
+    pub blocks_to_swap_in: Vec<(u32, u32)>,
     /// Requests that finished or were aborted since the previous step (runner drops their state).
     pub finished_req_ids: Vec<String>,
 }
 
 impl SchedulerOutput {
+    /// Nothing to run and nothing to copy.
     pub fn is_empty(&self) -> bool {
         self.scheduled.is_empty()
+            && self.blocks_to_swap_out.is_empty()
+            && self.blocks_to_swap_in.is_empty()
     }
 }
 

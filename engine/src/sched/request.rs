@@ -11,6 +11,8 @@ pub enum RequestStatus {
     Running,
     /// Preempted by recompute: blocks freed, back in the waiting queue.
     Preempted,
+    /// Preempted by swapping: KV blocks copied to the CPU pool, computed tokens kept.
+    Swapped,
     FinishedStopped,
     FinishedLengthCapped,
     FinishedAborted,
@@ -67,6 +69,8 @@ pub struct Request {
     pub arrival_time: Instant,
     pub num_preemptions: u32,
     pub stamps: RequestStamps,
+    /// Output tokens it had when last scheduled in (the fair policy's quantum counts from here).
+    pub(crate) output_tokens_at_schedule_in: usize,
 }
 
 impl Request {
@@ -89,6 +93,7 @@ impl Request {
             arrival_time,
             num_preemptions: 0,
             stamps: RequestStamps::default(),
+            output_tokens_at_schedule_in: 0,
         }
     }
 
@@ -125,6 +130,19 @@ impl Request {
             self.stamps.preempted_total += now.saturating_duration_since(t);
         }
         self.status = RequestStatus::Running;
+        self.output_tokens_at_schedule_in = self.num_output_tokens();
+    }
+
+    /// Output tokens generated since it was last scheduled in.
+    pub fn tokens_since_scheduled_in(&self) -> usize {
+        self.num_output_tokens() - self.output_tokens_at_schedule_in
+    }
+
+    /// Preempted by swap: its computed tokens stay valid (their K/V moves to the CPU pool).
+    pub(crate) fn mark_swapped(&mut self, now: Instant) {
+        self.status = RequestStatus::Swapped;
+        self.num_preemptions += 1;
+        self.stamps.preempted_at = Some(now);
     }
 
     pub(crate) fn mark_preempted(&mut self, now: Instant) {
@@ -144,7 +162,13 @@ impl Request {
             queued_s: secs(Some(self.arrival_time), self.stamps.first_scheduled),
             prefill_s: secs(self.stamps.first_scheduled, self.stamps.first_token),
             decode_s: secs(self.stamps.first_token, self.stamps.last_token),
-            preempted_s: self.stamps.preempted_total.as_secs_f64(),
+            // A request ended while preempted counts its open interval up to its end.
+            preempted_s: (self.stamps.preempted_total
+                + match (self.stamps.preempted_at, self.stamps.finished) {
+                    (Some(a), Some(f)) => f.saturating_duration_since(a),
+                    _ => Duration::ZERO,
+                })
+            .as_secs_f64(),
         }
     }
 }

@@ -1,10 +1,10 @@
 //! The scheduling loop proper: `schedule()` plans a step, `update_from_output()` applies its result.
 
-use super::policy::SchedulingPolicy;
+use super::policy::{PreemptionMode, SchedulingPolicy, StepStats};
 use super::request::{Request, RequestStatus};
 use super::{RequestOutput, SchedError, ScheduledRequest, SchedulerConfig, SchedulerOutput};
 use crate::kv::{BlockId, KVCacheManager};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 /// A request planned this step, before its block table is final.
@@ -12,6 +12,13 @@ struct Planned {
     request_id: String,
     num_new_tokens: usize,
     num_computed_before: usize,
+}
+
+/// Block copies planned this step: (GPU, CPU) pairs out, (CPU, GPU) pairs in.
+#[derive(Default)]
+struct Swaps {
+    swap_out: Vec<(u32, u32)>,
+    swap_in: Vec<(u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -23,6 +30,21 @@ pub struct Scheduler {
     running: Vec<Request>,
     finished_req_ids: Vec<String>,
     num_preemptions_total: u64,
+    /// CPU swap pool: free CPU block ids, total, and the CPU blocks of each swapped request.
+    cpu_free: Vec<u32>,
+    num_cpu_blocks: usize,
+    cpu_blocks: HashMap<String, Vec<u32>>,
+    /// Requests swapped out / in, and blocks moved each way, since start.
+    pub(crate) swap_counts: SwapCounts,
+}
+
+/// Swap traffic since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SwapCounts {
+    pub swaps_out: u64,
+    pub swaps_in: u64,
+    pub blocks_out: u64,
+    pub blocks_in: u64,
 }
 
 impl Scheduler {
@@ -40,7 +62,36 @@ impl Scheduler {
             running: Vec::new(),
             finished_req_ids: Vec::new(),
             num_preemptions_total: 0,
+            cpu_free: Vec::new(),
+            num_cpu_blocks: 0,
+            cpu_blocks: HashMap::new(),
+            swap_counts: SwapCounts::default(),
         }
+    }
+
+    /// Gives the scheduler a CPU swap pool of `n` blocks (0: swapping disabled, preemption by
+    /// swap falls back to recompute).
+    pub fn with_num_cpu_blocks(mut self, n: usize) -> Self {
+        self.num_cpu_blocks = n;
+        self.cpu_free = (0..n as u32).rev().collect();
+        self
+    }
+
+    pub fn num_cpu_blocks(&self) -> usize {
+        self.num_cpu_blocks
+    }
+
+    pub fn num_free_cpu_blocks(&self) -> usize {
+        self.cpu_free.len()
+    }
+
+    pub fn swap_counts(&self) -> SwapCounts {
+        self.swap_counts
+    }
+
+    /// Drops the prefix cache's hashes; false (nothing dropped) while any block is in use.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.kv.reset_prefix_cache()
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -130,6 +181,22 @@ impl Scheduler {
         let mut budget = self.config.max_num_batched_tokens;
         let mut planned: Vec<Planned> = Vec::new();
         let mut preempted: Vec<String> = Vec::new();
+        let mut swaps = Swaps::default();
+
+        // Time slicing: running requests that used their share yield to waiting ones (at most
+        // one per request waiting at the start of the step).
+        let mut may_yield = self.waiting.len();
+        let mut j = 0;
+        while j < self.running.len() && may_yield > 0 {
+            if self.policy.should_yield(&self.running[j], &self.waiting) {
+                let req = self.running.remove(j);
+                self.preempt(req, now, &mut preempted, &mut swaps);
+                may_yield -= 1;
+            } else {
+                j += 1;
+            }
+        }
+        let num_yielded = preempted.len();
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -162,7 +229,7 @@ impl Scheduler {
                 if victim_idx < i {
                     i -= 1;
                 }
-                self.preempt(victim, now, &mut preempted);
+                self.preempt(victim, now, &mut preempted, &mut swaps);
                 if is_self {
                     scheduled_self = false;
                     break;
@@ -180,12 +247,20 @@ impl Scheduler {
             }
         }
 
-        // Admit waiting requests (not in a step that had to preempt).
-        if preempted.is_empty() {
+        // Admit waiting requests (not in a step that ran out of blocks).
+        let num_short = preempted.len() - num_yielded;
+        let max_running = self
+            .policy
+            .max_running(self.config.max_num_seqs)
+            .clamp(1, self.config.max_num_seqs.max(1));
+        let mut admitted = 0;
+        if num_short == 0 {
             while budget > 0
-                && self.running.len() < self.config.max_num_seqs
+                && self.running.len() < max_running
                 && !self.waiting.is_empty()
-                && self.policy.may_admit(&self.running, &self.waiting)
+                && self
+                    .policy
+                    .may_admit(&self.running, &self.waiting, admitted)
             {
                 let req = &self.waiting[0];
                 let (hits, num_hit): (Vec<BlockId>, usize) = if req.num_computed_tokens == 0 {
@@ -198,6 +273,16 @@ impl Scheduler {
                     break;
                 }
                 let mut req = self.waiting.pop_front().expect("checked non-empty");
+                if let Some(cpu) = self.cpu_blocks.remove(&req.request_id) {
+                    let gpu = self.kv.block_ids(&req.request_id);
+                    swaps
+                        .swap_in
+                        .extend(cpu.iter().copied().zip(gpu.iter().copied()));
+                    self.swap_counts.swaps_in += 1;
+                    self.swap_counts.blocks_in += cpu.len() as u64;
+                    self.cpu_free.extend(cpu);
+                }
+                admitted += 1;
                 if req.stamps.first_scheduled.is_none() {
                     req.num_cached_tokens = num_hit;
                 }
@@ -214,8 +299,21 @@ impl Scheduler {
         }
 
         // Build the output in batch order and advance the computed counts.
+        self.policy.observe(&StepStats {
+            kv_usage: self.kv.usage(),
+            num_preempted: num_short,
+            num_running: self.running.len(),
+            num_waiting: self.waiting.len(),
+            oldest_wait: self
+                .waiting
+                .iter()
+                .map(|r| now.saturating_duration_since(r.arrival_time))
+                .max(),
+        });
         let mut out = SchedulerOutput {
             preempted_req_ids: preempted,
+            blocks_to_swap_out: swaps.swap_out,
+            blocks_to_swap_in: swaps.swap_in,
             finished_req_ids: std::mem::take(&mut self.finished_req_ids),
             ..Default::default()
         };
@@ -243,9 +341,36 @@ impl Scheduler {
         out
     }
 
-    fn preempt(&mut self, mut victim: Request, now: Instant, preempted: &mut Vec<String>) {
-        self.kv.free(&victim);
-        victim.mark_preempted(now);
+    /// Takes `victim` off the GPU: by swap when the policy asks for it and the CPU pool has
+    /// room for its computed blocks, by recompute otherwise.
+    fn preempt(
+        &mut self,
+        mut victim: Request,
+        now: Instant,
+        preempted: &mut Vec<String>,
+        swaps: &mut Swaps,
+    ) {
+        let n = self.kv.blocks_for(victim.num_computed_tokens);
+        if self.policy.preemption_mode() == PreemptionMode::Swap
+            && n > 0
+            && n <= self.cpu_free.len()
+        {
+            let gpu = &self.kv.block_ids(&victim.request_id)[..n];
+            let cpu: Vec<u32> = (0..n)
+                .map(|_| self.cpu_free.pop().expect("checked"))
+                .collect();
+            swaps
+                .swap_out
+                .extend(gpu.iter().copied().zip(cpu.iter().copied()));
+            self.swap_counts.swaps_out += 1;
+            self.swap_counts.blocks_out += n as u64;
+            self.cpu_blocks.insert(victim.request_id.clone(), cpu);
+            self.kv.free(&victim);
+            victim.mark_swapped(now);
+        } else {
+            self.kv.free(&victim);
+            victim.mark_preempted(now);
+        }
         self.num_preemptions_total += 1;
         preempted.push(victim.request_id.clone());
         self.policy.requeue_preempted(&mut self.waiting, victim);
@@ -297,6 +422,9 @@ impl Scheduler {
 
     fn finish(&mut self, req: &mut Request, status: RequestStatus, now: Instant) {
         self.kv.free(req);
+        if let Some(cpu) = self.cpu_blocks.remove(&req.request_id) {
+            self.cpu_free.extend(cpu);
+        }
         req.status = status;
         req.stamps.finished = Some(now);
         self.finished_req_ids.push(req.request_id.clone());
