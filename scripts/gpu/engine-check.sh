@@ -11,7 +11,7 @@
 # Prepare here: scripts/build-cuda.sh with IT_MODULES="cuda_kernels cuda_model", then
 #   split -b 45M SmolLM2-135M-Instruct.Q4_1.gguf smolpart.  (aa -> .gguf-a, the rest -> .gguf-b)
 #   cp .carry/engine-it.xz .carry/engine-bench.xz .gguf-a/; cp .carry/engine.xz .gguf-b/
-# Usage (repository root on the GPU machine): bash scripts/gpu/engine-check.sh a|b
+# Usage (repository root on the GPU machine): bash scripts/gpu/engine-check.sh a|b  (a0: stage a's copy only)
 set -uo pipefail
 OUT=${OUT:-/tmp/engine-check}
 LAB=/root/llmlab
@@ -23,10 +23,11 @@ unpack() {  # xz, or Python's lzma where xz is missing
 }
 
 case "${1:-}" in
-a)
+a | a0)
     cp .gguf-a/smolpart.* "$LAB/"
     unpack .gguf-a/engine-it.xz "$LAB/engine-it"
     unpack .gguf-a/engine-bench.xz "$LAB/engine-bench"
+    [ "$1" = a0 ] && { echo "copied part 1 and binaries to $LAB"; exit 0; }
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
     cat "$OUT/gpu.txt"
     echo "== tiny model: CUDA bf16 vs CPU f32"
@@ -41,8 +42,10 @@ b)
     unpack .gguf-b/engine.xz "$LAB/engine"
     cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
     echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
-    echo "== SmolLM2 greedy on CUDA bf16"
-    SMOLLM2_GGUF=$LAB/smollm2.gguf RUST_BACKTRACE=1 "$LAB/engine-it" cuda_model:: --nocapture 2>&1 | tee "$OUT/cuda-model.log"
+    echo "== SmolLM2 greedy on CUDA bf16 (one test at a time: each test opens its own CUDA stream)"
+    SMOLLM2_GGUF=$LAB/smollm2.gguf RUST_BACKTRACE=1 "$LAB/engine-it" cuda_model:: --nocapture --test-threads=1 2>&1 | tee "$OUT/cuda-model.log"
+    echo "== the same, in parallel threads"
+    SMOLLM2_GGUF=$LAB/smollm2.gguf "$LAB/engine-it" cuda_model:: --nocapture 2>&1 | tee "$OUT/cuda-model-parallel.log"
     echo "== engine --device cuda"
     RUST_LOG=info "$LAB/engine" "$LAB/smollm2.gguf" --device cuda --port 8765 --max-model-len 2048 \
         > "$OUT/serve.log" 2>&1 &
@@ -62,15 +65,19 @@ while True:
         print("server not ready after 240 s"); sys.exit(1)
     time.sleep(0.5)
 print(f"ready after {time.time() - t0:.1f} s of polling")
+name = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
 def post(path, body):
     req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     return json.load(urllib.request.urlopen(req, timeout=60))
-r = post("/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                                   "max_tokens": 16, "temperature": 0})
-print("chat:", json.dumps(r)[:600])
+try:
+    r = post("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                                       "max_tokens": 16, "temperature": 0})
+    print("chat:", json.dumps(r)[:600])
+except Exception as e:
+    print("chat failed:", e)
 t = time.time()
-r = post("/v1/completions", {"model": "x", "prompt": "Once upon a time", "max_tokens": 128, "temperature": 0, "ignore_eos": True})
+r = post("/v1/completions", {"model": name, "prompt": "Once upon a time", "max_tokens": 128, "temperature": 0, "ignore_eos": True})
 dt = time.time() - t
 print(f"completion of {r['usage']['completion_tokens']} tokens in {dt*1e3:.0f} ms ({r['usage']['completion_tokens']/dt:.0f} tok/s, batch 1 over HTTP)")
 startup = json.load(urllib.request.urlopen(base + "/v1/engine/startup"))
