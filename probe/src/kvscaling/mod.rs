@@ -143,7 +143,7 @@ pub fn prompt_tokens(max_model_len: u64, fill: f64, max_tokens: u32) -> u64 {
 /// The server's own reason for a failed start: the last error-looking log line, else the last line.
 pub fn failure_message(log_tail: &str) -> String {
     let lines: Vec<&str> = log_tail.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let is_err = |l: &&str| {
+    let is_err = |l: &&&str| {
         l.starts_with("Error:") || l.contains("Error: ") || l.contains(" ERROR ") || l.starts_with("ERROR")
     };
     lines
