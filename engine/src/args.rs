@@ -93,6 +93,15 @@ pub struct EngineArgs {
     /// CPU swap space for preempted sequences, GiB.
     #[arg(long, default_value_t = 4.0)]
     pub swap_space: f64,
+
+    /// `fair` policy: tokens a request generates before it yields to waiting ones.
+    #[arg(long, default_value_t = 16)]
+    pub fair_quantum: usize,
+
+    /// `adaptive` policy: queueing SLA; the batch grows while the oldest waiting request waits
+    /// longer than this.
+    #[arg(long, default_value_t = 2000)]
+    pub adaptive_max_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,6 +125,14 @@ pub enum DeviceArg {
 pub enum SchedulingPolicyArg {
     /// First come, first served.
     Fcfs,
+    /// Lower `priority` first; lowest priority preempted first.
+    Priority,
+    /// Least-generated first, time-sliced by --fair-quantum, preemption by swap.
+    Fair,
+    /// Naive batching: no admission until the whole batch finished.
+    Static,
+    /// Running cap adjusted from KV usage and --adaptive-max-wait-ms.
+    Adaptive,
 }
 
 impl SchedulingPolicyArg {
@@ -123,6 +140,10 @@ impl SchedulingPolicyArg {
     pub fn name(self) -> &'static str {
         match self {
             Self::Fcfs => "fcfs",
+            Self::Priority => "priority",
+            Self::Fair => "fair",
+            Self::Static => "static",
+            Self::Adaptive => "adaptive",
         }
     }
 }
@@ -174,6 +195,16 @@ impl EngineArgs {
         self.enable_prefix_caching && !self.no_enable_prefix_caching
     }
 
+    /// The scheduling policy these flags ask for, with its knobs.
+    pub fn scheduling_policy(&self) -> Box<dyn crate::sched::policy::SchedulingPolicy> {
+        let opts = crate::sched::policy::PolicyOptions {
+            fair_quantum: self.fair_quantum,
+            adaptive_max_wait: std::time::Duration::from_millis(self.adaptive_max_wait_ms),
+        };
+        crate::sched::policy::policy_with_options(self.scheduling_policy.name(), opts)
+            .expect("every SchedulingPolicyArg names a known policy")
+    }
+
     /// Checks across flags; run once at startup.
     pub fn validate(&self) -> Result<(), ArgsError> {
         self.model()?;
@@ -181,6 +212,7 @@ impl EngineArgs {
             ("block-size", self.block_size),
             ("max-num-seqs", self.max_num_seqs),
             ("max-num-batched-tokens", self.max_num_batched_tokens),
+            ("fair-quantum", self.fair_quantum),
         ] {
             if v == 0 {
                 return Err(ArgsError::Zero { flag });
@@ -369,6 +401,12 @@ mod tests {
         assert!(parse(&["m", "--gpu-memory-utilization", "0"]).is_err());
         assert!(parse(&["m", "--kv-cache-memory", "lots"]).is_err());
         assert!(parse(&["m", "--scheduling-policy", "lottery"]).is_err());
+        for name in ["fcfs", "priority", "fair", "static", "adaptive"] {
+            let a = parse(&["m", "--scheduling-policy", name, "--fair-quantum", "4"]).unwrap();
+            assert_eq!(a.scheduling_policy.name(), name);
+            assert_eq!(a.scheduling_policy().name(), name);
+            assert_eq!(a.fair_quantum, 4);
+        }
         assert!(parse(&["m", "--port", "70000"]).is_err());
         let z = parse(&["m", "--block-size", "0"]).unwrap();
         assert_eq!(z.validate(), Err(ArgsError::Zero { flag: "block-size" }));

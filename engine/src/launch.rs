@@ -335,6 +335,9 @@ impl EngineClient for EngineHandle {
     fn render_metrics(&self) -> String {
         self.metrics().render_prometheus()
     }
+    fn reset_prefix_cache(&self) -> Option<bool> {
+        Some(EngineHandle::reset_prefix_cache(self))
+    }
 }
 
 /// A started engine: what the routes serve with, plus the core thread.
@@ -509,8 +512,7 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         num_gpu_blocks: plan.num_blocks,
         enable_prefix_caching: args.prefix_caching(),
     };
-    let policy = crate::sched::policy::policy_from_name(args.scheduling_policy.name())
-        .map_err(phase("scheduler"))?;
+    let policy = args.scheduling_policy();
     let eos_token_ids = if tokenizer.eos_token_ids().is_empty() {
         cfg.eos_token_ids.clone()
     } else {
@@ -521,9 +523,14 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         tokenizer,
     };
     let runner = ModelRunner::new(model, cache);
-    let (handle, core_thread) =
-        EngineCore::spawn(scheduler_config, policy, Box::new(runner), metrics.clone())
-            .map_err(phase("engine core start"))?;
+    let (handle, core_thread) = EngineCore::spawn_with_swap_space(
+        scheduler_config,
+        policy,
+        Box::new(runner),
+        metrics.clone(),
+        args.swap_space,
+    )
+    .map_err(phase("engine core start"))?;
     phases.total = process_start.elapsed().as_secs_f64();
     for (name, seconds) in phases.labeled() {
         metrics.set_startup_phase(name, seconds);

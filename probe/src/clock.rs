@@ -15,7 +15,10 @@ impl Clock {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
-        Self { start: Instant::now(), start_unix_s: unix }
+        Self {
+            start: Instant::now(),
+            start_unix_s: unix,
+        }
     }
 
     pub fn now_s(&self) -> f64 {

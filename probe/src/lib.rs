@@ -6,6 +6,7 @@ pub mod client;
 pub mod clock;
 pub mod coldwarm;
 pub mod fetch;
+pub mod kvscaling;
 pub mod plot;
 pub mod progress;
 pub mod record;

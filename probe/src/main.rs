@@ -2,6 +2,13 @@
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    probe::cli::run(probe::cli::Cli::parse()).await
+async fn main() -> std::process::ExitCode {
+    match probe::cli::run(probe::cli::Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error chain on one line, without a backtrace even when RUST_BACKTRACE is set.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

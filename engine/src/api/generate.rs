@@ -16,6 +16,11 @@ pub trait EngineClient: Send + Sync + 'static {
     fn abort(&self, request_id: &str);
     /// Prometheus text of the live engine metrics.
     fn render_metrics(&self) -> String;
+    /// Drops the prefix cache's hashes: Some(false) while blocks are in use, None when the
+    /// engine cannot (blocks the calling thread briefly).
+    fn reset_prefix_cache(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// Turns token ids into text as they arrive (holding back incomplete UTF-8).

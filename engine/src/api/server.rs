@@ -70,6 +70,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(v1)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 << 20))
@@ -110,6 +111,23 @@ async fn health(State(state): State<Arc<ApiState>>) -> Response {
     match state.served() {
         Ok(_) => StatusCode::OK.into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// vLLM's `POST /reset_prefix_cache`: 200 with `{"reset": bool}` (false while blocks are in use).
+async fn reset_prefix_cache(State(state): State<Arc<ApiState>>) -> Response {
+    let engine = match state.served() {
+        Ok(s) => s.engine.clone(),
+        Err(e) => return e.into_response(),
+    };
+    match tokio::task::spawn_blocking(move || engine.reset_prefix_cache()).await {
+        Ok(Some(reset)) => Json(serde_json::json!({ "reset": reset })).into_response(),
+        Ok(None) => ApiError::from_status(
+            StatusCode::NOT_IMPLEMENTED,
+            "this engine cannot reset its prefix cache",
+        )
+        .into_response(),
+        Err(e) => ApiError::internal(format!("prefix cache reset failed: {e}")).into_response(),
     }
 }
 

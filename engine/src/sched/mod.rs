@@ -6,6 +6,8 @@
 //! and victim choice come from a `SchedulingPolicy`; blocks from `kv::KVCacheManager`.
 
 pub mod policy;
+#[cfg(test)]
+mod policy_tests;
 pub mod request;
 mod scheduler;
 #[cfg(test)]

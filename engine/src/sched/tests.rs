@@ -7,7 +7,12 @@ use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-fn config(blocks: usize, block_size: usize, budget: usize, seqs: usize) -> SchedulerConfig {
+pub(super) fn config(
+    blocks: usize,
+    block_size: usize,
+    budget: usize,
+    seqs: usize,
+) -> SchedulerConfig {
     SchedulerConfig {
         max_num_seqs: seqs,
         max_num_batched_tokens: budget,
@@ -18,7 +23,7 @@ fn config(blocks: usize, block_size: usize, budget: usize, seqs: usize) -> Sched
     }
 }
 
-fn request(id: &str, prompt: Vec<u32>, max_tokens: usize, stop: Vec<u32>) -> Request {
+pub(super) fn request(id: &str, prompt: Vec<u32>, max_tokens: usize, stop: Vec<u32>) -> Request {
     let sampling = SamplingParams {
         max_tokens,
         temperature: 0.0,
@@ -29,7 +34,7 @@ fn request(id: &str, prompt: Vec<u32>, max_tokens: usize, stop: Vec<u32>) -> Req
 }
 
 /// The fake model's next token: a hash of the whole context.
-fn next_token(context: &[u32]) -> u32 {
+pub(super) fn next_token(context: &[u32]) -> u32 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     context.hash(&mut h);
@@ -37,7 +42,12 @@ fn next_token(context: &[u32]) -> u32 {
 }
 
 /// What a request generates alone: the reference every batched run must reproduce.
-fn reference(prompt: &[u32], max_tokens: usize, stop: &[u32], max_model_len: usize) -> Vec<u32> {
+pub(super) fn reference(
+    prompt: &[u32],
+    max_tokens: usize,
+    stop: &[u32],
+    max_model_len: usize,
+) -> Vec<u32> {
     let mut ctx = prompt.to_vec();
     let mut out = Vec::new();
     loop {
@@ -52,16 +62,36 @@ fn reference(prompt: &[u32], max_tokens: usize, stop: &[u32], max_model_len: usi
 
 /// Writes each scheduled token into its slot, then samples from the context read back through the
 /// block table -- so a wrong table or a block shared by mistake changes the tokens.
-struct FakeRunner {
+pub(super) struct FakeRunner {
     block_size: usize,
     slots: Vec<Option<u32>>,
+    /// CPU pool contents per CPU block.
+    host: HashMap<u32, Vec<Option<u32>>>,
 }
 
 impl FakeRunner {
-    fn new(num_blocks: usize, block_size: usize) -> Self {
+    pub(super) fn new(num_blocks: usize, block_size: usize) -> Self {
         Self {
             block_size,
             slots: vec![None; num_blocks * block_size],
+            host: HashMap::new(),
+        }
+    }
+
+    /// Copies blocks out then in, like the model runner.
+    fn swap(&mut self, out: &SchedulerOutput) {
+        let bs = self.block_size;
+        for &(gpu, cpu) in &out.blocks_to_swap_out {
+            let g = gpu as usize * bs;
+            self.host.insert(cpu, self.slots[g..g + bs].to_vec());
+        }
+        for &(cpu, gpu) in &out.blocks_to_swap_in {
+            let data = self
+                .host
+                .remove(&cpu)
+                .expect("swap-in of an empty CPU block");
+            let g = gpu as usize * bs;
+            self.slots[g..g + bs].copy_from_slice(&data);
         }
     }
 
@@ -69,7 +99,8 @@ impl FakeRunner {
         sr.block_table[pos / self.block_size] as usize * self.block_size + pos % self.block_size
     }
 
-    fn execute(&mut self, out: &SchedulerOutput) -> Vec<Option<u32>> {
+    pub(super) fn execute(&mut self, out: &SchedulerOutput) -> Vec<Option<u32>> {
+        self.swap(out);
         for sr in &out.scheduled {
             for (j, &t) in sr.token_ids.iter().enumerate() {
                 let s = self.slot(sr, sr.num_computed_tokens + j);
@@ -92,7 +123,7 @@ impl FakeRunner {
 }
 
 /// Invariants after every step: limits kept, every block owned as often as its ref count says.
-fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
+pub(super) fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
     let c = s.config();
     assert!(out.total_num_scheduled_tokens <= c.max_num_batched_tokens);
     assert!(out.scheduled.len() <= c.max_num_seqs);

@@ -5,4 +5,5 @@ mod cuda_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_model;
 mod model;
+mod policies;
 mod sched;

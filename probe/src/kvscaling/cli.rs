@@ -134,7 +134,16 @@ mod tests {
 
     #[test]
     fn flags_parse_into_the_config() {
-        let t = T::try_parse_from(["t", "--lens", "2k,4k,8k", "--mem-utils", "0.5,0.9", "--kv-cache-memory", "20MiB"]).unwrap();
+        let t = T::try_parse_from([
+            "t",
+            "--lens",
+            "2k,4k,8k",
+            "--mem-utils",
+            "0.5,0.9",
+            "--kv-cache-memory",
+            "20MiB",
+        ])
+        .unwrap();
         let c: KvScalingConfig = t.a.into();
         assert_eq!(c.lens, vec![2048, 4096, 8192]);
         assert_eq!(c.mem_utils, vec![0.5, 0.9]);

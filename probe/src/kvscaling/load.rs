@@ -69,9 +69,18 @@ pub async fn run_levels(
         let seed_base = cfg.seed ^ (s.max_model_len << 32) ^ (c << 16);
         let records: Vec<RequestRecord> = futures::stream::iter(0..n)
             .map(|i| {
-                let req = load_request(&cap.model_name, prompt_len, cfg.max_tokens, seed_base.wrapping_add(i));
+                let req = load_request(
+                    &cap.model_name,
+                    prompt_len,
+                    cfg.max_tokens,
+                    seed_base.wrapping_add(i),
+                );
                 let label = format!("len{}_c{c}_{i}", s.max_model_len);
-                async move { client.stream(&req, i as usize, &label, client.clock().now_s()).await }
+                async move {
+                    client
+                        .stream(&req, i as usize, &label, client.clock().now_s())
+                        .await
+                }
             })
             .buffer_unordered(c as usize)
             .collect()
@@ -86,8 +95,14 @@ pub async fn run_levels(
         let stats = compute(&records, &Slo::default());
         let done = stats.completed > 0;
         let some = |v: f64| (done && v.is_finite()).then_some(v);
-        let first_error = records.iter().find_map(|r| r.error.as_ref()).map(|e| e.message.clone());
-        let preemptions = match (before.num_preemptions_total, after.num_preemptions_total.or(peaks.preemptions_last)) {
+        let first_error = records
+            .iter()
+            .find_map(|r| r.error.as_ref())
+            .map(|e| e.message.clone());
+        let preemptions = match (
+            before.num_preemptions_total,
+            after.num_preemptions_total.or(peaks.preemptions_last),
+        ) {
             (Some(a), Some(b)) => Some((b - a).max(0.0) as u64),
             _ => None,
         };
@@ -130,7 +145,11 @@ fn fmt(v: Option<f64>) -> String {
 }
 
 async fn scrape(client: &Client) -> ServerMetrics {
-    ServerMetrics::scrape(client.http(), client.base_url()).await.value().cloned().unwrap_or_default()
+    ServerMetrics::scrape(client.http(), client.base_url())
+        .await
+        .value()
+        .cloned()
+        .unwrap_or_default()
 }
 
 async fn scrape_loop(
@@ -177,7 +196,9 @@ mod tests {
         let c = load_request("m", 100, 8, 8);
         assert_eq!(a, b);
         assert_ne!(a.prompt, c.prompt);
-        let Prompt::Tokens(ids) = &a.prompt else { panic!("token prompt expected") };
+        let Prompt::Tokens(ids) = &a.prompt else {
+            panic!("token prompt expected")
+        };
         assert_eq!(ids.len(), 100);
         assert!(ids.iter().all(|t| TOKEN_IDS.contains(t)));
         let body: serde_json::Value = serde_json::from_slice(&a.body().unwrap()).unwrap();

@@ -137,14 +137,22 @@ impl Setting {
 /// Prompt tokens of one load request: `fill` x len, leaving room for the output, at least 1.
 pub fn prompt_tokens(max_model_len: u64, fill: f64, max_tokens: u32) -> u64 {
     let want = (fill * max_model_len as f64).round() as u64;
-    want.min(max_model_len.saturating_sub(max_tokens as u64)).max(1)
+    want.min(max_model_len.saturating_sub(max_tokens as u64))
+        .max(1)
 }
 
 /// The server's own reason for a failed start: the last error-looking log line, else the last line.
 pub fn failure_message(log_tail: &str) -> String {
-    let lines: Vec<&str> = log_tail.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = log_tail
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let is_err = |l: &&&str| {
-        l.starts_with("Error:") || l.contains("Error: ") || l.contains(" ERROR ") || l.starts_with("ERROR")
+        l.starts_with("Error:")
+            || l.contains("Error: ")
+            || l.contains(" ERROR ")
+            || l.starts_with("ERROR")
     };
     lines
         .iter()
@@ -157,7 +165,9 @@ pub fn failure_message(log_tail: &str) -> String {
 
 /// `vllm:cache_config_info{block_size="16",num_gpu_blocks="28",...} 1` -> (blocks, block size).
 pub fn cache_config_info(metrics_text: &str) -> Option<(u64, Option<u64>)> {
-    let line = metrics_text.lines().find(|l| l.starts_with("vllm:cache_config_info{"))?;
+    let line = metrics_text
+        .lines()
+        .find(|l| l.starts_with("vllm:cache_config_info{"))?;
     let labels = &line[line.find('{')? + 1..line.rfind('}')?];
     let get = |key: &str| -> Option<u64> {
         let at = labels.find(&format!("{key}=\""))? + key.len() + 2;
@@ -179,15 +189,21 @@ struct State {
 
 /// Runs the sweep; on any exit (errors and Ctrl-C included) the server is stopped and the rows so
 /// far are written with the report.
-pub async fn run(cfg: KvScalingConfig, progress: &Progress) -> Result<KvScalingOutcome, KvScalingError> {
+pub async fn run(
+    cfg: KvScalingConfig,
+    progress: &Progress,
+) -> Result<KvScalingOutcome, KvScalingError> {
     validate(&cfg)?;
     let dir = cfg.out.join(&cfg.day);
-    std::fs::create_dir_all(&dir).map_err(|e| KvScalingError::Bad(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| KvScalingError::Bad(format!("{}: {e}", dir.display())))?;
     let csv = dir.join(table::CSV_NAME);
     let mut st = State {
         rows: Vec::new(),
         setup: Setup {
-            started: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            started: chrono::Utc::now()
+                .format("%Y-%m-%d %H:%M:%S UTC")
+                .to_string(),
             command: cfg.command_line.clone(),
             fill: cfg.fill,
             max_tokens: cfg.max_tokens,
@@ -220,8 +236,14 @@ pub async fn run(cfg: KvScalingConfig, progress: &Progress) -> Result<KvScalingO
     let plots = table::write_plots(&dir, &st.rows)?;
     let md = table::render_report(&st.setup, &st.rows, &plots, cfg.template.as_deref())?;
     let report = dir.join(table::REPORT_NAME);
-    std::fs::write(&report, md).map_err(|e| KvScalingError::Bad(format!("{}: {e}", report.display())))?;
-    result.map(|()| KvScalingOutcome { dir, csv, report, rows: st.rows })
+    std::fs::write(&report, md)
+        .map_err(|e| KvScalingError::Bad(format!("{}: {e}", report.display())))?;
+    result.map(|()| KvScalingOutcome {
+        dir,
+        csv,
+        report,
+        rows: st.rows,
+    })
 }
 
 fn validate(cfg: &KvScalingConfig) -> Result<(), KvScalingError> {
@@ -248,8 +270,15 @@ fn validate(cfg: &KvScalingConfig) -> Result<(), KvScalingError> {
 }
 
 fn engine_forced_cpu(cfg: &KvScalingConfig) -> bool {
-    let words = cfg.engine_args.as_deref().and_then(shlex::split).unwrap_or_default();
-    words.windows(2).any(|w| w[0] == "--device" && w[1] == "cpu") || words.iter().any(|w| w == "--device=cpu")
+    let words = cfg
+        .engine_args
+        .as_deref()
+        .and_then(shlex::split)
+        .unwrap_or_default();
+    words
+        .windows(2)
+        .any(|w| w[0] == "--device" && w[1] == "cpu")
+        || words.iter().any(|w| w == "--device=cpu")
 }
 
 async fn sweep(
@@ -267,9 +296,15 @@ async fn sweep(
     };
     let on_gpu = gpus.is_some() && (cfg.server_cmd.is_some() || !engine_forced_cpu(cfg));
     st.setup.device = match (&gpus, on_gpu) {
-        (Some(_), true) => format!("GPU: {}", gpu.describe().value().cloned().unwrap_or_default()),
+        (Some(_), true) => format!(
+            "GPU: {}",
+            gpu.describe().value().cloned().unwrap_or_default()
+        ),
         (Some(_), false) => "CPU (engine run with --device cpu; a GPU is present)".into(),
-        (None, _) => format!("CPU ({})", gpu.unavailable_reason().unwrap_or("NVML sees no GPU")),
+        (None, _) => format!(
+            "CPU ({})",
+            gpu.unavailable_reason().unwrap_or("NVML sees no GPU")
+        ),
     };
 
     // The model and the KV geometry known before any server starts.
@@ -285,13 +320,22 @@ async fn sweep(
         }
         (None, Some(_)) => None,
     };
-    st.setup.model = model.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| "as in --server-cmd".into());
+    st.setup.model = model
+        .as_ref()
+        .map(|m| m.display().to_string())
+        .unwrap_or_else(|| "as in --server-cmd".into());
     if let Some(c) = &cfg.model_config {
         st.geometry = Some(KvGeometry::from_hf_config(c)?);
-    } else if let Some(m) = model.as_ref().filter(|m| m.extension().is_some_and(|e| e == "gguf")) {
+    } else if let Some(m) = model
+        .as_ref()
+        .filter(|m| m.extension().is_some_and(|e| e == "gguf"))
+    {
         match KvGeometry::from_gguf(m) {
             Ok(g) => st.geometry = Some(g),
-            Err(e) => st.setup.notes.push(format!("no geometry from the GGUF: {e}")),
+            Err(e) => st
+                .setup
+                .notes
+                .push(format!("no geometry from the GGUF: {e}")),
         }
     }
     match &st.geometry {
@@ -303,29 +347,46 @@ async fn sweep(
     }
     let (dtype_bytes, dtype_source) = match cfg.kv_dtype.as_deref() {
         Some(d) => (
-            predict::dtype_bytes(d).ok_or_else(|| KvScalingError::Bad(format!("unknown --kv-dtype {d:?}")))?,
+            predict::dtype_bytes(d)
+                .ok_or_else(|| KvScalingError::Bad(format!("unknown --kv-dtype {d:?}")))?,
             format!("--kv-dtype {d}"),
         ),
-        None if cfg.server_cmd.is_none() && !on_gpu => (4, "our engine's default on CPU (float32)".into()),
+        None if cfg.server_cmd.is_none() && !on_gpu => {
+            (4, "our engine's default on CPU (float32)".into())
+        }
         None => (2, "assumed bfloat16 (set --kv-dtype)".into()),
     };
     st.dtype_bytes = dtype_bytes;
     st.setup.dtype_source = dtype_source;
     st.setup.server = match &cfg.server_cmd {
         Some(c) => format!("`{c}`"),
-        None => format!("our engine{}", cfg.engine_args.as_deref().map(|a| format!(" with `{a}`")).unwrap_or_default()),
+        None => format!(
+            "our engine{}",
+            cfg.engine_args
+                .as_deref()
+                .map(|a| format!(" with `{a}`"))
+                .unwrap_or_default()
+        ),
     };
     let engine_bin = match cfg.server_cmd {
         None => Some(server::engine_bin_or_build().await?),
         Some(_) => None,
     };
     let logs = dir.join("kv_scaling_logs");
-    let utils: Vec<Option<f64>> =
-        if cfg.mem_utils.is_empty() { vec![None] } else { cfg.mem_utils.iter().map(|u| Some(*u)).collect() };
+    let utils: Vec<Option<f64>> = if cfg.mem_utils.is_empty() {
+        vec![None]
+    } else {
+        cfg.mem_utils.iter().map(|u| Some(*u)).collect()
+    };
     let settings: Vec<Setting> = cfg
         .lens
         .iter()
-        .flat_map(|&len| utils.iter().map(move |&u| Setting { max_model_len: len, gpu_memory_utilization: u }))
+        .flat_map(|&len| {
+            utils.iter().map(move |&u| Setting {
+                max_model_len: len,
+                gpu_memory_utilization: u,
+            })
+        })
         .collect();
     let csv = dir.join(table::CSV_NAME);
     for (i, s) in settings.iter().enumerate() {
@@ -358,12 +419,26 @@ async fn sweep(
             Ok(secs) => {
                 progress.line(&format!("ready after {secs:.2} s"));
                 let url = spec.url();
-                let ctx = measure_capacity(cfg, st, s, &http, &url, facts, on_gpu, &gpus, used_before, progress).await;
+                let ctx = measure_capacity(
+                    cfg,
+                    st,
+                    s,
+                    &http,
+                    &url,
+                    facts,
+                    on_gpu,
+                    &gpus,
+                    used_before,
+                    progress,
+                )
+                .await;
                 let client = Client::new(
                     &url,
                     clock,
                     ClientOptions {
-                        request_timeout: Some(Duration::from_secs_f64(cfg.request_timeout_s.max(0.001))),
+                        request_timeout: Some(Duration::from_secs_f64(
+                            cfg.request_timeout_s.max(0.001),
+                        )),
                         ..Default::default()
                     },
                 )?;
@@ -382,7 +457,9 @@ async fn sweep(
             "{} layers x {} kv heads x head_dim {} (from {})",
             g.num_hidden_layers, g.num_key_value_heads, g.head_dim, g.source
         ),
-        None => "unknown: the server does not report it and no --model-config / GGUF was given".into(),
+        None => {
+            "unknown: the server does not report it and no --model-config / GGUF was given".into()
+        }
     };
     st.setup.kv_bytes_per_token = g.map(|g| g.kv_bytes_per_token(st.dtype_bytes));
     st.setup.dtype_bytes = st.dtype_bytes;
@@ -439,8 +516,15 @@ fn prediction(
         (None, false) if cfg.server_cmd.is_none() => ENGINE_CPU_KV_DEFAULT,
         (None, false) => return None,
     };
-    let per_request = prompt_tokens(s.max_model_len, cfg.fill, cfg.max_tokens) + cfg.max_tokens as u64;
-    Some(predict::predict(budget, per_token, st.block_size, s.max_model_len, per_request))
+    let per_request =
+        prompt_tokens(s.max_model_len, cfg.fill, cfg.max_tokens) + cfg.max_tokens as u64;
+    Some(predict::predict(
+        budget,
+        per_token,
+        st.block_size,
+        s.max_model_len,
+        per_request,
+    ))
 }
 
 fn failed_row(s: &Setting, p: Option<&Prediction>, cfg: &KvScalingConfig, msg: &str) -> Row {
@@ -450,7 +534,8 @@ fn failed_row(s: &Setting, p: Option<&Prediction>, cfg: &KvScalingConfig, msg: &
         startup: "failed".into(),
         predicted_kv_tokens: p.map(|p| p.kv_tokens),
         predicted_max_concurrency: p.map(|p| p.max_concurrency),
-        tokens_per_request: prompt_tokens(s.max_model_len, cfg.fill, cfg.max_tokens) + cfg.max_tokens as u64,
+        tokens_per_request: prompt_tokens(s.max_model_len, cfg.fill, cfg.max_tokens)
+            + cfg.max_tokens as u64,
         gpu_memory_used_gib: String::new(),
         error: msg.to_string(),
         ..Default::default()
@@ -487,10 +572,17 @@ async fn measure_capacity(
             }
             st.geometry = Some(g);
         }
-        if let Some(b) = j.get("dtype").and_then(|d| d.as_str()).and_then(predict::dtype_bytes) {
+        if let Some(b) = j
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .and_then(predict::dtype_bytes)
+        {
             if b != st.dtype_bytes || !st.setup.dtype_source.starts_with("engine") {
                 st.dtype_bytes = b;
-                st.setup.dtype_source = format!("engine startup report ({})", j["dtype"].as_str().unwrap_or("?"));
+                st.setup.dtype_source = format!(
+                    "engine startup report ({})",
+                    j["dtype"].as_str().unwrap_or("?")
+                );
             }
         }
         if let Some(b) = j.get("block_size").and_then(|v| v.as_u64()) {
@@ -500,7 +592,12 @@ async fn measure_capacity(
             st.weights_bytes = Some(w);
         }
     }
-    let metrics_text = match http.get(format!("{url}/metrics")).timeout(Duration::from_secs(5)).send().await {
+    let metrics_text = match http
+        .get(format!("{url}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+    {
         Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
         _ => String::new(),
     };
@@ -508,7 +605,11 @@ async fn measure_capacity(
     if let Some((_, Some(bs))) = from_metric {
         st.block_size = bs;
     }
-    let (measured, source) = match (from_metric, facts.kv_cache_tokens, startup.as_ref().and_then(|j| j["kv_cache_tokens"].as_u64())) {
+    let (measured, source) = match (
+        from_metric,
+        facts.kv_cache_tokens,
+        startup.as_ref().and_then(|j| j["kv_cache_tokens"].as_u64()),
+    ) {
         (Some((blocks, bs)), _, _) => (Some(blocks * bs.unwrap_or(st.block_size)), "metric"),
         (None, Some(t), _) => (Some(t), "log"),
         (None, None, Some(t)) => (Some(t), "startup_json"),
@@ -518,19 +619,33 @@ async fn measure_capacity(
     let measured_conc = facts
         .max_concurrency
         .or_else(|| startup.as_ref().and_then(|j| j["max_concurrency"].as_f64()));
-    let per_token = st.geometry.as_ref().map(|g| g.kv_bytes_per_token(st.dtype_bytes));
-    let kv_gib = match (measured, per_token, startup.as_ref().and_then(|j| j["kv_cache_bytes"].as_u64())) {
+    let per_token = st
+        .geometry
+        .as_ref()
+        .map(|g| g.kv_bytes_per_token(st.dtype_bytes));
+    let kv_gib = match (
+        measured,
+        per_token,
+        startup.as_ref().and_then(|j| j["kv_cache_bytes"].as_u64()),
+    ) {
         (Some(t), Some(b), _) => Some(table::kv_gib(t, b)),
         (_, _, Some(bytes)) => Some(bytes as f64 / (1u64 << 30) as f64),
         _ => None,
     };
     progress.line(&format!(
         "KV cache: measured {} tokens (from {source}), predicted {}",
-        measured.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
-        p.as_ref().map(|p| p.kv_tokens.to_string()).unwrap_or_else(|| "? (no geometry or budget)".into())
+        measured
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "?".into()),
+        p.as_ref()
+            .map(|p| p.kv_tokens.to_string())
+            .unwrap_or_else(|| "? (no geometry or budget)".into())
     ));
-    let model_name = served_model(http, url).await.unwrap_or_else(|| "default".into());
-    let per_request = prompt_tokens(s.max_model_len, cfg.fill, cfg.max_tokens) + cfg.max_tokens as u64;
+    let model_name = served_model(http, url)
+        .await
+        .unwrap_or_else(|| "default".into());
+    let per_request =
+        prompt_tokens(s.max_model_len, cfg.fill, cfg.max_tokens) + cfg.max_tokens as u64;
     // Requests whose blocks fit, from the measured capacity when known (what the server will do).
     let fit_requests = match measured {
         Some(t) => Some((t / st.block_size) / per_request.div_ceil(st.block_size).max(1)),
@@ -556,7 +671,12 @@ async fn measure_capacity(
 }
 
 async fn served_model(http: &reqwest::Client, url: &str) -> Option<String> {
-    let r = http.get(format!("{url}/v1/models")).timeout(Duration::from_secs(5)).send().await.ok()?;
+    let r = http
+        .get(format!("{url}/v1/models"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
     let v: serde_json::Value = r.json().await.ok()?;
     v.pointer("/data/0/id")?.as_str().map(str::to_string)
 }
@@ -569,16 +689,24 @@ fn launch_argv(
     s: &Setting,
     port: u16,
 ) -> Result<Vec<String>, KvScalingError> {
-    let util = s.gpu_memory_utilization.map(|u| u.to_string()).unwrap_or_else(|| "0.9".into());
+    let util = s
+        .gpu_memory_utilization
+        .map(|u| u.to_string())
+        .unwrap_or_else(|| "0.9".into());
     if let Some(cmd) = &cfg.server_cmd {
         let words = server::command_words(cmd, port)?;
         return Ok(words
             .into_iter()
-            .map(|w| w.replace("{max_model_len}", &s.max_model_len.to_string()).replace("{gpu_memory_utilization}", &util))
+            .map(|w| {
+                w.replace("{max_model_len}", &s.max_model_len.to_string())
+                    .replace("{gpu_memory_utilization}", &util)
+            })
             .collect());
     }
     let (Some(bin), Some(model)) = (engine_bin, model) else {
-        return Err(KvScalingError::Bad("no engine binary or model to start".into()));
+        return Err(KvScalingError::Bad(
+            "no engine binary or model to start".into(),
+        ));
     };
     let mut argv = vec![
         bin.display().to_string(),
@@ -620,9 +748,16 @@ mod tests {
     fn failure_message_takes_the_engine_error_line() {
         let tail = "2026 INFO engine args: ...\n2026 INFO Model loading took 0.5 GiB\n\
                     Error: the KV cache budget of 0.02 GiB holds only 448 tokens (28 blocks of 16)\n";
-        assert_eq!(failure_message(tail), "the KV cache budget of 0.02 GiB holds only 448 tokens (28 blocks of 16)");
+        assert_eq!(
+            failure_message(tail),
+            "the KV cache budget of 0.02 GiB holds only 448 tokens (28 blocks of 16)"
+        );
         let vllm = "INFO x\nValueError: To serve at least one request with the models's max seq len (8192), (1.00 GiB KV cache is needed\nINFO shutdown";
-        assert!(failure_message(vllm).starts_with("ValueError: To serve"), "{}", failure_message(vllm));
+        assert!(
+            failure_message(vllm).starts_with("ValueError: To serve"),
+            "{}",
+            failure_message(vllm)
+        );
         assert_eq!(failure_message("just died"), "just died");
         assert_eq!(failure_message("\n \n"), "exited without a message");
     }
@@ -631,9 +766,15 @@ mod tests {
     fn cache_config_info_is_read_from_labels() {
         let t = "# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"28\",engine=\"0\"} 1.0\n";
         assert_eq!(cache_config_info(t), Some((28, Some(16))));
-        assert_eq!(cache_config_info("vllm:cache_config_info{num_gpu_blocks=\"7\"} 1"), Some((7, None)));
+        assert_eq!(
+            cache_config_info("vllm:cache_config_info{num_gpu_blocks=\"7\"} 1"),
+            Some((7, None))
+        );
         assert_eq!(cache_config_info("vllm:num_requests_running 3"), None);
-        assert_eq!(cache_config_info("vllm:cache_config_info{num_gpu_blocks=\"None\"} 1"), None);
+        assert_eq!(
+            cache_config_info("vllm:cache_config_info{num_gpu_blocks=\"None\"} 1"),
+            None
+        );
     }
 
     #[test]
@@ -642,12 +783,33 @@ mod tests {
             server_cmd: Some("vllm serve m --max-model-len {max_model_len} --gpu-memory-utilization {gpu_memory_utilization} --port {port}".into()),
             ..Default::default()
         };
-        let s = Setting { max_model_len: 4096, gpu_memory_utilization: Some(0.7) };
+        let s = Setting {
+            max_model_len: 4096,
+            gpu_memory_utilization: Some(0.7),
+        };
         let a = launch_argv(&cfg, None, None, &s, 8000).unwrap().join(" ");
-        assert_eq!(a, "vllm serve m --max-model-len 4096 --gpu-memory-utilization 0.7 --port 8000");
-        let cfg = KvScalingConfig { kv_cache_memory: Some(1 << 20), engine_args: Some("--device cpu".into()), ..Default::default() };
-        let s = Setting { max_model_len: 256, gpu_memory_utilization: None };
-        let a = launch_argv(&cfg, Some(Path::new("/e")), Some(Path::new("/m.gguf")), &s, 1).unwrap().join(" ");
+        assert_eq!(
+            a,
+            "vllm serve m --max-model-len 4096 --gpu-memory-utilization 0.7 --port 8000"
+        );
+        let cfg = KvScalingConfig {
+            kv_cache_memory: Some(1 << 20),
+            engine_args: Some("--device cpu".into()),
+            ..Default::default()
+        };
+        let s = Setting {
+            max_model_len: 256,
+            gpu_memory_utilization: None,
+        };
+        let a = launch_argv(
+            &cfg,
+            Some(Path::new("/e")),
+            Some(Path::new("/m.gguf")),
+            &s,
+            1,
+        )
+        .unwrap()
+        .join(" ");
         assert_eq!(a, "/e --model /m.gguf --host 127.0.0.1 --port 1 --max-model-len 256 --block-size 16 --kv-cache-memory 1048576 --device cpu");
         assert!(engine_forced_cpu(&cfg));
     }
@@ -656,9 +818,25 @@ mod tests {
     fn bad_configs_are_refused() {
         let ok = KvScalingConfig::default();
         assert!(validate(&ok).is_ok());
-        assert!(validate(&KvScalingConfig { lens: vec![], ..ok.clone() }).is_err());
-        assert!(validate(&KvScalingConfig { fill: 0.0, ..ok.clone() }).is_err());
-        assert!(validate(&KvScalingConfig { mem_utils: vec![1.5], ..ok.clone() }).is_err());
-        assert!(validate(&KvScalingConfig { concurrency: vec![0], ..ok }).is_err());
+        assert!(validate(&KvScalingConfig {
+            lens: vec![],
+            ..ok.clone()
+        })
+        .is_err());
+        assert!(validate(&KvScalingConfig {
+            fill: 0.0,
+            ..ok.clone()
+        })
+        .is_err());
+        assert!(validate(&KvScalingConfig {
+            mem_utils: vec![1.5],
+            ..ok.clone()
+        })
+        .is_err());
+        assert!(validate(&KvScalingConfig {
+            concurrency: vec![0],
+            ..ok
+        })
+        .is_err());
     }
 }

@@ -71,7 +71,10 @@ impl KvGeometry {
         // Multimodal configs nest the language model under `text_config`.
         let obj = v.get("text_config").filter(|o| o.is_object()).unwrap_or(&v);
         let num = |k: &str| obj.get(k).and_then(|x| x.as_u64());
-        let missing = |f: &str| PredictError::Missing { source_name: src.clone(), field: f.into() };
+        let missing = |f: &str| PredictError::Missing {
+            source_name: src.clone(),
+            field: f.into(),
+        };
         let layers = num("num_hidden_layers").ok_or_else(|| missing("num_hidden_layers"))?;
         let heads = num("num_attention_heads");
         let kv_heads = num("num_key_value_heads")
@@ -84,7 +87,12 @@ impl KvGeometry {
                 _ => return Err(missing("head_dim (or hidden_size and num_attention_heads)")),
             },
         };
-        Ok(Self { num_hidden_layers: layers, num_key_value_heads: kv_heads, head_dim, source: src })
+        Ok(Self {
+            num_hidden_layers: layers,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            source: src,
+        })
     }
 
     /// From GGUF metadata (`<arch>.block_count`, `<arch>.attention.head_count[_kv]`,
@@ -92,7 +100,10 @@ impl KvGeometry {
     pub fn from_gguf(path: &Path) -> Result<Self, PredictError> {
         let meta = read_gguf_metadata(path)?;
         let src = format!("GGUF metadata {}", path.display());
-        let missing = |f: &str| PredictError::Missing { source_name: src.clone(), field: f.into() };
+        let missing = |f: &str| PredictError::Missing {
+            source_name: src.clone(),
+            field: f.into(),
+        };
         let arch = match meta.get("general.architecture") {
             Some(GgufValue::Str(s)) => s.clone(),
             _ => return Err(missing("general.architecture")),
@@ -113,13 +124,22 @@ impl KvGeometry {
                 _ => return Err(missing(&format!("{arch}.attention.key_length"))),
             },
         };
-        Ok(Self { num_hidden_layers: layers, num_key_value_heads: kv_heads, head_dim, source: src })
+        Ok(Self {
+            num_hidden_layers: layers,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            source: src,
+        })
     }
 }
 
 /// Bytes per element of a dtype name as servers print it (`float32`, `bfloat16`, `fp8`...).
 pub fn dtype_bytes(name: &str) -> Option<u64> {
-    match name.trim().to_ascii_lowercase().trim_start_matches("torch.") {
+    match name
+        .trim()
+        .to_ascii_lowercase()
+        .trim_start_matches("torch.")
+    {
         "float32" | "f32" | "fp32" | "float" => Some(4),
         "bfloat16" | "bf16" | "float16" | "f16" | "fp16" | "half" => Some(2),
         "fp8" | "fp8_e4m3" | "fp8_e5m2" | "float8_e4m3fn" | "int8" => Some(1),
@@ -165,7 +185,11 @@ pub fn predict(
         num_blocks,
         kv_tokens,
         fits: block_size > 0 && max_model_len > 0 && num_blocks >= blocks_for(max_model_len),
-        max_concurrency: if max_model_len > 0 { kv_tokens as f64 / max_model_len as f64 } else { 0.0 },
+        max_concurrency: if max_model_len > 0 {
+            kv_tokens as f64 / max_model_len as f64
+        } else {
+            0.0
+        },
         tokens_per_request,
         max_concurrent_requests: num_blocks / per_request,
     }
@@ -173,9 +197,18 @@ pub fn predict(
 
 /// GPU KV budget before the server starts: total x utilization - memory others already use -
 /// weights - activation peak (0 when unknown, which makes the prediction an upper bound).
-pub fn gpu_budget(total: u64, utilization: f64, used_before: u64, weights: u64, activations: u64) -> u64 {
+pub fn gpu_budget(
+    total: u64,
+    utilization: f64,
+    used_before: u64,
+    weights: u64,
+    activations: u64,
+) -> u64 {
     let limit = (total as f64 * utilization) as u64;
-    limit.saturating_sub(used_before).saturating_sub(weights).saturating_sub(activations)
+    limit
+        .saturating_sub(used_before)
+        .saturating_sub(weights)
+        .saturating_sub(activations)
 }
 
 /// `2k` -> 2048, `512` -> 512, `1.5k` -> 1536, `1m` -> 1048576.
@@ -196,7 +229,9 @@ pub fn parse_len(s: &str) -> Option<u64> {
 /// `20MiB`, `1GiB`, `1.5G`, `500MB`, `1048576` -> bytes (K/M/G and *iB binary, KB/MB/GB decimal).
 pub fn parse_bytes(s: &str) -> Option<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let v: f64 = t[..split].parse().ok()?;
     let mult: f64 = match t[split..].trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
@@ -225,8 +260,14 @@ pub enum GgufValue {
 /// Reads the key/value metadata at the head of a GGUF file (v2/v3), skipping tensor data.
 pub fn read_gguf_metadata(path: &Path) -> Result<BTreeMap<String, GgufValue>, PredictError> {
     let p = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| PredictError::Read { path: p.clone(), message: e.to_string() })?;
-    let mut r = GgufReader { r: BufReader::new(file), path: p.clone() };
+    let file = std::fs::File::open(path).map_err(|e| PredictError::Read {
+        path: p.clone(),
+        message: e.to_string(),
+    })?;
+    let mut r = GgufReader {
+        r: BufReader::new(file),
+        path: p.clone(),
+    };
     let mut magic = [0u8; 4];
     r.r.read_exact(&mut magic).map_err(|e| r.bad(e))?;
     if &magic != b"GGUF" {
@@ -255,7 +296,10 @@ struct GgufReader {
 
 impl GgufReader {
     fn bad(&self, e: impl std::fmt::Display) -> PredictError {
-        PredictError::BadGguf { path: self.path.clone(), message: e.to_string() }
+        PredictError::BadGguf {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
     }
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], PredictError> {
         let mut b = [0u8; N];
@@ -307,7 +351,10 @@ impl GgufReader {
                 let elem = self.u32()?;
                 let n = self.u64()?;
                 match self.width(elem)? {
-                    Some(w) => self.skip(w.checked_mul(n).ok_or_else(|| self.bad("array too large"))?)?,
+                    Some(w) => self.skip(
+                        w.checked_mul(n)
+                            .ok_or_else(|| self.bad("array too large"))?,
+                    )?,
                     None if elem == 8 => {
                         for _ in 0..n {
                             let len = self.u64()?;
@@ -335,7 +382,12 @@ mod tests {
     use super::*;
 
     fn smollm2() -> KvGeometry {
-        KvGeometry { num_hidden_layers: 30, num_key_value_heads: 3, head_dim: 64, source: "t".into() }
+        KvGeometry {
+            num_hidden_layers: 30,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            source: "t".into(),
+        }
     }
 
     #[test]
@@ -343,7 +395,12 @@ mod tests {
         // SmolLM2-135M float32: 2 * 30 * 3 * 64 * 4.
         assert_eq!(smollm2().kv_bytes_per_token(4), 46_080);
         // Qwen2.5-1.5B bf16: 2 * 28 * 2 * 128 * 2 (the engine's own unit test says 28,672).
-        let q = KvGeometry { num_hidden_layers: 28, num_key_value_heads: 2, head_dim: 128, source: "t".into() };
+        let q = KvGeometry {
+            num_hidden_layers: 28,
+            num_key_value_heads: 2,
+            head_dim: 128,
+            source: "t".into(),
+        };
         assert_eq!(q.kv_bytes_per_token(2), 28_672);
     }
 
@@ -402,9 +459,14 @@ mod tests {
         let v = serde_json::json!({"model_config": {"num_hidden_layers": 30, "num_attention_heads": 9,
             "num_key_value_heads": 3, "hidden_size": 576}});
         let g = KvGeometry::from_startup_json(&v).unwrap();
-        assert_eq!((g.num_hidden_layers, g.num_key_value_heads, g.head_dim), (30, 3, 64));
+        assert_eq!(
+            (g.num_hidden_layers, g.num_key_value_heads, g.head_dim),
+            (30, 3, 64)
+        );
         // Today's engine report has no geometry: None, not a guess.
-        assert!(KvGeometry::from_startup_json(&serde_json::json!({"kv_cache_tokens": 10})).is_none());
+        assert!(
+            KvGeometry::from_startup_json(&serde_json::json!({"kv_cache_tokens": 10})).is_none()
+        );
 
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
         let q = KvGeometry::from_hf_config(&root.join("qwen2.5-1.5b-instruct.json")).unwrap();
@@ -460,21 +522,36 @@ mod tests {
         assert_eq!(m.get("tokenizer.ggml.tokens"), Some(&GgufValue::Array));
         let g = KvGeometry::from_gguf(&f).unwrap();
         // No head_count_kv: falls back to head_count; head_dim = 576 / 9.
-        assert_eq!((g.num_hidden_layers, g.num_key_value_heads, g.head_dim), (30, 9, 64));
+        assert_eq!(
+            (g.num_hidden_layers, g.num_key_value_heads, g.head_dim),
+            (30, 9, 64)
+        );
         std::fs::write(&f, &b[..b.len() - 3]).unwrap();
-        assert!(matches!(read_gguf_metadata(&f), Err(PredictError::BadGguf { .. })));
+        assert!(matches!(
+            read_gguf_metadata(&f),
+            Err(PredictError::BadGguf { .. })
+        ));
         std::fs::write(&f, b"NOPE....").unwrap();
-        assert!(matches!(read_gguf_metadata(&f), Err(PredictError::NotGguf { .. })));
+        assert!(matches!(
+            read_gguf_metadata(&f),
+            Err(PredictError::NotGguf { .. })
+        ));
         std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
     fn real_smollm2_gguf_geometry() {
-        let p = std::env::var_os("SMOLLM2_GGUF").map(std::path::PathBuf::from).unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+        let p = std::env::var_os("SMOLLM2_GGUF")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            });
         if !p.is_file() {
-            eprintln!("SKIPPED real_smollm2_gguf_geometry: {} not found (set SMOLLM2_GGUF)", p.display());
+            eprintln!(
+                "SKIPPED real_smollm2_gguf_geometry: {} not found (set SMOLLM2_GGUF)",
+                p.display()
+            );
             return;
         }
         let g = KvGeometry::from_gguf(&p).unwrap();

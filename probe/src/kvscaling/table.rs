@@ -67,7 +67,10 @@ pub enum TableError {
 
 /// Writes all rows (rewritten whole after every setting, so partial runs keep their data).
 pub fn write_csv(path: &Path, rows: &[Row]) -> Result<(), TableError> {
-    let err = |e: &dyn std::fmt::Display| TableError::Write { path: path.display().to_string(), message: e.to_string() };
+    let err = |e: &dyn std::fmt::Display| TableError::Write {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
     let tmp = path.with_extension("csv.tmp");
     let mut w = csv::Writer::from_path(&tmp).map_err(|e| err(&e))?;
     for r in rows {
@@ -79,7 +82,10 @@ pub fn write_csv(path: &Path, rows: &[Row]) -> Result<(), TableError> {
 }
 
 pub fn read_csv(path: &Path) -> Result<Vec<Row>, TableError> {
-    let err = |e: &dyn std::fmt::Display| TableError::Write { path: path.display().to_string(), message: e.to_string() };
+    let err = |e: &dyn std::fmt::Display| TableError::Write {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
     let mut r = csv::Reader::from_path(path).map_err(|e| err(&e))?;
     r.deserialize().map(|x| x.map_err(|e| err(&e))).collect()
 }
@@ -114,7 +120,9 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
     // One representative row per setting (the first; setting-level columns repeat).
     let mut settings: BTreeMap<(Option<u64>, u64), &Row> = BTreeMap::new();
     for r in rows {
-        let util_key = r.gpu_memory_utilization.map(|u| (u * 1000.0).round() as u64);
+        let util_key = r
+            .gpu_memory_utilization
+            .map(|u| (u * 1000.0).round() as u64);
         settings.entry((util_key, r.max_model_len)).or_insert(r);
     }
     let started: Vec<&Row> = settings.values().copied().filter(|r| r.ok()).collect();
@@ -123,8 +131,11 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
         .copied()
         .filter(|r| r.predicted_kv_tokens.is_some() && r.measured_kv_tokens.is_some())
         .collect();
-    let mismatched: Vec<&Row> =
-        compared.iter().copied().filter(|r| r.predicted_kv_tokens != r.measured_kv_tokens).collect();
+    let mismatched: Vec<&Row> = compared
+        .iter()
+        .copied()
+        .filter(|r| r.predicted_kv_tokens != r.measured_kv_tokens)
+        .collect();
     if !compared.is_empty() && mismatched.is_empty() {
         out.push(format!(
             "Predicted and measured KV cache sizes agree exactly for all {} started setting(s).",
@@ -132,7 +143,10 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
         ));
     }
     for r in &mismatched {
-        let (p, m) = (r.predicted_kv_tokens.unwrap_or(0), r.measured_kv_tokens.unwrap_or(0));
+        let (p, m) = (
+            r.predicted_kv_tokens.unwrap_or(0),
+            r.measured_kv_tokens.unwrap_or(0),
+        );
         out.push(format!(
             "For {} the server reports {m} KV tokens against {p} predicted ({}).",
             setting_name(r.max_model_len, r.gpu_memory_utilization),
@@ -141,7 +155,9 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
     }
     for r in settings.values().filter(|r| !r.ok()) {
         let predicted = match (r.predicted_kv_tokens, r.predicted_max_concurrency) {
-            (Some(t), Some(c)) if c < 1.0 => format!(" (predicted: only {t} KV tokens, {c:.2}x of one request)"),
+            (Some(t), Some(c)) if c < 1.0 => {
+                format!(" (predicted: only {t} KV tokens, {c:.2}x of one request)")
+            }
             (Some(t), _) => format!(" (predicted {t} KV tokens, so it was expected to fit)"),
             _ => String::new(),
         };
@@ -171,7 +187,10 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
                 if ta == tb {
                     s.push_str(&format!(" kept KV capacity at {ta} tokens"));
                 } else {
-                    s.push_str(&format!(" changed KV capacity from {ta} to {tb} tokens ({})", pct(ta as f64, tb as f64)));
+                    s.push_str(&format!(
+                        " changed KV capacity from {ta} to {tb} tokens ({})",
+                        pct(ta as f64, tb as f64)
+                    ));
                 }
             }
             if let (Some(ca), Some(cb)) = (conc(a), conc(b)) {
@@ -184,7 +203,10 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
             if let Some(c) = level {
                 let ra = level_row(rows, a, c);
                 let rb = level_row(rows, b, c);
-                if let (Some(x), Some(y)) = (ra.and_then(|r| r.ttft_p99_ms), rb.and_then(|r| r.ttft_p99_ms)) {
+                if let (Some(x), Some(y)) = (
+                    ra.and_then(|r| r.ttft_p99_ms),
+                    rb.and_then(|r| r.ttft_p99_ms),
+                ) {
                     s.push_str(&format!(
                         "; with prompts at the same fill, TTFT p99 at concurrency {c} went from {x:.1} ms to {y:.1} ms ({})",
                         pct(x, y)
@@ -197,7 +219,11 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
     }
     // Observed peaks against predictions.
     for r in rows.iter().filter(|r| r.ok()) {
-        let (Some(c), Some(obs), Some(pred)) = (r.concurrency, r.observed_running_peak, r.predicted_running_peak) else {
+        let (Some(c), Some(obs), Some(pred)) = (
+            r.concurrency,
+            r.observed_running_peak,
+            r.predicted_running_peak,
+        ) else {
             continue;
         };
         let pre = r.preemptions.unwrap_or(0);
@@ -208,7 +234,11 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
             ));
         }
     }
-    if let Some(r) = rows.iter().filter(|r| r.ok() && r.concurrency.is_some()).max_by_key(|r| r.observed_running_peak) {
+    if let Some(r) = rows
+        .iter()
+        .filter(|r| r.ok() && r.concurrency.is_some())
+        .max_by_key(|r| r.observed_running_peak)
+    {
         if let (Some(obs), Some(pred)) = (r.observed_running_peak, r.predicted_running_peak) {
             if obs >= pred {
                 out.push(format!(
@@ -224,7 +254,9 @@ pub fn read_table(rows: &[Row]) -> Vec<String> {
 
 fn capitalize(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 fn conc(r: &Row) -> Option<f64> {
@@ -267,8 +299,10 @@ fn series_name(prefix: &str, util: Option<f64>) -> String {
 /// Draws the three plots into `dir/plots/`; returns their paths relative to `dir`.
 pub fn write_plots(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>, TableError> {
     let plots = dir.join("plots");
-    std::fs::create_dir_all(&plots)
-        .map_err(|e| TableError::Write { path: plots.display().to_string(), message: e.to_string() })?;
+    std::fs::create_dir_all(&plots).map_err(|e| TableError::Write {
+        path: plots.display().to_string(),
+        message: e.to_string(),
+    })?;
     let mut utils: Vec<Option<f64>> = Vec::new();
     for r in rows {
         if !utils.contains(&r.gpu_memory_utilization) {
@@ -289,10 +323,15 @@ pub fn write_plots(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>, TableError>
     let mut tokens = Vec::new();
     let mut conc_series = Vec::new();
     for &u in &utils {
-        tokens.push(Series::new(series_name("predicted", u), per_setting(u, &|r| r.predicted_kv_tokens.map(|v| v as f64))));
+        tokens.push(Series::new(
+            series_name("predicted", u),
+            per_setting(u, &|r| r.predicted_kv_tokens.map(|v| v as f64)),
+        ));
         tokens.push(Series::new(
             series_name("measured", u),
-            per_setting(u, &|r| r.measured_kv_tokens.filter(|_| r.ok()).map(|v| v as f64)),
+            per_setting(u, &|r| {
+                r.measured_kv_tokens.filter(|_| r.ok()).map(|v| v as f64)
+            }),
         ));
         conc_series.push(Series::new(
             series_name("predicted KV tokens / len", u),
@@ -304,11 +343,23 @@ pub fn write_plots(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>, TableError>
         ));
     }
     let p = plots.join("kv_scaling_tokens.png");
-    let chart = Chart { title: "KV cache tokens vs max-model-len", x_label: "max-model-len (tokens)", y_label: "KV cache tokens", mark: Mark::LinePoints, y_from_zero: true };
+    let chart = Chart {
+        title: "KV cache tokens vs max-model-len",
+        x_label: "max-model-len (tokens)",
+        y_label: "KV cache tokens",
+        mark: Mark::LinePoints,
+        y_from_zero: true,
+    };
     plot::draw(&p, &chart, &tokens, (800, 500))?;
     written.push(PathBuf::from("plots/kv_scaling_tokens.png"));
     let p = plots.join("kv_scaling_concurrency.png");
-    let chart = Chart { title: "Max concurrency vs max-model-len", x_label: "max-model-len (tokens)", y_label: "requests", mark: Mark::LinePoints, y_from_zero: true };
+    let chart = Chart {
+        title: "Max concurrency vs max-model-len",
+        x_label: "max-model-len (tokens)",
+        y_label: "requests",
+        mark: Mark::LinePoints,
+        y_from_zero: true,
+    };
     plot::draw(&p, &chart, &conc_series, (800, 500))?;
     written.push(PathBuf::from("plots/kv_scaling_concurrency.png"));
     let mut ttft = Vec::new();
@@ -327,7 +378,13 @@ pub fn write_plots(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>, TableError>
         ttft.push(Series::new(series_name(&format!("len {len}"), u), pts));
     }
     let p = plots.join("kv_scaling_ttft_p99.png");
-    let chart = Chart { title: "TTFT p99 vs concurrency", x_label: "concurrency", y_label: "TTFT p99 (ms)", mark: Mark::LinePoints, y_from_zero: true };
+    let chart = Chart {
+        title: "TTFT p99 vs concurrency",
+        x_label: "concurrency",
+        y_label: "TTFT p99 (ms)",
+        mark: Mark::LinePoints,
+        y_from_zero: true,
+    };
     plot::draw(&p, &chart, &ttft, (800, 500))?;
     written.push(PathBuf::from("plots/kv_scaling_ttft_p99.png"));
     Ok(written)
@@ -366,7 +423,8 @@ struct Ctx<'a> {
 }
 
 fn f(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn u(v: Option<u64>) -> String {
@@ -374,9 +432,15 @@ fn u(v: Option<u64>) -> String {
 }
 
 /// Renders the report (the embedded template, or `template` when given).
-pub fn render_report(setup: &Setup, rows: &[Row], plots: &[PathBuf], template: Option<&Path>) -> Result<String, TableError> {
+pub fn render_report(
+    setup: &Setup,
+    rows: &[Row],
+    plots: &[PathBuf],
+    template: Option<&Path>,
+) -> Result<String, TableError> {
     let text = match template {
-        Some(p) => std::fs::read_to_string(p).map_err(|e| TableError::Template(format!("{}: {e}", p.display())))?,
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| TableError::Template(format!("{}: {e}", p.display())))?,
         None => KV_SCALING_TEMPLATE.to_string(),
     };
     let cells = rows
@@ -390,7 +454,10 @@ pub fn render_report(setup: &Setup, rows: &[Row], plots: &[PathBuf], template: O
                 ("predicted_kv_tokens", u(r.predicted_kv_tokens)),
                 ("measured_kv_tokens", u(r.measured_kv_tokens)),
                 ("kv_gib", f(r.kv_gib, 4)),
-                ("predicted_max_concurrency", f(r.predicted_max_concurrency, 2)),
+                (
+                    "predicted_max_concurrency",
+                    f(r.predicted_max_concurrency, 2),
+                ),
                 ("measured_max_concurrency", f(r.measured_max_concurrency, 2)),
                 ("predicted_running_peak", u(r.predicted_running_peak)),
                 ("observed_running_peak", u(r.observed_running_peak)),
@@ -413,7 +480,8 @@ pub fn render_report(setup: &Setup, rows: &[Row], plots: &[PathBuf], template: O
         plots: plots.iter().map(|p| p.display().to_string()).collect(),
         kv_gib_note: "KV GiB = measured KV tokens x bytes per token / 2^30",
     };
-    let ctx = tera::Context::from_serialize(&ctx).map_err(|e| TableError::Template(e.to_string()))?;
+    let ctx =
+        tera::Context::from_serialize(&ctx).map_err(|e| TableError::Template(e.to_string()))?;
     tera::Tera::one_off(&text, &ctx, false).map_err(|e| {
         let mut s = e.to_string();
         let mut src = std::error::Error::source(&e);
@@ -470,9 +538,15 @@ mod tests {
         let s = read_table(&rows);
         let all = s.join("\n");
         assert!(all.contains("agree exactly for all 2 started"), "{all}");
-        assert!(all.contains("Doubling max-model-len from 2048 to 4096"), "{all}");
+        assert!(
+            all.contains("Doubling max-model-len from 2048 to 4096"),
+            "{all}"
+        );
         assert!(all.contains("from 4.00x to 2.00x (-50%)"), "{all}");
-        assert!(all.contains("TTFT p99 at concurrency 4 went from 40.0 ms to 100.0 ms (+150%)"), "{all}");
+        assert!(
+            all.contains("TTFT p99 at concurrency 4 went from 40.0 ms to 100.0 ms (+150%)"),
+            "{all}"
+        );
         assert!(all.contains("max-model-len 16384 did not start (predicted: only 8192 KV tokens, 0.50x of one request): only 8,192 tokens fit"), "{all}");
         assert!(all.contains("max-model-len 4096 and concurrency 4, at most 2 requests ran at once (predicted 4)"), "{all}");
     }
@@ -484,8 +558,14 @@ mod tests {
         a.measured_max_concurrency = None;
         let b = ok_row(3000, 1, 4000, 6.0, 1, 1);
         let s = read_table(&[a, b]).join("\n");
-        assert!(s.contains("reports 3000 KV tokens against 4000 predicted (-25%)"), "{s}");
-        assert!(s.contains("Going x3.00 max-model-len from 1000 to 3000"), "{s}");
+        assert!(
+            s.contains("reports 3000 KV tokens against 4000 predicted (-25%)"),
+            "{s}"
+        );
+        assert!(
+            s.contains("Going x3.00 max-model-len from 1000 to 3000"),
+            "{s}"
+        );
         assert!(!s.contains("agree exactly"), "{s}");
         assert!(read_table(&[]).is_empty());
     }
@@ -494,16 +574,27 @@ mod tests {
     fn csv_round_trips_and_report_renders() {
         let dir = std::env::temp_dir().join(format!("kvs-table-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut rows = vec![ok_row(256, 1, 448, 12.5, 1, 1), ok_row(256, 4, 448, 30.0, 2, 2)];
+        let mut rows = vec![
+            ok_row(256, 1, 448, 12.5, 1, 1),
+            ok_row(256, 4, 448, 30.0, 2, 2),
+        ];
         rows[0].gpu_memory_used_gib = "not available (no NVML)".into();
-        rows.push(Row { max_model_len: 512, startup: "failed".into(), error: "a | b".into(), ..Default::default() });
+        rows.push(Row {
+            max_model_len: 512,
+            startup: "failed".into(),
+            error: "a | b".into(),
+            ..Default::default()
+        });
         let p = dir.join(CSV_NAME);
         write_csv(&p, &rows).unwrap();
         assert_eq!(read_csv(&p).unwrap(), rows);
         let plots = write_plots(&dir, &rows).unwrap();
         assert_eq!(plots.len(), 3);
         assert!(dir.join(&plots[2]).is_file());
-        let setup = Setup { device: "cpu".into(), ..Default::default() };
+        let setup = Setup {
+            device: "cpu".into(),
+            ..Default::default()
+        };
         let md = render_report(&setup, &rows, &plots, None).unwrap();
         assert!(md.contains("| 512 |"), "{md}");
         assert!(md.contains("a \\| b"), "{md}");

@@ -42,9 +42,13 @@ async fn server_that_cannot_start_gives_failed_rows_with_its_message() {
         assert_eq!(r.concurrency, None);
     }
     let dir = out.join("d");
-    assert_eq!(table::read_csv(&dir.join(table::CSV_NAME)).unwrap(), res.rows);
+    assert_eq!(
+        table::read_csv(&dir.join(table::CSV_NAME)).unwrap(),
+        res.rows
+    );
     let md = std::fs::read_to_string(dir.join(table::REPORT_NAME)).unwrap();
-    assert!(md.contains("max-model-len 2048 did not start (predicted 1600 KV tokens, so it was expected to fit): ValueError: no room for 2048 tokens"), "{md}");
+    assert!(md.contains("max-model-len 1024 did not start (predicted 1600 KV tokens, so it was expected to fit): ValueError: no room for 1024 tokens"), "{md}");
+    assert!(md.contains("max-model-len 2048 did not start (predicted: only 1600 KV tokens, 0.78x of one request): ValueError: no room for 2048 tokens"), "{md}");
     assert!(dir.join("kv_scaling_logs/len1024.log").is_file());
     std::fs::remove_dir_all(&out).ok();
 }
@@ -81,21 +85,35 @@ async fn kv_scaling_real_engine_cpu() {
     for r in &ok {
         assert_eq!(r.max_model_len, 256);
         assert_eq!(r.measured_kv_tokens, Some(448), "{r:?}");
-        assert_eq!(r.predicted_kv_tokens, r.measured_kv_tokens, "prediction must be exact for our engine");
+        assert_eq!(
+            r.predicted_kv_tokens, r.measured_kv_tokens,
+            "prediction must be exact for our engine"
+        );
         assert_eq!(r.kv_tokens_source, "metric");
         assert_eq!(r.failed, 0, "{r:?}");
         assert_eq!(r.completed, 4);
         assert!(r.ttft_p99_ms.unwrap() >= r.ttft_p50_ms.unwrap());
-        assert!(r.gpu_memory_used_gib.starts_with("not available") || r.gpu_memory_used_gib.parse::<f64>().is_ok());
+        assert!(
+            r.gpu_memory_used_gib.starts_with("not available")
+                || r.gpu_memory_used_gib.parse::<f64>().is_ok()
+        );
         // 128 prompt + 4 output tokens = 9 blocks; 28 blocks hold 3 such requests.
         assert_eq!(r.tokens_per_request, 132);
         let peak = r.observed_running_peak.expect("running requests scraped");
         assert!(peak >= 1 && peak <= r.concurrency.unwrap(), "{r:?}");
     }
     assert_eq!(ok[1].predicted_running_peak, Some(3));
-    let failed = res.rows.iter().find(|r| r.max_model_len == 512).expect("512 row");
+    let failed = res
+        .rows
+        .iter()
+        .find(|r| r.max_model_len == 512)
+        .expect("512 row");
     assert_eq!(failed.startup, "failed");
-    assert!(failed.error.contains("only 448 tokens fit"), "{}", failed.error);
+    assert!(
+        failed.error.contains("only 448 tokens fit"),
+        "{}",
+        failed.error
+    );
     assert_eq!(failed.predicted_kv_tokens, Some(448));
     let md = std::fs::read_to_string(&res.report).unwrap();
     assert!(md.contains("agree exactly"), "{md}");

@@ -2,4 +2,5 @@
 
 mod bench;
 mod coldwarm;
+mod kvscaling;
 mod mock;

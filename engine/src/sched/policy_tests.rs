@@ -1,0 +1,322 @@
+//! Policy tests against the fake runner: priority order and victims, fair time slicing with
+//! swap, static batches, adaptive caps, and no leaked GPU/CPU blocks under random aborts.
+
+use super::policy::{policy_from_name, Adaptive, Fair, Priority, SchedulingPolicy, StepStats};
+use super::tests::{check_invariants, config, reference, request, FakeRunner};
+use super::*;
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+fn with_priority(mut r: Request, p: i32) -> Request {
+    r.priority = p;
+    r
+}
+
+/// Runs until idle; returns the tokens of each request and the per-step generating sets.
+fn drain(
+    s: &mut Scheduler,
+    runner: &mut FakeRunner,
+    got: &mut HashMap<String, Vec<u32>>,
+) -> Vec<Vec<String>> {
+    let mut steps = Vec::new();
+    for _ in 0..100_000 {
+        if !s.has_requests() {
+            break;
+        }
+        let out = s.schedule();
+        check_invariants(s, &out);
+        let sampled = runner.execute(&out);
+        let mut gen = Vec::new();
+        for o in s.update_from_output(&out, &sampled) {
+            gen.push(o.request_id.clone());
+            got.entry(o.request_id).or_default().extend(o.new_token_ids);
+        }
+        steps.push(gen);
+    }
+    assert!(!s.has_requests(), "did not drain");
+    steps
+}
+
+#[test]
+fn priority_admits_lower_value_first_with_arrival_ties() {
+    let mut s = Scheduler::new(config(64, 4, 100, 1), Box::new(Priority));
+    let t0 = Instant::now();
+    for (id, p, dt) in [("c", 5, 0), ("a2", 1, 2), ("a1", 1, 1), ("z", -3, 3)] {
+        let mut r = with_priority(request(id, vec![1, 2, 3], 2, vec![]), p);
+        r.arrival_time = t0 + Duration::from_millis(dt);
+        s.add_request(r).unwrap();
+    }
+    let mut runner = FakeRunner::new(64, 4);
+    let mut order = Vec::new();
+    while s.has_requests() {
+        let out = s.schedule();
+        for sr in &out.scheduled {
+            if sr.num_computed_tokens == 0 {
+                order.push(sr.request_id.clone());
+            }
+        }
+        let sampled = runner.execute(&out);
+        s.update_from_output(&out, &sampled);
+    }
+    assert_eq!(order, ["z", "a1", "a2", "c"]);
+}
+
+#[test]
+fn priority_preempts_the_lowest_priority_not_the_newest() {
+    // 4 blocks of 2 tokens; "low" arrives first, "high" second: FCFS would preempt "high".
+    let mut s = Scheduler::new(config(4, 2, 64, 4), Box::new(Priority));
+    let t0 = Instant::now();
+    let mut low = with_priority(request("low", vec![1, 2, 3], 4, vec![]), 9);
+    low.arrival_time = t0;
+    let mut high = with_priority(request("high", vec![4, 5, 6], 4, vec![]), 0);
+    high.arrival_time = t0 + Duration::from_millis(1);
+    s.add_request(low).unwrap();
+    s.add_request(high).unwrap();
+    let mut runner = FakeRunner::new(4, 2);
+    let mut got = HashMap::new();
+    let mut preempted = Vec::new();
+    while s.has_requests() {
+        let out = s.schedule();
+        check_invariants(&s, &out);
+        preempted.extend(out.preempted_req_ids.clone());
+        let sampled = runner.execute(&out);
+        for o in s.update_from_output(&out, &sampled) {
+            got.entry(o.request_id)
+                .or_insert_with(Vec::new)
+                .extend(o.new_token_ids);
+        }
+    }
+    assert_eq!(preempted.first().map(String::as_str), Some("low"));
+    assert!(!preempted.contains(&"high".to_string()));
+    assert_eq!(got["high"], reference(&[4, 5, 6], 4, &[], 256));
+    assert_eq!(got["low"], reference(&[1, 2, 3], 4, &[], 256));
+}
+
+/// Longest run of steps a request went without a token while others generated, from step 0.
+fn max_starvation(steps: &[Vec<String>], ids: &[String]) -> usize {
+    ids.iter()
+        .map(|id| {
+            let mut last = 0usize;
+            let mut worst = 0usize;
+            let mut finished_at = steps.len();
+            for (i, g) in steps.iter().enumerate() {
+                if g.contains(id) {
+                    worst = worst.max(i - last);
+                    last = i;
+                    finished_at = i;
+                }
+            }
+            let _ = finished_at;
+            worst
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn run_fair_like(policy: Box<dyn SchedulingPolicy>, cpu_blocks: usize) -> (usize, Scheduler) {
+    // 8 requests, 2 at a time: each needs ceil((4 + 40) / 4) = 11 blocks; 24 blocks total.
+    let mut s = Scheduler::new(config(24, 4, 64, 2), policy).with_num_cpu_blocks(cpu_blocks);
+    let mut runner = FakeRunner::new(24, 4);
+    let mut ids = Vec::new();
+    let mut expected = HashMap::new();
+    for i in 0..8u32 {
+        let id = format!("r{i}");
+        let prompt = vec![i, i + 1, i + 2, i + 3];
+        expected.insert(id.clone(), reference(&prompt, 40, &[], 256));
+        s.add_request(request(&id, prompt, 40, vec![])).unwrap();
+        ids.push(id);
+    }
+    let mut got = HashMap::new();
+    let steps = drain(&mut s, &mut runner, &mut got);
+    for id in &ids {
+        assert_eq!(got[id], expected[id], "{id} differs from running alone");
+    }
+    assert_eq!(s.kv().num_free_blocks(), 24, "GPU blocks leaked");
+    assert_eq!(s.num_free_cpu_blocks(), cpu_blocks, "CPU blocks leaked");
+    (max_starvation(&steps, &ids), s)
+}
+
+#[test]
+fn fair_bounds_starvation_and_swaps_instead_of_recomputing() {
+    let (fair_gap, s) = run_fair_like(Box::new(Fair::new(4)), 64);
+    let c = s.swap_counts();
+    assert!(c.swaps_out > 0 && c.swaps_in == c.swaps_out, "{c:?}");
+    assert_eq!(c.blocks_out, c.blocks_in);
+    // A round gives each of 8 requests a quantum of 4 tokens, 2 at a time: 16 steps.
+    assert!(
+        fair_gap <= 24,
+        "fair: a request starved for {fair_gap} steps"
+    );
+    let (fcfs_gap, s) = run_fair_like(policy_from_name("fcfs").unwrap(), 64);
+    assert_eq!(s.swap_counts().swaps_out, 0);
+    assert!(
+        fcfs_gap > 100,
+        "fcfs makes the last request wait: {fcfs_gap}"
+    );
+}
+
+#[test]
+fn fair_falls_back_to_recompute_when_the_cpu_pool_is_full() {
+    let (gap, s) = run_fair_like(Box::new(Fair::new(4)), 2);
+    assert!(gap <= 24, "{gap}");
+    assert!(s.num_preemptions_total() > s.swap_counts().swaps_out);
+    let (_, s) = run_fair_like(Box::new(Fair::new(4)), 0);
+    assert_eq!(s.swap_counts().swaps_out, 0);
+    assert!(s.num_preemptions_total() > 0);
+}
+
+#[test]
+fn static_admits_nothing_until_the_batch_is_done() {
+    let mut s = Scheduler::new(config(64, 4, 100, 3), policy_from_name("static").unwrap());
+    for (i, n) in [2usize, 9, 4, 3, 6].iter().enumerate() {
+        s.add_request(request(&format!("r{i}"), vec![1, 2, i as u32], *n, vec![]))
+            .unwrap();
+    }
+    let mut runner = FakeRunner::new(64, 4);
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    while s.has_requests() {
+        let running_before = s.num_running();
+        let out = s.schedule();
+        let new: Vec<String> = out
+            .scheduled
+            .iter()
+            .filter(|r| r.num_computed_tokens == 0)
+            .map(|r| r.request_id.clone())
+            .collect();
+        if !new.is_empty() {
+            assert_eq!(running_before, 0, "admitted {new:?} while a batch ran");
+            batches.push(new);
+        }
+        let sampled = runner.execute(&out);
+        s.update_from_output(&out, &sampled);
+    }
+    assert_eq!(batches, [vec!["r0", "r1", "r2"], vec!["r3", "r4"]]);
+}
+
+#[test]
+fn adaptive_grows_past_the_sla_and_shrinks_under_kv_pressure() {
+    let mut s = Scheduler::new(
+        config(256, 4, 1000, 8),
+        Box::new(Adaptive::new(Duration::from_millis(50))),
+    );
+    let old = Instant::now() - Duration::from_secs(5);
+    for i in 0..12 {
+        let mut r = request(&format!("r{i}"), vec![1, 2, 3], 30, vec![]);
+        r.arrival_time = old;
+        s.add_request(r).unwrap();
+    }
+    let mut runner = FakeRunner::new(256, 4);
+    let mut most = Vec::new();
+    for _ in 0..8 {
+        let out = s.schedule();
+        most.push(s.num_running());
+        let sampled = runner.execute(&out);
+        s.update_from_output(&out, &sampled);
+    }
+    // Starts at 8/4 = 2 and grows by one a step while the queue is past its SLA.
+    assert_eq!(most[0], 2);
+    assert!(most.windows(2).all(|w| w[1] >= w[0]), "{most:?}");
+    assert_eq!(*most.last().unwrap(), 8, "{most:?}");
+
+    let mut a = Adaptive::new(Duration::from_millis(50));
+    assert_eq!(a.max_running(16), 4);
+    let past_sla = StepStats {
+        kv_usage: 0.5,
+        oldest_wait: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    a.observe(&past_sla);
+    assert_eq!(a.max_running(16), 5);
+    a.observe(&StepStats {
+        kv_usage: 0.5,
+        oldest_wait: Some(Duration::from_millis(10)),
+        ..Default::default()
+    });
+    assert_eq!(a.max_running(16), 5, "within the SLA: unchanged");
+    a.observe(&StepStats {
+        kv_usage: 0.92,
+        ..past_sla
+    });
+    assert_eq!(a.max_running(16), 5, "KV between 0.9 and 0.95: unchanged");
+    a.observe(&StepStats {
+        kv_usage: 0.97,
+        ..past_sla
+    });
+    assert_eq!(a.max_running(16), 4, "KV above 0.95 shrinks");
+    for _ in 0..10 {
+        a.observe(&StepStats {
+            num_preempted: 1,
+            ..past_sla
+        });
+    }
+    assert_eq!(a.max_running(16), 1, "preemptions shrink down to 1");
+}
+
+fn random_aborts(name: &str, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut s = Scheduler::new(config(24, 4, 32, 6), policy_from_name(name).unwrap())
+        .with_num_cpu_blocks(12);
+    let mut runner = FakeRunner::new(24, 4);
+    let mut expected = HashMap::new();
+    let mut got: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut aborted = HashSet::new();
+    for step in 0..50_000 {
+        if step < 1200 && rng.gen_bool(0.08) {
+            let id = format!("r{step}");
+            let prompt: Vec<u32> = (0..rng.gen_range(1..30))
+                .map(|_| rng.gen_range(0..50))
+                .collect();
+            let max_tokens = rng.gen_range(1..30);
+            expected.insert(id.clone(), reference(&prompt, max_tokens, &[], 256));
+            let r = with_priority(
+                request(&id, prompt, max_tokens, vec![]),
+                rng.gen_range(0..4),
+            );
+            s.add_request(r).unwrap();
+        }
+        if rng.gen_bool(0.03) {
+            let live: Vec<String> = s
+                .running()
+                .iter()
+                .chain(s.waiting())
+                .map(|r| r.request_id.clone())
+                .collect();
+            if !live.is_empty() {
+                let id = live[rng.gen_range(0..live.len())].clone();
+                s.finish_requests(std::slice::from_ref(&id), RequestStatus::FinishedAborted);
+                aborted.insert(id);
+            }
+        }
+        let out = s.schedule();
+        check_invariants(&s, &out);
+        let sampled = runner.execute(&out);
+        for o in s.update_from_output(&out, &sampled) {
+            got.entry(o.request_id).or_default().extend(o.new_token_ids);
+        }
+        if step >= 1200 && !s.has_requests() {
+            break;
+        }
+    }
+    assert!(!s.has_requests(), "{name}: requests left");
+    assert_eq!(s.kv().num_free_blocks(), 24, "{name}: GPU blocks leaked");
+    assert_eq!(s.num_free_cpu_blocks(), 12, "{name}: CPU blocks leaked");
+    for (id, exp) in &expected {
+        if !aborted.contains(id) {
+            assert_eq!(
+                got.get(id),
+                Some(exp),
+                "{name}: {id} differs from running alone"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_leaked_blocks_after_random_aborts_under_every_policy() {
+    for name in ["fcfs", "priority", "fair", "static", "adaptive"] {
+        for seed in 0..3 {
+            random_aborts(name, seed);
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Scheduling policies end to end on real models (CPU): `fair` swaps KV blocks to the CPU pool
+//! and back without changing any greedy token; the prefix cache resets for cold runs.
+
+use candle_core::{DType, Device};
+use engine::core::{EngineCore, EngineHandle, EngineRequest, RequestEvent};
+use engine::metrics::EngineMetrics;
+use engine::model::KvCache;
+use engine::runner::ModelRunner;
+use engine::sampling::SamplingParams;
+use engine::sched::policy::{policy_from_name, Fair};
+use engine::sched::SchedulerConfig;
+use engine::weights::{load_model, LoadFormat};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
+    EngineRequest {
+        request_id: id.into(),
+        prompt_token_ids: prompt,
+        sampling: SamplingParams {
+            max_tokens,
+            temperature: 0.0,
+            ..Default::default()
+        },
+        priority: 0,
+        arrival_time: Instant::now(),
+    }
+}
+
+/// A request's tokens and its final event.
+fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<RequestEvent>) -> (Vec<u32>, RequestEvent) {
+    let mut toks = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            RequestEvent::Tokens { token_ids } => toks.extend(token_ids),
+            other => return (toks, other),
+        }
+    }
+    panic!("channel closed without a final event");
+}
+
+fn wait_idle(h: &EngineHandle) {
+    let m = h.metrics();
+    let t0 = Instant::now();
+    while m.num_requests_running() + m.num_requests_waiting() > 0 || m.kv_cache_usage() > 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "engine never went idle"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn tiny_model_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "engine-policies-tiny-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+fn spawn(
+    path: &Path,
+    format: LoadFormat,
+    policy: Box<dyn engine::sched::policy::SchedulingPolicy>,
+    max_num_seqs: usize,
+    enable_prefix_caching: bool,
+) -> EngineHandle {
+    let model = load_model(path, format, DType::F32, &Device::Cpu, 7).unwrap();
+    let cache = KvCache::new(model.config(), 64, 16, DType::F32, &Device::Cpu).unwrap();
+    let cfg = SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens: 256,
+        max_model_len: 256,
+        block_size: 16,
+        num_gpu_blocks: 64,
+        enable_prefix_caching,
+    };
+    let (h, _join) = EngineCore::spawn_with_swap_space(
+        cfg,
+        policy,
+        Box::new(ModelRunner::new(model, cache)),
+        Arc::new(EngineMetrics::new("m")),
+        0.05,
+    )
+    .unwrap();
+    h
+}
+
+/// 6 concurrent greedy requests under `fair` with quantum 2 and 2 running at a time: the same
+/// tokens as each alone, swaps really happened, preempted time is reported.
+fn fair_swap_equals_alone(path: &Path, format: LoadFormat, vocab: u32, out_len: usize) {
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| {
+            (0..(4 + i * 7))
+                .map(|t| (t * 31 + i * 17 + 3) % vocab)
+                .collect()
+        })
+        .collect();
+    let solo = spawn(path, format, policy_from_name("fcfs").unwrap(), 8, false);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| collect(solo.add_request(request(&format!("a{i}"), p.clone(), out_len))).0)
+        .collect();
+    solo.shutdown();
+
+    let h = spawn(path, format, Box::new(Fair::new(2)), 2, false);
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| h.add_request(request(&format!("f{i}"), p.clone(), out_len)))
+        .collect();
+    let mut preempted_s = 0.0;
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let (toks, fin) = collect(rx);
+        match fin {
+            RequestEvent::Finished { timings, .. } => {
+                assert!(
+                    timings.prefill_s > 0.0 && timings.decode_s > 0.0,
+                    "{timings:?}"
+                );
+                preempted_s += timings.preempted_s;
+            }
+            other => panic!("request {i}: {other:?}"),
+        }
+        assert_eq!(
+            toks, alone[i],
+            "request {i} differs under fair+swap vs alone"
+        );
+    }
+    wait_idle(&h);
+    let (out, into, bytes) = h.metrics().swaps();
+    assert!(out > 0, "no swap happened");
+    assert_eq!(out, into);
+    assert!(bytes > 0);
+    assert!(preempted_s > 0.0, "swapped requests report preempted time");
+    let text = h.metrics().render_prometheus();
+    assert!(text.contains("vllm:num_swaps_total{engine=\"0\",model_name=\"m\",direction=\"out\"}"));
+    assert!(text.contains("engine_request_preempted_time_seconds_count"));
+    h.shutdown();
+}
+
+#[test]
+fn dummy_model_fair_swap_equals_alone() {
+    let dir = tiny_model_dir();
+    fair_swap_equals_alone(&dir, LoadFormat::Dummy, 256, 12);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn smollm2_path() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SMOLLM2_GGUF") {
+        return Some(PathBuf::from(p));
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    p.exists().then_some(p)
+}
+
+#[test]
+fn smollm2_fair_swap_equals_alone() {
+    let Some(path) = smollm2_path() else {
+        eprintln!("SKIPPED smollm2_fair_swap_equals_alone: set SMOLLM2_GGUF or run scripts/fetch-model.sh");
+        return;
+    };
+    fair_swap_equals_alone(&path, LoadFormat::Gguf, 49152, 8);
+}
+
+#[test]
+fn reset_prefix_cache_makes_the_next_run_cold() {
+    let dir = tiny_model_dir();
+    let h = spawn(
+        &dir,
+        LoadFormat::Dummy,
+        policy_from_name("fcfs").unwrap(),
+        4,
+        true,
+    );
+    let prompt: Vec<u32> = (0..40).map(|t| (t * 7 + 5) % 256).collect();
+    let cached = |id: &str| match collect(h.add_request(request(id, prompt.clone(), 2))).1 {
+        RequestEvent::Finished { cached_tokens, .. } => cached_tokens,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(cached("x0"), 0);
+    wait_idle(&h);
+    assert_eq!(cached("x1"), 32, "two full blocks hit");
+    wait_idle(&h);
+    assert!(h.reset_prefix_cache());
+    assert_eq!(cached("x2"), 0, "cold after the reset");
+    h.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}
