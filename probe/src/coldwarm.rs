@@ -287,7 +287,7 @@ async fn experiment(
     };
     let client = Client::new(&url, clock, opts)?;
     let engine_startup = StartupFacts::fetch_engine_startup(client.http(), &url).await;
-    let served = served_model(client.http(), &url).await;
+    let served = crate::client::served_model(client.http(), &url).await;
     let version = server_version(client.http(), &url).await;
     set(&|i| {
         i.startup.engine_startup = engine_startup.clone();
@@ -388,18 +388,6 @@ async fn http_status(http: &reqwest::Client, url: &str, post: bool) -> Option<u1
         .map(|r| r.status().as_u16())
 }
 
-async fn served_model(http: &reqwest::Client, url: &str) -> Option<String> {
-    let v: serde_json::Value = http
-        .get(format!("{url}/v1/models"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    v.pointer("/data/0/id")?.as_str().map(str::to_string)
-}
 
 /// vLLM's `GET /version`.
 async fn server_version(http: &reqwest::Client, url: &str) -> Option<String> {

@@ -1,45 +1,44 @@
 #!/usr/bin/env bash
-# On the GPU machine: the probe's lab experiments against our engine on CUDA, in two back-to-back
-# calls (a call carries at most 64 MiB; the SmolLM2 GGUF alone is 98 MB).
-#   stage a (carry .lab-a: SmolLM2 GGUF part aa): copies it to /root/llmlab.
-#   stage b (carry .lab-b: GGUF part ab, engine.xz (CUDA build), probe.xz, qwen2.5/ tokenizer):
-#     1. probe cold-warm on SmolLM2 (real GGUF, bf16 on the GPU)           -> day-007 first_token_latency.md
-#     2. probe bench, seed-001 burst (50 prompts, ~1356 in / ~343 out, Qwen2.5-1.5B shape, dummy
-#        weights) under fcfs, fair and static, then probe compare          -> day-008-scheduling/
-#     3. probe kv-scaling --lens 2k,4k,8k,16k,32k at the Qwen2.5-1.5B shape -> day-007 kv_cache_scaling.csv
-#   Everything is packed into $OUT/lab.tgz (the tool returns at most 8 files).
-# Prepare here (repository root): see scripts/gpu/prepare-lab.sh.
+# On the GPU machine: the probe's lab experiments against our engine on CUDA, in back-to-back
+# calls (a call carries at most 64 MiB; the SmolLM2 GGUF alone is 98 MB). Prepare the carried
+# folders here with scripts/gpu/prepare-lab.sh, then on the device machine, repository root:
+#
+#   a (carry .lab-a: GGUF part aa)           copies it to /root/llmlab (the machine stays warm ~30 s)
+#   b (carry .lab-b: GGUF part ab, engine, probe, engine-it, Qwen2.5 tokenizer), right after a:
+#       0. CUDA tests: kernels vs CPU references, GPU KV swap, tiny-model and SmolLM2 logits/greedy
+#       1. probe cold-warm on SmolLM2 (real GGUF, bf16)                       -> day-007-vllm-runtime-probes/
+#       2. probe bench, seed-001 burst (50 prompts, ~1356 in / ~343 out, Qwen2.5-1.5B shape, dummy
+#          weights, --max-num-seqs 16) under fcfs, fair, static, adaptive; probe compare -> day-008-scheduling/
+#       3. probe kv-scaling --lens 2k,4k,8k,16k,32k at the Qwen2.5-1.5B shape  -> day-007-vllm-runtime-probes/
+#   c (carry .lab-c: engine, probe, Llama-2 tokenizer): CodeLlama-34B shape (dummy, bf16; needs
+#       the H200's 141 GB): the seed-001 burst under fcfs and fair (+ static if time is left),
+#       probe compare, then kv-scaling 2k..16k                               -> day-009-codellama34b/
+#
+# Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
+# (days/ tree) beside the server logs.
 set -uo pipefail
 OUT=${OUT:-/tmp/lab-out}
 LAB=/root/llmlab
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-STAGES=${STAGES:-coldwarm bench kvscaling}
+BUDGET=${BUDGET:-555}   # seconds this call may use before packing
 mkdir -p "$OUT" "$LAB"
-unpack() { xz -dc "$1" > "$2" 2>/dev/null || python3 -c 'import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' "$1" "$2"; chmod +x "$2"; }
-
-case "${1:-}" in
-a)
-    cp .lab-a/smolpart.* "$LAB/" && ls -la "$LAB"
-    exit 0 ;;
-b) ;;
-*) echo "usage: $0 a|b" >&2; exit 2 ;;
-esac
-
-[ -f "$LAB/smolpart.aa" ] || { echo "machine went cold: $LAB/smolpart.aa missing, redo stage a"; exit 3; }
-cp .lab-b/smolpart.* "$LAB/"
-cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
-echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
-unpack .lab-b/engine.xz "$LAB/engine"
-unpack .lab-b/probe.xz "$LAB/probe"
-cp -r .lab-b/qwen2.5 "$LAB/"
-[ -f "$LAB/qwen2.5/tokenizer.json.xz" ] && unpack "$LAB/qwen2.5/tokenizer.json.xz" "$LAB/qwen2.5/tokenizer.json"
-export ENGINE_BIN=$LAB/engine NCCL_NVLS_ENABLE=0
 DAYS=$LAB/days
-nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
-QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda"
+mkdir -p "$DAYS"
+export NCCL_NVLS_ENABLE=0 RUST_BACKTRACE=0
+left() { echo $((BUDGET - SECONDS)); }
+unpack() {  # xz, or Python's lzma where xz is missing
+    xz -dc "$1" > "$2" 2>/dev/null ||
+        python3 -c 'import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' "$1" "$2"
+    chmod +x "$2"
+}
+pack() {
+    tar czf "$OUT/lab-$STAGE.tgz" -C "$DAYS" . 2>/dev/null
+    ls -la "$OUT"
+}
+trap pack EXIT
 
-wait_ready() {  # url, pid
-    for _ in $(seq 1 600); do
+wait_ready() {  # url pid
+    for _ in $(seq 1 1200); do
         curl -sf "$1/health" >/dev/null 2>&1 && return 0
         kill -0 "$2" 2>/dev/null || return 1
         sleep 0.5
@@ -47,42 +46,110 @@ wait_ready() {  # url, pid
     return 1
 }
 
-if [[ " $STAGES " == *" coldwarm "* ]]; then
-    echo "== 1. cold-warm, SmolLM2 on CUDA"
-    timeout 240 "$LAB/probe" cold-warm --model "$LAB/smollm2.gguf" \
-        --engine-args '--device cuda --max-model-len 2048' --out "$DAYS" 2>&1 | tail -40
-fi
-
-if [[ " $STAGES " == *" bench "* ]]; then
-    echo "== 2. seed-001 burst under fcfs, fair, static (Qwen2.5-1.5B shape)"
-    runs=()
-    for pol in fcfs fair static; do
-        port=$((8100 + ${#runs[@]}))
-        "$LAB/engine" $QWEN --port $port --max-model-len 4096 --max-num-seqs 16 \
-            --scheduling-policy $pol > "$OUT/serve-$pol.log" 2>&1 &
-        pid=$!
+# bench_policies DAYDIR ENGINE_FLAGS TOKENIZER_JSON SECONDS_PER_POLICY POLICY...
+bench_policies() {
+    local dir=$1 flags=$2 tok=$3 per=$4; shift 4
+    local runs=() port=8100
+    mkdir -p "$dir"
+    for pol in "$@"; do
+        if [ "$(left)" -lt $((per + 30)) ]; then echo "skipping $pol: $(left) s left"; continue; fi
+        port=$((port + 1))
+        # shellcheck disable=SC2086
+        "$LAB/engine" $flags --port $port --scheduling-policy "$pol" > "$dir/serve-$pol.log" 2>&1 &
+        local pid=$!
         if wait_ready "http://127.0.0.1:$port" $pid; then
-            timeout 240 "$LAB/probe" bench --base-url "http://127.0.0.1:$port" --label "$pol" \
+            grep -E "KV cache size|Maximum concurrency|Engine ready" "$dir/serve-$pol.log" | sed 's/^.*INFO[^:]*: //'
+            timeout -s INT "$per" "$LAB/probe" bench --base-url "http://127.0.0.1:$port" --label "$pol" \
                 --request-rate inf --num-prompts 50 --dataset-name random \
                 --random-input-len 1356 --random-output-len 343 --random-range-ratio 0.5 \
-                --tokenizer "$LAB/qwen2.5/tokenizer.json" --seed 1 --no-progress \
-                --out "$DAYS/day-008-scheduling/seed001-$pol" 2>&1 | tail -32
-            runs+=("$DAYS/day-008-scheduling/seed001-$pol")
+                --tokenizer "$tok" --seed 1 --no-progress --request-timeout "$per" \
+                --out "$dir/seed001-$pol" > "$dir/bench-$pol.txt" 2>&1
+            echo "bench $pol: exit $?"; head -16 "$dir/bench-$pol.txt"
+            curl -s "http://127.0.0.1:$port/metrics" > "$dir/metrics-$pol.txt"
+            grep -E "^(vllm:num_preemptions_total|vllm:num_swaps_total|engine_swap_bytes_total)" "$dir/metrics-$pol.txt"
+            runs+=("$dir/seed001-$pol")
         else
-            echo "engine ($pol) did not become ready"; tail -20 "$OUT/serve-$pol.log"
+            echo "engine ($pol) did not become ready"; tail -20 "$dir/serve-$pol.log"
         fi
-        kill $pid 2>/dev/null; wait $pid 2>/dev/null
-        cp "$OUT/serve-$pol.log" "$DAYS/day-008-scheduling/" 2>/dev/null
+        kill -INT $pid 2>/dev/null; sleep 1; kill $pid 2>/dev/null; wait $pid 2>/dev/null
     done
-    [ ${#runs[@]} -ge 2 ] && "$LAB/probe" compare "${runs[@]}" --out "$DAYS/day-008-scheduling/compare" 2>&1 | tail -20
+}
+
+compare_runs() {  # DAYDIR: one report over every seed001-* run folder in it
+    local runs=("$1"/seed001-*)
+    [ ${#runs[@]} -ge 2 ] && [ -d "${runs[0]}" ] &&
+        "$LAB/probe" compare "${runs[@]}" --out "$1/compare" 2>&1 | tail -20
+}
+
+STAGE=${1:-}
+case "$STAGE" in
+a)
+    cp .lab-a/smolpart.* "$LAB/" && ls -la "$LAB"
+    trap - EXIT
+    exit 0 ;;
+b)
+    [ -f "$LAB/smolpart.aa" ] || { echo "machine went cold: $LAB/smolpart.aa missing, redo stage a"; trap - EXIT; exit 3; }
+    cp .lab-b/smolpart.* "$LAB/"
+    cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
+    echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
+    ;;
+c) ;;
+*) echo "usage: $0 a|b|c" >&2; trap - EXIT; exit 2 ;;
+esac
+
+for f in engine probe engine-it; do
+    [ -f ".lab-$STAGE/$f.xz" ] && unpack ".lab-$STAGE/$f.xz" "$LAB/$f"
+done
+for t in qwen2.5 llama2; do
+    if [ -d ".lab-$STAGE/$t" ]; then
+        mkdir -p "$LAB/$t" && cp .lab-"$STAGE"/$t/* "$LAB/$t/"
+        [ -f "$LAB/$t/tokenizer.json.xz" ] && unpack "$LAB/$t/tokenizer.json.xz" "$LAB/$t/tokenizer.json"
+    fi
+done
+export ENGINE_BIN=$LAB/engine
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
+cp "$OUT/gpu.txt" "$DAYS/gpu-$STAGE.txt"
+
+if [ "$STAGE" = b ]; then
+    echo "== 0. CUDA tests (kernels, KV swap, model logits and greedy)"
+    if [ -x "$LAB/engine-it" ]; then
+        SMOLLM2_GGUF=$LAB/smollm2.gguf timeout 150 "$LAB/engine-it" --test-threads=1 --nocapture \
+            > "$DAYS/cuda-tests.log" 2>&1
+        grep -E "^test |test result|relative|greedy|restored|argmax" "$DAYS/cuda-tests.log" | tail -40
+    fi
+
+    echo "== 1. cold-warm, SmolLM2 on CUDA"
+    timeout -s INT 150 "$LAB/probe" cold-warm --model "$LAB/smollm2.gguf" \
+        --engine-args '--device cuda --max-model-len 2048' --out "$DAYS" 2>&1 | tail -25
+
+    echo "== 2. seed-001 burst under four policies (Qwen2.5-1.5B shape)"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    bench_policies "$DAYS/day-008-scheduling" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 90 fcfs fair static adaptive
+    compare_runs "$DAYS/day-008-scheduling"
+
+    echo "== 3. kv-scaling, Qwen2.5-1.5B shape ($(left) s left)"
+    if [ "$(left)" -gt 60 ]; then
+        timeout -s INT $(($(left) - 15)) "$LAB/probe" kv-scaling --lens 2k,4k,8k,16k,32k --concurrency 1,4,16 \
+            --requests-per-level 16 --max-tokens 32 --model configs/qwen2.5-1.5b-instruct.json \
+            --engine-args "--load-format dummy --tokenizer $LAB/qwen2.5 --device cuda" \
+            --out "$DAYS" 2>&1 | tail -30
+    fi
 fi
 
-if [[ " $STAGES " == *" kvscaling "* ]]; then
-    echo "== 3. kv-scaling, Qwen2.5-1.5B shape"
-    timeout 300 "$LAB/probe" kv-scaling --lens 2k,4k,8k,16k,32k --concurrency 1,4,16 \
-        --requests-per-level 16 --max-tokens 32 --model configs/qwen2.5-1.5b-instruct.json \
-        --engine-args "--load-format dummy --tokenizer $LAB/qwen2.5 --device cuda" \
-        --out "$DAYS" 2>&1 | tail -30
+if [ "$STAGE" = c ]; then
+    echo "== 1. seed-001 burst, CodeLlama-34B shape (dummy, bf16)"
+    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    bench_policies "$DAYS/day-009-codellama34b" "$CL" "$LAB/llama2/tokenizer.json" 170 fcfs fair
+    compare_runs "$DAYS/day-009-codellama34b"
+    echo "== 2. kv-scaling, CodeLlama-34B shape ($(left) s left)"
+    if [ "$(left)" -gt 100 ]; then
+        timeout -s INT $(($(left) - 100)) "$LAB/probe" kv-scaling --lens 2k,4k,8k,16k --concurrency 1,8 \
+            --requests-per-level 8 --max-tokens 32 --model configs/codellama-34b.json \
+            --engine-args "--load-format dummy --tokenizer $LAB/llama2 --device cuda" \
+            --day day-009-codellama34b --out "$DAYS" 2>&1 | tail -30
+    fi
+    echo "== 3. static batching, if time is left ($(left) s)"
+    bench_policies "$DAYS/day-009-codellama34b" "$CL" "$LAB/llama2/tokenizer.json" 150 static
+    compare_runs "$DAYS/day-009-codellama34b"
 fi
-
-tar czf "$OUT/lab.tgz" -C "$DAYS" . && ls -la "$OUT"
+echo "== done after $SECONDS s"

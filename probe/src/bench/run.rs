@@ -40,6 +40,7 @@ pub enum BenchError {
 #[serde(default, deny_unknown_fields)]
 pub struct BenchConfig {
     pub base_url: String,
+    /// Model id to send; empty = the first one the server lists at `/v1/models`.
     pub model: String,
     pub api: Api,
     pub label: String,
@@ -67,11 +68,23 @@ pub struct BenchConfig {
     pub progress: bool,
 }
 
+impl BenchConfig {
+    /// With no model given, the one the server serves (`default` when it lists none).
+    pub async fn with_served_model(mut self, http: &reqwest::Client) -> Self {
+        if self.model.is_empty() {
+            self.model = crate::client::served_model(http, &self.base_url)
+                .await
+                .unwrap_or_else(|| "default".into());
+        }
+        self
+    }
+}
+
 impl Default for BenchConfig {
     fn default() -> Self {
         Self {
             base_url: "http://127.0.0.1:8000".into(),
-            model: "default".into(),
+            model: String::new(),
             api: Api::Completions,
             label: "bench".into(),
             arrival: ArrivalPattern::Burst { window_s: 0.0 },
@@ -310,6 +323,13 @@ pub async fn run(
         ..ClientOptions::default()
     };
     let client = Client::new(&cfg.base_url, clock, opts)?;
+    let resolved;
+    let cfg = if cfg.model.is_empty() {
+        resolved = cfg.clone().with_served_model(client.http()).await;
+        &resolved
+    } else {
+        cfg
+    };
     let (planned, ds) = plan(cfg, client.http()).await?;
     let n = planned.len();
     // Warmup: the first prompts, one at a time, not recorded.

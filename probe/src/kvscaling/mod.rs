@@ -324,7 +324,15 @@ async fn sweep(
         .as_ref()
         .map(|m| m.display().to_string())
         .unwrap_or_else(|| "as in --server-cmd".into());
-    if let Some(c) = &cfg.model_config {
+    // A config.json given as the model (dummy weights), or a HF directory holding one.
+    let model_json = model.as_ref().and_then(|m| {
+        if m.extension().is_some_and(|e| e == "json") {
+            Some(m.clone())
+        } else {
+            Some(m.join("config.json")).filter(|c| m.is_dir() && c.is_file())
+        }
+    });
+    if let Some(c) = cfg.model_config.as_ref().or(model_json.as_ref()) {
         st.geometry = Some(KvGeometry::from_hf_config(c)?);
     } else if let Some(m) = model
         .as_ref()
@@ -641,7 +649,7 @@ async fn measure_capacity(
             .map(|p| p.kv_tokens.to_string())
             .unwrap_or_else(|| "? (no geometry or budget)".into())
     ));
-    let model_name = served_model(http, url)
+    let model_name = crate::client::served_model(http, url)
         .await
         .unwrap_or_else(|| "default".into());
     let per_request =
@@ -670,16 +678,6 @@ async fn measure_capacity(
     }
 }
 
-async fn served_model(http: &reqwest::Client, url: &str) -> Option<String> {
-    let r = http
-        .get(format!("{url}/v1/models"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    let v: serde_json::Value = r.json().await.ok()?;
-    v.pointer("/data/0/id")?.as_str().map(str::to_string)
-}
 
 /// argv for one setting: `--server-cmd` with placeholders filled, or our engine with the flags.
 fn launch_argv(
