@@ -301,6 +301,11 @@ impl TextCodec for ModelCodec {
     fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         self.tokenizer.encode(text, true).map_err(|e| e.to_string())
     }
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| e.to_string())
+    }
     fn encode_chat(&self, messages: &[(String, String)]) -> Result<Vec<u32>, String> {
         let messages: Vec<ChatMessage> = messages
             .iter()

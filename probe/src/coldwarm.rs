@@ -388,7 +388,6 @@ async fn http_status(http: &reqwest::Client, url: &str, post: bool) -> Option<u1
         .map(|r| r.status().as_u16())
 }
 
-
 /// vLLM's `GET /version`.
 async fn server_version(http: &reqwest::Client, url: &str) -> Option<String> {
     let r = http

@@ -35,6 +35,11 @@ pub trait IncrementalDecode: Send {
 /// What the HTTP layer needs from the tokenizer.
 pub trait TextCodec: Send + Sync + 'static {
     fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
+    /// `encode`, optionally without the special tokens (BOS) the tokenizer adds.
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        let _ = add_special_tokens;
+        self.encode(text)
+    }
     /// Render `(role, content)` messages with the model's chat template and tokenize them.
     fn encode_chat(&self, messages: &[(String, String)]) -> Result<Vec<u32>, String>;
     fn decoder(&self) -> Box<dyn IncrementalDecode>;

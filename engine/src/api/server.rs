@@ -71,6 +71,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route("/tokenize", post(tokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(64 << 20))
@@ -111,6 +112,44 @@ async fn health(State(state): State<Arc<ApiState>>) -> Response {
     match state.served() {
         Ok(_) => StatusCode::OK.into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// vLLM's `POST /tokenize`: `{"prompt", "add_special_tokens"?}` (llama-server's `{"content"}` too)
+/// -> `{"tokens", "count", "max_model_len"}`.
+async fn tokenize(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let served = match state.served() {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let v: serde_json::Value = match parse_body(body) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let Some(text) = v
+        .get("prompt")
+        .or_else(|| v.get("content"))
+        .and_then(|p| p.as_str())
+    else {
+        return ApiError::bad_request("`prompt` (a string) is required", Some("prompt"))
+            .into_response();
+    };
+    let special = v
+        .get("add_special_tokens")
+        .and_then(|b| b.as_bool())
+        .unwrap_or(true);
+    match served.codec.encode_with(text, special) {
+        Ok(tokens) => Json(serde_json::json!({
+            "count": tokens.len(),
+            "max_model_len": served.max_model_len,
+            "tokens": tokens,
+        }))
+        .into_response(),
+        Err(e) => ApiError::bad_request(format!("cannot tokenize the prompt: {e}"), Some("prompt"))
+            .into_response(),
     }
 }
 

@@ -457,3 +457,25 @@ async fn dropped_stream_aborts_the_request() {
     assert_eq!(h.engine.running.load(Ordering::SeqCst), 0);
     assert_eq!(h.engine.aborted.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn tokenize_counts_prompt_tokens_and_rejects_bad_bodies() {
+    let h = serve(None, true, 0).await;
+    let (s, v) = h
+        .post("/tokenize", r#"{"model":"tiny","prompt":"abcd"}"#)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["count"], 4);
+    assert_eq!(v["tokens"], serde_json::json!([97, 98, 99, 100]));
+    assert!(v["max_model_len"].as_u64().unwrap() > 0);
+    let (s, v) = h.post("/tokenize", r#"{"content":"xy"}"#).await;
+    assert_eq!(
+        (s, v["count"].as_u64()),
+        (200, Some(2)),
+        "llama-server's field"
+    );
+    let (s, v) = h.post("/tokenize", r#"{"prompt":17}"#).await;
+    assert_error(s, &v, 400, "`prompt`");
+    let (s, v) = h.post("/tokenize", "{not json").await;
+    assert_eq!(s, 400, "{v}");
+}

@@ -4,9 +4,12 @@
 //! each head); loaders convert other layouts (llama.cpp's permuted Q/K) before they get here.
 //! Matmuls run in the compute dtype; RMSNorm statistics and softmax run in f32.
 
+use std::sync::Arc;
+
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 
 use super::attention::{paged_attention, write_kv_cache, AttentionMetadata};
+use super::tp::{vocab_shard, Collective, SingleRank};
 use super::{CausalLM, ForwardBatch, KvCache};
 use crate::config::{Architecture, ModelConfig};
 use crate::weights::{LoadError, WeightSource};
@@ -46,9 +49,10 @@ struct Layer {
     down_proj: Linear,
 }
 
-/// A loaded Llama-family model.
+/// A loaded Llama-family model (or one tensor-parallel rank of it, see `tp`).
 #[derive(Debug)]
 pub struct LlamaModel {
+    /// For a tensor-parallel rank: the rank's config (heads and intermediate divided).
     cfg: ModelConfig,
     device: Device,
     dtype: DType,
@@ -56,6 +60,10 @@ pub struct LlamaModel {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
+    /// Tensor-parallel group; all-reduce after o_proj/down_proj only when world size > 1.
+    tp: Arc<dyn Collective>,
+    /// lm_head holds this rank's vocab rows: logits are all-gathered over the last dim.
+    lm_head_sharded: bool,
     /// Rotary tables `[max_position_embeddings, head_dim / 2]` in the compute dtype.
     cos: Tensor,
     sin: Tensor,
@@ -72,6 +80,18 @@ impl LlamaModel {
         src: &mut dyn WeightSource,
         dtype: DType,
         device: &Device,
+    ) -> std::result::Result<Self, LoadError> {
+        Self::load_with_collective(cfg, src, dtype, device, Arc::new(SingleRank))
+    }
+
+    /// `load` for one tensor-parallel rank: `cfg` is the rank's config and `src` delivers the
+    /// rank's shards (see `tp::load_rank`); with world size 1 this is exactly `load`.
+    pub fn load_with_collective(
+        cfg: &ModelConfig,
+        src: &mut dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        tp: Arc<dyn Collective>,
     ) -> std::result::Result<Self, LoadError> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
@@ -124,10 +144,12 @@ impl LlamaModel {
             });
         }
         let norm = src.get("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            src.get("lm_head.weight", &[cfg.vocab_size, h])?
+        let shard = vocab_shard(cfg.vocab_size, tp.rank(), tp.world_size());
+        let lm_head = match (cfg.tie_word_embeddings, shard) {
+            (true, None) => embed_tokens.clone(),
+            (true, Some((start, len))) => embed_tokens.narrow(0, start, len)?,
+            (false, None) => src.get("lm_head.weight", &[cfg.vocab_size, h])?,
+            (false, Some((_, len))) => src.get("lm_head.weight", &[len, h])?,
         };
         let (cos, sin) = rotary_tables(cfg, dtype, device).map_err(shape_err)?;
         Ok(Self {
@@ -138,6 +160,8 @@ impl LlamaModel {
             layers,
             norm,
             lm_head: Linear::new(lm_head, None),
+            tp,
+            lm_head_sharded: shard.is_some(),
             cos,
             sin,
         })
@@ -145,6 +169,15 @@ impl LlamaModel {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Sum a row-parallel layer's partial outputs over the ranks (nothing at world size 1).
+    fn all_reduce(&self, x: Tensor) -> Result<Tensor> {
+        if self.tp.world_size() > 1 {
+            self.tp.all_reduce_sum(&x)
+        } else {
+            Ok(x)
+        }
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -183,9 +216,11 @@ impl LlamaModel {
         let gu = layer.gate_up_proj.forward(x)?;
         let gate = gu.narrow(D::Minus1, 0, inter)?;
         let up = gu.narrow(D::Minus1, inter, inter)?;
-        layer
-            .down_proj
-            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        self.all_reduce(
+            layer
+                .down_proj
+                .forward(&(candle_nn::ops::silu(&gate)? * up)?)?,
+        )
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -200,7 +235,13 @@ impl LlamaModel {
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.rms_norm(x, &self.norm)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&x)?;
+        let logits = if self.lm_head_sharded {
+            self.tp.all_gather_last_dim(&logits)?
+        } else {
+            logits
+        };
+        logits.to_dtype(DType::F32)
     }
 
     /// Causal attention over the whole sequence without a cache, in f32 softmax.
@@ -301,7 +342,7 @@ impl CausalLM for LlamaModel {
             write_kv_cache(&k, &v, kc, vc, &slots)?;
             let attn = paged_attention(&q, kc, vc, &meta, scale)?;
             let attn = attn.reshape((n, self.cfg.num_attention_heads * self.cfg.head_dim))?;
-            x = (x + layer.o_proj.forward(&attn)?)?;
+            x = (x + self.all_reduce(layer.o_proj.forward(&attn)?)?)?;
             let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
             x = (&x + self.mlp(layer, &h)?)?;
         }
@@ -335,7 +376,7 @@ impl CausalLM for LlamaModel {
             let h = self.rms_norm(&x, &layer.input_layernorm)?;
             let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
             let attn = self.dense_attention(&q, &k, &v)?;
-            x = (x + layer.o_proj.forward(&attn)?)?;
+            x = (x + self.all_reduce(layer.o_proj.forward(&attn)?)?)?;
             let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
             x = (&x + self.mlp(layer, &h)?)?;
         }

@@ -8,12 +8,17 @@
 //!   and returns f32 logits `[n, vocab]` for the sequences with `compute_logits` (in `seqs` order).
 //! - The paged cache tensors live in `KvCache` (one K and one V tensor per layer, shape
 //!   `[num_blocks, block_size, num_kv_heads, head_dim]`); the `kv` module only does block accounting.
+//! - Tensor parallelism (`tp`): a rank's model is a `LlamaModel` over the rank's shard (its config
+//!   has heads, KV heads and intermediate divided by the world size) with its own `KvCache` built
+//!   from that config; every rank runs the same `ForwardBatch` (same block tables and slots) and
+//!   they meet in the `Collective` after o_proj, after down_proj and for vocab-sharded logits.
 
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod attention_cuda;
 pub mod cache;
 pub mod llama;
+pub mod tp;
 
 pub use cache::KvCache;
 

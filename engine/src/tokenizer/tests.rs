@@ -207,3 +207,34 @@ fn tokenizer_json_round_trip_and_missing_paths() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(Tokenizer::from_model_path(&dir).is_err());
 }
+
+/// The tokenizers scripts/fetch-tokenizer.sh and scripts/fetch-llama-tokenizer.sh cache, read
+/// through `Tokenizer` as the engine does with `--tokenizer` (skipped when not fetched).
+#[test]
+fn fetched_qwen_and_llama2_tokenizers_encode_known_ids() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/tokenizers");
+    let cases: [(&str, &str, Vec<u32>, usize); 2] = [
+        // Llama-2: BOS, then "▁Hello", "▁world", "!" (llama-tokenizer-js's README example).
+        ("llama2", "Hello world!", vec![1, 15043, 3186, 29991], 32000),
+        // Qwen2.5: no BOS; " the" is one token.
+        ("qwen2.5", "Hello the", vec![9707, 279], 151643),
+    ];
+    for (name, text, want, min_vocab) in cases {
+        let dir = root.join(name);
+        if !dir.join("tokenizer.json").is_file() {
+            eprintln!("SKIPPED {name}: run scripts/fetch-tokenizer.sh / fetch-llama-tokenizer.sh");
+            continue;
+        }
+        let t = Tokenizer::from_model_path(&dir).unwrap();
+        assert_eq!(t.encode(text, true).unwrap(), want, "{name}");
+        assert!(
+            t.vocab_size() >= min_vocab,
+            "{name}: vocab {}",
+            t.vocab_size()
+        );
+        assert!(
+            !t.eos_token_ids().is_empty(),
+            "{name}: no EOS from tokenizer_config.json"
+        );
+    }
+}

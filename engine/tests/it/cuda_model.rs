@@ -297,9 +297,17 @@ fn cuda_smollm2_greedy_matches_cpu_answer() {
     // run a 2048-token profiling forward (the served engine answered the golden tokens).
     engine::gpu_memory::keep_pool_memory(&gpu).unwrap();
     let n = 2048u32;
-    model.forward_full(&(0..n).map(|i| i % 49152).collect::<Vec<_>>()).unwrap();
+    model
+        .forward_full(&(0..n).map(|i| i % 49152).collect::<Vec<_>>())
+        .unwrap();
     let out_warm = greedy_paged(model.as_ref(), DType::BF16, &gpu);
     eprintln!("SmolLM2 on CUDA bf16 after server-style warmup, greedy: {out_warm:?}");
-    assert_eq!(out32, ANSWER_37, "GPU f32 greedy answer differs from the reference");
-    assert_eq!(out, ANSWER_37, "GPU bf16 greedy answer differs from the reference");
+    assert_eq!(
+        out32, ANSWER_37,
+        "GPU f32 greedy answer differs from the reference"
+    );
+    assert_eq!(
+        out, ANSWER_37,
+        "GPU bf16 greedy answer differs from the reference"
+    );
 }

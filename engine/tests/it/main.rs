@@ -1,6 +1,7 @@
 //! Engine integration tests: one binary, one module per area.
 
 mod api;
+mod common;
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_model;

@@ -1,74 +1,22 @@
 //! Scheduling policies end to end on real models (CPU): `fair` swaps KV blocks to the CPU pool
 //! and back without changing any greedy token; the prefix cache resets for cold runs.
 
+use crate::common::{collect, greedy, smollm2_path, tiny_model_dir, wait_idle};
 use candle_core::{DType, Device};
 use engine::core::{EngineCore, EngineHandle, EngineRequest, RequestEvent};
 use engine::metrics::EngineMetrics;
 use engine::model::KvCache;
 use engine::runner::ModelRunner;
-use engine::sampling::SamplingParams;
 use engine::sched::policy::{policy_from_name, Fair};
 use engine::sched::SchedulerConfig;
 use engine::weights::{load_model, LoadFormat};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 fn request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
-    EngineRequest {
-        request_id: id.into(),
-        prompt_token_ids: prompt,
-        sampling: SamplingParams {
-            max_tokens,
-            temperature: 0.0,
-            ..Default::default()
-        },
-        priority: 0,
-        arrival_time: Instant::now(),
-    }
+    crate::common::request(id, prompt, greedy(max_tokens))
 }
-
-/// A request's tokens and its final event.
-fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<RequestEvent>) -> (Vec<u32>, RequestEvent) {
-    let mut toks = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            RequestEvent::Tokens { token_ids } => toks.extend(token_ids),
-            other => return (toks, other),
-        }
-    }
-    panic!("channel closed without a final event");
-}
-
-fn wait_idle(h: &EngineHandle) {
-    let m = h.metrics();
-    let t0 = Instant::now();
-    while m.num_requests_running() + m.num_requests_waiting() > 0 || m.kv_cache_usage() > 0.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "engine never went idle"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn tiny_model_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "engine-policies-tiny-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = serde_json::json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
-    });
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    dir
-}
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 fn spawn(
     path: &Path,
@@ -140,7 +88,7 @@ fn fair_swap_equals_alone(path: &Path, format: LoadFormat, vocab: u32, out_len: 
             "request {i} differs under fair+swap vs alone"
         );
     }
-    wait_idle(&h);
+    wait_idle(&h, Duration::from_secs(20));
     let (out, into, bytes) = h.metrics().swaps();
     assert!(out > 0, "no swap happened");
     assert_eq!(out, into);
@@ -154,18 +102,9 @@ fn fair_swap_equals_alone(path: &Path, format: LoadFormat, vocab: u32, out_len: 
 
 #[test]
 fn dummy_model_fair_swap_equals_alone() {
-    let dir = tiny_model_dir();
+    let dir = tiny_model_dir("policies");
     fair_swap_equals_alone(&dir, LoadFormat::Dummy, 256, 12);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn smollm2_path() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("SMOLLM2_GGUF") {
-        return Some(PathBuf::from(p));
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.exists().then_some(p)
 }
 
 #[test]
@@ -179,7 +118,7 @@ fn smollm2_fair_swap_equals_alone() {
 
 #[test]
 fn reset_prefix_cache_makes_the_next_run_cold() {
-    let dir = tiny_model_dir();
+    let dir = tiny_model_dir("policies");
     let h = spawn(
         &dir,
         LoadFormat::Dummy,
@@ -193,9 +132,9 @@ fn reset_prefix_cache_makes_the_next_run_cold() {
         other => panic!("{other:?}"),
     };
     assert_eq!(cached("x0"), 0);
-    wait_idle(&h);
+    wait_idle(&h, Duration::from_secs(20));
     assert_eq!(cached("x1"), 32, "two full blocks hit");
-    wait_idle(&h);
+    wait_idle(&h, Duration::from_secs(20));
     assert!(h.reset_prefix_cache());
     assert_eq!(cached("x2"), 0, "cold after the reset");
     h.shutdown();

@@ -1,19 +1,17 @@
 //! The engine core end to end: fake executors for the loop's contract, a tiny dummy model and the
 //! real SmolLM2 for batched-equals-alone under preemption.
 
+use crate::common::{collect, greedy, request, smollm2_path, tiny_model_dir, wait_idle};
 use candle_core::{DType, Device};
 use engine::core::{
-    EngineCore, EngineHandle, EngineRequest, ExecuteError, FinishReason, ModelExecutor,
-    RequestEvent,
+    EngineCore, EngineHandle, ExecuteError, FinishReason, ModelExecutor, RequestEvent,
 };
 use engine::metrics::EngineMetrics;
 use engine::model::KvCache;
 use engine::runner::ModelRunner;
-use engine::sampling::SamplingParams;
 use engine::sched::policy::Fcfs;
 use engine::sched::{SchedulerConfig, SchedulerOutput};
 use engine::weights::{load_model, LoadFormat};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,48 +23,6 @@ fn sched_config(blocks: usize, block_size: usize) -> SchedulerConfig {
         block_size,
         num_gpu_blocks: blocks,
         enable_prefix_caching: false,
-    }
-}
-
-fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams {
-        max_tokens,
-        temperature: 0.0,
-        ..Default::default()
-    }
-}
-
-fn request(id: &str, prompt: Vec<u32>, sampling: SamplingParams) -> EngineRequest {
-    EngineRequest {
-        request_id: id.into(),
-        prompt_token_ids: prompt,
-        sampling,
-        priority: 0,
-        arrival_time: Instant::now(),
-    }
-}
-
-/// Collects a request's events: its tokens and the final event.
-fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<RequestEvent>) -> (Vec<u32>, RequestEvent) {
-    let mut toks = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            RequestEvent::Tokens { token_ids } => toks.extend(token_ids),
-            other => return (toks, other),
-        }
-    }
-    panic!("channel closed without a final event");
-}
-
-fn wait_idle(h: &EngineHandle) {
-    let m = h.metrics();
-    let t0 = Instant::now();
-    while m.num_requests_running() + m.num_requests_waiting() > 0 || m.kv_cache_usage() > 0.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "engine never went idle"
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -145,7 +101,7 @@ fn core_streams_tokens_and_finishes_under_preemption() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    wait_idle(&h);
+    wait_idle(&h, Duration::from_secs(10));
     let m = h.metrics();
     assert!(
         m.num_preemptions() > 0,
@@ -185,7 +141,7 @@ fn abort_disconnect_refusal_and_model_errors() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    wait_idle(&h);
+    wait_idle(&h, Duration::from_secs(10));
     assert_eq!(h.metrics().requests_finished(FinishReason::Abort), 2);
     // refused up front
     let (_, fin) = collect(h.add_request(request("c", vec![1; 300], greedy(1))));
@@ -196,26 +152,7 @@ fn abort_disconnect_refusal_and_model_errors() {
     assert!(matches!(fin, RequestEvent::Error { message } if message.contains("poisoned")));
     let (toks, _) = collect(h.add_request(request("e", vec![7], greedy(3))));
     assert_eq!(toks, vec![8, 9, 10]);
-    wait_idle(&h);
-}
-
-/// A tiny llama config.json in a fresh directory.
-fn tiny_model_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "engine-sched-tiny-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = serde_json::json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
-    });
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    dir
+    wait_idle(&h, Duration::from_secs(10));
 }
 
 fn spawn_model(
@@ -271,7 +208,7 @@ fn batched_equals_alone(path: &std::path::Path, format: LoadFormat, vocab: u32, 
         assert_eq!(toks.len(), out_len);
         assert_eq!(toks, alone[i], "request {i} differs batched vs alone");
     }
-    wait_idle(&h);
+    wait_idle(&h, Duration::from_secs(10));
     assert!(h.metrics().num_preemptions() > 0, "expected preemption");
     assert_eq!(h.metrics().kv_cache_usage(), 0.0);
     h.shutdown();
@@ -279,18 +216,9 @@ fn batched_equals_alone(path: &std::path::Path, format: LoadFormat, vocab: u32, 
 
 #[test]
 fn dummy_model_batched_with_preemption_equals_alone() {
-    let dir = tiny_model_dir();
+    let dir = tiny_model_dir("sched");
     batched_equals_alone(&dir, LoadFormat::Dummy, 256, 12);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn smollm2_path() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("SMOLLM2_GGUF") {
-        return Some(PathBuf::from(p));
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.exists().then_some(p)
 }
 
 #[test]
@@ -304,7 +232,7 @@ fn smollm2_batched_with_preemption_equals_alone() {
 
 #[test]
 fn dummy_model_prefix_caching_equals_no_caching() {
-    let dir = tiny_model_dir();
+    let dir = tiny_model_dir("sched");
     let shared: Vec<u32> = (0..40).map(|t| (t * 7 + 5) % 256).collect();
     let prompts: Vec<Vec<u32>> = (0..6u32)
         .map(|i| {
@@ -324,7 +252,7 @@ fn dummy_model_prefix_caching_equals_no_caching() {
             .collect();
         let mut all = vec![first];
         all.extend(rxs.into_iter().map(|rx| collect(rx).0));
-        wait_idle(&h);
+        wait_idle(&h, Duration::from_secs(10));
         let hits = h.metrics().prefix_cache().1;
         h.shutdown();
         (all, hits)

@@ -336,9 +336,7 @@ fn arrival_text(a: &ArrivalPattern) -> String {
 
 /// Runs `probe bench`: the benchmark, then its output folder; returns the report path.
 pub async fn bench_main(a: &BenchArgs) -> Result<PathBuf, BenchError> {
-    let cfg = resolve(a)?
-        .with_served_model(&reqwest::Client::new())
-        .await;
+    let cfg = resolve(a)?.with_served_model(&reqwest::Client::new()).await;
     let clock = Clock::start();
     let task = SamplerTask::new(
         clock,

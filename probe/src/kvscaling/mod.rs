@@ -678,7 +678,6 @@ async fn measure_capacity(
     }
 }
 
-
 /// argv for one setting: `--server-cmd` with placeholders filled, or our engine with the flags.
 fn launch_argv(
     cfg: &KvScalingConfig,
