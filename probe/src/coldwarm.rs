@@ -259,7 +259,7 @@ async fn experiment(
                 i.launch_command = Some(spec.command_line());
                 i.server_log = Some(spec.log_path.clone());
                 i.engine_version = version.clone();
-                i.prefix_cache_note = "fresh server process started by the probe: no prefix cache, no warm kernels before the cold request".into();
+                i.prefix_cache_note = "fresh server process started by the probe: empty prefix cache; only the warmup the server itself runs before reporting ready preceded the cold request".into();
             });
             let h = handle.insert(ServerHandle::spawn(&spec, &clock).await?);
             let pid = h.pid;

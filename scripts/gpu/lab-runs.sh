@@ -10,9 +10,12 @@
 #       2. probe bench, seed-001 burst (50 prompts, ~1356 in / ~343 out, Qwen2.5-1.5B shape, dummy
 #          weights, --max-num-seqs 16) under fcfs, fair, static, adaptive; probe compare -> day-008-scheduling/
 #       3. probe kv-scaling --lens 2k,4k,8k,16k,32k at the Qwen2.5-1.5B shape  -> day-007-vllm-runtime-probes/
-#   c (carry .lab-c: engine, probe, Llama-2 tokenizer): CodeLlama-34B shape (dummy, bf16; needs
-#       the H200's 141 GB): the seed-001 burst under fcfs and fair (+ static if time is left),
-#       probe compare, then kv-scaling 2k..16k                               -> day-009-codellama34b/
+#   c (carry .lab-c: engine, probe, Qwen2.5 and Llama-2 tokenizers, optionally engine-it):
+#       0. the CUDA tests again when engine-it is carried (SmolLM2 ones need stage b's GGUF)
+#       1. the four-policy Qwen2.5 comparison again (QWEN_POLICIES=0 skips it)
+#       2. CodeLlama-34B shape (dummy, bf16; needs the H200's 141 GB): the seed-001 burst under
+#          fcfs, fair and static, probe compare                              -> day-009-codellama34b/
+#       3. kv-scaling 2k..16k at the CodeLlama-34B shape with the time left
 #
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
 # (days/ tree) beside the server logs.
@@ -52,24 +55,25 @@ bench_policies() {
     local runs=() port=8100
     mkdir -p "$dir"
     for pol in "$@"; do
-        if [ "$(left)" -lt $((per + 30)) ]; then echo "skipping $pol: $(left) s left"; continue; fi
+        local label="$pol${SUFFIX:-}"
+        if [ "$(left)" -lt $((per + 30)) ]; then echo "skipping $label: $(left) s left"; continue; fi
         port=$((port + 1))
         # shellcheck disable=SC2086
-        "$LAB/engine" $flags --port $port --scheduling-policy "$pol" > "$dir/serve-$pol.log" 2>&1 &
+        "$LAB/engine" $flags --port $port --scheduling-policy "$pol" > "$dir/serve-$label.log" 2>&1 &
         local pid=$!
         if wait_ready "http://127.0.0.1:$port" $pid; then
-            grep -E "KV cache size|Maximum concurrency|Engine ready" "$dir/serve-$pol.log" | sed 's/^.*INFO[^:]*: //'
-            timeout -s INT "$per" "$LAB/probe" bench --base-url "http://127.0.0.1:$port" --label "$pol" \
+            grep -E "KV cache size|Maximum concurrency|Engine ready" "$dir/serve-$label.log" | sed 's/^.*INFO[^:]*: //'
+            timeout -s INT "$per" "$LAB/probe" bench --base-url "http://127.0.0.1:$port" --label "$label" \
                 --request-rate inf --num-prompts 50 --dataset-name random \
                 --random-input-len 1356 --random-output-len 343 --random-range-ratio 0.5 \
                 --tokenizer "$tok" --seed 1 --no-progress --request-timeout "$per" \
-                --out "$dir/seed001-$pol" > "$dir/bench-$pol.txt" 2>&1
-            echo "bench $pol: exit $?"; head -16 "$dir/bench-$pol.txt"
-            curl -s "http://127.0.0.1:$port/metrics" > "$dir/metrics-$pol.txt"
-            grep -E "^(vllm:num_preemptions_total|vllm:num_swaps_total|engine_swap_bytes_total)" "$dir/metrics-$pol.txt"
-            runs+=("$dir/seed001-$pol")
+                --out "$dir/seed001-$label" > "$dir/bench-$label.txt" 2>&1
+            echo "bench $label: exit $?"; head -16 "$dir/bench-$label.txt"
+            curl -s "http://127.0.0.1:$port/metrics" > "$dir/metrics-$label.txt"
+            grep -E "^(vllm:num_preemptions_total|vllm:num_swaps_total|engine_swap_bytes_total)" "$dir/metrics-$label.txt"
+            runs+=("$dir/seed001-$label")
         else
-            echo "engine ($pol) did not become ready"; tail -20 "$dir/serve-$pol.log"
+            echo "engine ($label) did not become ready"; tail -20 "$dir/serve-$label.log"
         fi
         kill -INT $pid 2>/dev/null; sleep 1; kill $pid 2>/dev/null; wait $pid 2>/dev/null
     done
@@ -93,11 +97,18 @@ b)
     cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
     echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
     ;;
-c) ;;
-*) echo "usage: $0 a|b|c" >&2; trap - EXIT; exit 2 ;;
+d) ;;
+c)
+    # Optional: SmolLM2 for the CUDA tests when stage a ran first on this machine.
+    if [ -f "$LAB/smolpart.aa" ] && [ -f .lab-c/smolpart.ab ]; then
+        cp .lab-c/smolpart.ab "$LAB/" && cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
+        echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || rm -f "$LAB/smollm2.gguf"
+    fi
+    ;;
+*) echo "usage: $0 a|b|c|d" >&2; trap - EXIT; exit 2 ;;
 esac
 
-for f in engine probe engine-it; do
+for f in engine probe engine-it engine-bench; do
     [ -f ".lab-$STAGE/$f.xz" ] && unpack ".lab-$STAGE/$f.xz" "$LAB/$f"
 done
 for t in qwen2.5 llama2; do
@@ -137,19 +148,42 @@ if [ "$STAGE" = b ]; then
 fi
 
 if [ "$STAGE" = c ]; then
-    echo "== 1. seed-001 burst, CodeLlama-34B shape (dummy, bf16)"
+    if [ -x "$LAB/engine-it" ]; then
+        echo "== 0. CUDA tests"
+        SMOLLM2_GGUF=$LAB/smollm2.gguf timeout 90 "$LAB/engine-it" --test-threads=1 --nocapture \
+            > "$DAYS/cuda-tests.log" 2>&1
+        grep -E "^test |test result|greedy|top-3|restored|argmax" "$DAYS/cuda-tests.log" | tail -30
+    fi
+    if [ "${QWEN_POLICIES:-1}" = 1 ]; then
+        echo "== 1. seed-001 burst under four policies (Qwen2.5-1.5B shape)"
+        QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+        bench_policies "$DAYS/day-008-scheduling" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 60 fcfs fair static adaptive
+        compare_runs "$DAYS/day-008-scheduling"
+    fi
+    echo "== 2. seed-001 burst, CodeLlama-34B shape (dummy, bf16)"
     CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
-    bench_policies "$DAYS/day-009-codellama34b" "$CL" "$LAB/llama2/tokenizer.json" 170 fcfs fair
+    bench_policies "$DAYS/day-009-codellama34b" "$CL" "$LAB/llama2/tokenizer.json" 120 fcfs fair static
     compare_runs "$DAYS/day-009-codellama34b"
-    echo "== 2. kv-scaling, CodeLlama-34B shape ($(left) s left)"
-    if [ "$(left)" -gt 100 ]; then
-        timeout -s INT $(($(left) - 100)) "$LAB/probe" kv-scaling --lens 2k,4k,8k,16k --concurrency 1,8 \
+    echo "== 3. kv-scaling, CodeLlama-34B shape ($(left) s left)"
+    if [ "$(left)" -gt 90 ]; then
+        timeout -s INT $(($(left) - 15)) "$LAB/probe" kv-scaling --lens 2k,4k,8k,16k --concurrency 1,8 \
             --requests-per-level 8 --max-tokens 32 --model configs/codellama-34b.json \
             --engine-args "--load-format dummy --tokenizer $LAB/llama2 --device cuda" \
             --day day-009-codellama34b --out "$DAYS" 2>&1 | tail -30
     fi
-    echo "== 3. static batching, if time is left ($(left) s)"
-    bench_policies "$DAYS/day-009-codellama34b" "$CL" "$LAB/llama2/tokenizer.json" 150 static
-    compare_runs "$DAYS/day-009-codellama34b"
+fi
+if [ "$STAGE" = d ]; then
+    echo "== 1. engine-bench, Qwen2.5-1.5B shape (decode/prefill against the floors)"
+    timeout 150 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
+        --dtype bfloat16 --device cuda --out "$DAYS/engine-bench.md" > "$DAYS/engine-bench.log" 2>&1
+    tail -22 "$DAYS/engine-bench.log"
+    echo "== 2. fair quantum 16 vs 8 beside fcfs, Qwen2.5-1.5B shape"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    bench_policies "$DAYS/fair-quantum-qwen" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 45 fcfs fair
+    SUFFIX=-q8 bench_policies "$DAYS/fair-quantum-qwen" "$QWEN --fair-quantum 8" "$LAB/qwen2.5/tokenizer.json" 45 fair
+    compare_runs "$DAYS/fair-quantum-qwen"
+    echo "== 3. fair quantum 8, CodeLlama-34B shape"
+    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    SUFFIX=-q8 bench_policies "$DAYS/fair-quantum-codellama34b" "$CL --fair-quantum 8" "$LAB/llama2/tokenizer.json" 100 fair
 fi
 echo "== done after $SECONDS s"

@@ -5,7 +5,7 @@
 #          target/debug/probe (cargo build -p probe), the SmolLM2 GGUF (scripts/fetch-model.sh),
 #          the Qwen2.5 and Llama-2 tokenizers (scripts/fetch-tokenizer.sh, scripts/fetch-llama-tokenizer.sh).
 #   makes: .lab-a (GGUF part aa), .lab-b (GGUF part ab, engine, probe, engine-it, Qwen2.5 tokenizer),
-#          .lab-c (engine, probe, Llama-2 tokenizer)
+#          .lab-c (engine, probe, engine-it, Qwen2.5 and Llama-2 tokenizers)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 GGUF=${SMOLLM2_GGUF:-.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -22,7 +22,9 @@ strip -o .lab-b/probe "$PROBE" && xz -6 -T2 -f .lab-b/probe
 cp .carry/engine.xz .carry/engine-it.xz .lab-b/
 xz -6 -T2 -c .cache/tokenizers/qwen2.5/tokenizer.json > .lab-b/qwen2.5/tokenizer.json.xz
 cp .cache/tokenizers/qwen2.5/tokenizer_config.json .lab-b/qwen2.5/
-cp .lab-b/engine.xz .lab-b/probe.xz .lab-c/
+cp .lab-b/engine.xz .lab-b/probe.xz .lab-b/engine-it.xz .lab-c/
+cp -r .lab-b/qwen2.5 .lab-c/
+cp .lab-b/smolpart.ab .lab-c/
 xz -6 -T2 -c .cache/tokenizers/llama2/tokenizer.json > .lab-c/llama2/tokenizer.json.xz
 cp .cache/tokenizers/llama2/tokenizer_config.json .lab-c/llama2/
 du -sh .lab-a .lab-b .lab-c

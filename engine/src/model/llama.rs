@@ -2,7 +2,9 @@
 //!
 //! Weights use the Hugging Face layout and rotary convention ("rotate_half" over the two halves of
 //! each head); loaders convert other layouts (llama.cpp's permuted Q/K) before they get here.
-//! Matmuls run in the compute dtype; RMSNorm statistics and softmax run in f32.
+//! Matmuls run in the compute dtype; RMSNorm statistics and softmax run in f32. The LM head runs
+//! in f32 (its weight is kept in f32): bf16 logits carry 8 mantissa bits, so close candidates
+//! round to the same value and greedy decoding would depend on how argmax breaks ties.
 
 use std::sync::Arc;
 
@@ -159,7 +161,7 @@ impl LlamaModel {
             embed_tokens,
             layers,
             norm,
-            lm_head: Linear::new(lm_head, None),
+            lm_head: Linear::new(lm_head.to_dtype(DType::F32).map_err(shape_err)?, None),
             tp,
             lm_head_sharded: shard.is_some(),
             cos,
@@ -234,7 +236,7 @@ impl LlamaModel {
     }
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.rms_norm(x, &self.norm)?;
+        let x = self.rms_norm(x, &self.norm)?.to_dtype(DType::F32)?;
         let logits = self.lm_head.forward(&x)?;
         let logits = if self.lm_head_sharded {
             self.tp.all_gather_last_dim(&logits)?

@@ -115,9 +115,18 @@ fn max_starvation(steps: &[Vec<String>], ids: &[String]) -> usize {
 }
 
 fn run_fair_like(policy: Box<dyn SchedulingPolicy>, cpu_blocks: usize) -> (usize, Scheduler) {
-    // 8 requests, 2 at a time: each needs ceil((4 + 40) / 4) = 11 blocks; 24 blocks total.
-    let mut s = Scheduler::new(config(24, 4, 64, 2), policy).with_num_cpu_blocks(cpu_blocks);
-    let mut runner = FakeRunner::new(24, 4);
+    run_fair_like_on(policy, 24, cpu_blocks)
+}
+
+fn run_fair_like_on(
+    policy: Box<dyn SchedulingPolicy>,
+    gpu_blocks: usize,
+    cpu_blocks: usize,
+) -> (usize, Scheduler) {
+    // 8 requests, 2 at a time: each needs ceil((4 + 40) / 4) = 11 blocks (24 blocks: pressure).
+    let mut s =
+        Scheduler::new(config(gpu_blocks, 4, 64, 2), policy).with_num_cpu_blocks(cpu_blocks);
+    let mut runner = FakeRunner::new(gpu_blocks, 4);
     let mut ids = Vec::new();
     let mut expected = HashMap::new();
     for i in 0..8u32 {
@@ -132,7 +141,7 @@ fn run_fair_like(policy: Box<dyn SchedulingPolicy>, cpu_blocks: usize) -> (usize
     for id in &ids {
         assert_eq!(got[id], expected[id], "{id} differs from running alone");
     }
-    assert_eq!(s.kv().num_free_blocks(), 24, "GPU blocks leaked");
+    assert_eq!(s.kv().num_free_blocks(), gpu_blocks, "GPU blocks leaked");
     assert_eq!(s.num_free_cpu_blocks(), cpu_blocks, "CPU blocks leaked");
     (max_starvation(&steps, &ids), s)
 }
@@ -153,6 +162,19 @@ fn fair_bounds_starvation_and_swaps_instead_of_recomputing() {
     assert!(
         fcfs_gap > 100,
         "fcfs makes the last request wait: {fcfs_gap}"
+    );
+}
+
+#[test]
+fn fair_keeps_kv_resident_when_blocks_are_plentiful() {
+    // 8 x 11 blocks fit in 100: requests yield their turn (max-num-seqs 2) but keep their KV.
+    let (gap, s) = run_fair_like_on(Box::new(Fair::new(4)), 100, 64);
+    assert!(gap <= 24, "fair: a request starved for {gap} steps");
+    assert!(s.num_preemptions_total() > 8, "time slicing happened");
+    assert_eq!(
+        s.swap_counts(),
+        SwapCounts::default(),
+        "nothing swapped without pressure"
     );
 }
 
@@ -319,4 +341,42 @@ fn no_leaked_blocks_after_random_aborts_under_every_policy() {
             random_aborts(name, seed);
         }
     }
+}
+
+#[test]
+fn static_forms_the_whole_batch_even_when_prompts_exceed_the_step_budget() {
+    // Budget 8 tokens a step, prompts of 6: the batch of 3 forms in the first step anyway and
+    // its prefills run chunked over the next steps; the 4th request waits for the whole batch.
+    let mut s = Scheduler::new(config(64, 4, 8, 3), policy_from_name("static").unwrap());
+    let mut expected = HashMap::new();
+    for i in 0..4u32 {
+        let prompt: Vec<u32> = (0..6).map(|t| t * 3 + i).collect();
+        expected.insert(format!("r{i}"), reference(&prompt, 5, &[], 256));
+        s.add_request(request(&format!("r{i}"), prompt, 5, vec![]))
+            .unwrap();
+    }
+    let mut runner = FakeRunner::new(64, 4);
+    let mut got: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut step = 0;
+    while s.has_requests() {
+        let out = s.schedule();
+        check_invariants(&s, &out);
+        if step == 0 {
+            assert_eq!(s.num_running(), 3, "the batch forms in one step");
+            assert!(out.total_num_scheduled_tokens <= 8);
+        }
+        if s.running().iter().any(|r| r.request_id == "r3") {
+            assert!(
+                s.running().iter().all(|r| r.request_id == "r3"),
+                "r3 joined a running batch"
+            );
+        }
+        let sampled = runner.execute(&out);
+        for o in s.update_from_output(&out, &sampled) {
+            got.entry(o.request_id).or_default().extend(o.new_token_ids);
+        }
+        step += 1;
+        assert!(step < 200, "static batching did not finish");
+    }
+    assert_eq!(got, expected);
 }

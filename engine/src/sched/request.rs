@@ -13,6 +13,8 @@ pub enum RequestStatus {
     Preempted,
     /// Preempted by swapping: KV blocks copied to the CPU pool, computed tokens kept.
     Swapped,
+    /// Yielded its turn (time slicing) with its KV blocks kept on the GPU.
+    Paused,
     FinishedStopped,
     FinishedLengthCapped,
     FinishedAborted,
@@ -139,15 +141,29 @@ impl Request {
     }
 
     /// Preempted by swap: its computed tokens stay valid (their K/V moves to the CPU pool).
+    /// Preempted by swap (or a paused request's blocks moved out): its computed tokens stay
+    /// valid (their K/V moves to the CPU pool).
     pub(crate) fn mark_swapped(&mut self, now: Instant) {
+        if self.status != RequestStatus::Paused {
+            self.num_preemptions += 1;
+        }
         self.status = RequestStatus::Swapped;
-        self.num_preemptions += 1;
-        self.stamps.preempted_at = Some(now);
+        self.stamps.preempted_at.get_or_insert(now);
     }
 
+    /// Preempted by recompute (or a paused request's blocks freed): computed tokens are lost.
     pub(crate) fn mark_preempted(&mut self, now: Instant) {
+        if self.status != RequestStatus::Paused {
+            self.num_preemptions += 1;
+        }
         self.status = RequestStatus::Preempted;
         self.num_computed_tokens = 0;
+        self.stamps.preempted_at.get_or_insert(now);
+    }
+
+    /// Yielded its turn with its blocks kept on the GPU: computed tokens stay valid.
+    pub(crate) fn mark_paused(&mut self, now: Instant) {
+        self.status = RequestStatus::Paused;
         self.num_preemptions += 1;
         self.stamps.preempted_at = Some(now);
     }

@@ -4,7 +4,7 @@ use super::policy::{PreemptionMode, SchedulingPolicy, StepStats};
 use super::request::{Request, RequestStatus};
 use super::{RequestOutput, SchedError, ScheduledRequest, SchedulerConfig, SchedulerOutput};
 use crate::kv::{BlockId, KVCacheManager};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 /// A request planned this step, before its block table is final.
@@ -34,6 +34,9 @@ pub struct Scheduler {
     cpu_free: Vec<u32>,
     num_cpu_blocks: usize,
     cpu_blocks: HashMap<String, Vec<u32>>,
+    /// Waiting requests that yielded their turn (time slicing) with their KV blocks kept on the
+    /// GPU; their blocks are the first to go (swap or recompute) when blocks run short.
+    paused: HashSet<String>,
     /// Requests swapped out / in, and blocks moved each way, since start.
     pub(crate) swap_counts: SwapCounts,
 }
@@ -65,6 +68,7 @@ impl Scheduler {
             cpu_free: Vec::new(),
             num_cpu_blocks: 0,
             cpu_blocks: HashMap::new(),
+            paused: HashSet::new(),
             swap_counts: SwapCounts::default(),
         }
     }
@@ -79,6 +83,11 @@ impl Scheduler {
 
     pub fn num_cpu_blocks(&self) -> usize {
         self.num_cpu_blocks
+    }
+
+    /// Whether a waiting request yielded with its KV blocks kept on the GPU.
+    pub fn is_paused(&self, request_id: &str) -> bool {
+        self.paused.contains(request_id)
     }
 
     pub fn num_free_cpu_blocks(&self) -> usize {
@@ -189,8 +198,12 @@ impl Scheduler {
         let mut j = 0;
         while j < self.running.len() && may_yield > 0 {
             if self.policy.should_yield(&self.running[j], &self.waiting) {
-                let req = self.running.remove(j);
-                self.preempt(req, now, &mut preempted, &mut swaps);
+                let mut req = self.running.remove(j);
+                req.mark_paused(now);
+                self.paused.insert(req.request_id.clone());
+                self.num_preemptions_total += 1;
+                preempted.push(req.request_id.clone());
+                self.policy.requeue_preempted(&mut self.waiting, req);
                 may_yield -= 1;
             } else {
                 j += 1;
@@ -214,6 +227,9 @@ impl Scheduler {
                     .is_some()
                 {
                     break;
+                }
+                if self.evict_paused(None, now, &mut swaps) {
+                    continue;
                 }
                 let victim_idx = self.policy.select_victim(&self.running);
                 let victim = self.running.remove(victim_idx);
@@ -254,8 +270,10 @@ impl Scheduler {
             .max_running(self.config.max_num_seqs)
             .clamp(1, self.config.max_num_seqs.max(1));
         let mut admitted = 0;
+        let mut cpu_released = Vec::new();
         if num_short == 0 {
-            while budget > 0
+            let beyond_budget = self.policy.admits_beyond_budget();
+            while (budget > 0 || beyond_budget)
                 && self.running.len() < max_running
                 && !self.waiting.is_empty()
                 && self
@@ -270,9 +288,14 @@ impl Scheduler {
                 };
                 let num_new = (req.num_tokens() - req.num_computed_tokens - num_hit).min(budget);
                 if self.kv.allocate_slots(req, num_new, &hits).is_none() {
+                    let head = req.request_id.clone();
+                    if self.evict_paused(Some(&head), now, &mut swaps) {
+                        continue;
+                    }
                     break;
                 }
                 let mut req = self.waiting.pop_front().expect("checked non-empty");
+                self.paused.remove(&req.request_id);
                 if let Some(cpu) = self.cpu_blocks.remove(&req.request_id) {
                     let gpu = self.kv.block_ids(&req.request_id);
                     swaps
@@ -280,7 +303,9 @@ impl Scheduler {
                         .extend(cpu.iter().copied().zip(gpu.iter().copied()));
                     self.swap_counts.swaps_in += 1;
                     self.swap_counts.blocks_in += cpu.len() as u64;
-                    self.cpu_free.extend(cpu);
+                    // Free only after this step: a swap-out later in the step must not reuse
+                    // a CPU block the runner still reads (it copies all outs before all ins).
+                    cpu_released.extend(cpu);
                 }
                 admitted += 1;
                 if req.stamps.first_scheduled.is_none() {
@@ -288,15 +313,19 @@ impl Scheduler {
                 }
                 req.num_computed_tokens += num_hit;
                 req.mark_scheduled(now);
-                planned.push(Planned {
-                    request_id: req.request_id.clone(),
-                    num_new_tokens: num_new,
-                    num_computed_before: req.num_computed_tokens,
-                });
+                if num_new > 0 {
+                    planned.push(Planned {
+                        request_id: req.request_id.clone(),
+                        num_new_tokens: num_new,
+                        num_computed_before: req.num_computed_tokens,
+                    });
+                }
                 budget -= num_new;
                 self.running.push(req);
             }
         }
+
+        self.cpu_free.extend(cpu_released);
 
         // Build the output in batch order and advance the computed counts.
         self.policy.observe(&StepStats {
@@ -350,6 +379,30 @@ impl Scheduler {
         preempted: &mut Vec<String>,
         swaps: &mut Swaps,
     ) {
+        self.release_blocks(&mut victim, now, swaps);
+        self.num_preemptions_total += 1;
+        preempted.push(victim.request_id.clone());
+        self.policy.requeue_preempted(&mut self.waiting, victim);
+    }
+
+    /// Moves the paused waiting request latest in the queue (not `except`) off the GPU, by swap
+    /// or recompute; false when no paused request holds blocks.
+    fn evict_paused(&mut self, except: Option<&str>, now: Instant, swaps: &mut Swaps) -> bool {
+        let Some(pos) = self.waiting.iter().rposition(|r| {
+            self.paused.contains(&r.request_id) && Some(r.request_id.as_str()) != except
+        }) else {
+            return false;
+        };
+        let mut victim = self.waiting.remove(pos).expect("position in range");
+        self.paused.remove(&victim.request_id);
+        self.release_blocks(&mut victim, now, swaps);
+        self.waiting.insert(pos, victim);
+        true
+    }
+
+    /// Gives `victim`'s GPU blocks up: by swap when the policy asks for it and the CPU pool has
+    /// room for its computed blocks, by recompute otherwise.
+    fn release_blocks(&mut self, victim: &mut Request, now: Instant, swaps: &mut Swaps) {
         let n = self.kv.blocks_for(victim.num_computed_tokens);
         if self.policy.preemption_mode() == PreemptionMode::Swap
             && n > 0
@@ -365,15 +418,12 @@ impl Scheduler {
             self.swap_counts.swaps_out += 1;
             self.swap_counts.blocks_out += n as u64;
             self.cpu_blocks.insert(victim.request_id.clone(), cpu);
-            self.kv.free(&victim);
+            self.kv.free(victim);
             victim.mark_swapped(now);
         } else {
-            self.kv.free(&victim);
+            self.kv.free(victim);
             victim.mark_preempted(now);
         }
-        self.num_preemptions_total += 1;
-        preempted.push(victim.request_id.clone());
-        self.policy.requeue_preempted(&mut self.waiting, victim);
     }
 
     /// Applies a step's sampled tokens (`sampled[i]` for `output.scheduled[i]`; None where no
@@ -422,6 +472,7 @@ impl Scheduler {
 
     fn finish(&mut self, req: &mut Request, status: RequestStatus, now: Instant) {
         self.kv.free(req);
+        self.paused.remove(&req.request_id);
         if let Some(cpu) = self.cpu_blocks.remove(&req.request_id) {
             self.cpu_free.extend(cpu);
         }

@@ -155,7 +155,15 @@ pub(super) fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
         );
     }
     for r in s.waiting() {
-        assert!(s.kv().block_ids(&r.request_id).is_empty());
+        if s.is_paused(&r.request_id) {
+            assert_eq!(
+                s.kv().block_ids(&r.request_id).len(),
+                s.kv().blocks_for(r.num_computed_tokens),
+                "a paused request keeps exactly the blocks of its computed tokens"
+            );
+        } else {
+            assert!(s.kv().block_ids(&r.request_id).is_empty());
+        }
     }
 }
 

@@ -274,6 +274,11 @@ fn greedy_paged(model: &dyn engine::model::CausalLM, dtype: DType, dev: &Device)
         let logits = model.forward(&batch, &mut cache).unwrap();
         let row: Vec<f32> = logits.get(0).unwrap().to_vec1().unwrap();
         let next = argmax(&row);
+        if out.is_empty() {
+            let mut top: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+            top.sort_by(|a, b| b.1.total_cmp(&a.1));
+            eprintln!("{dtype:?} first step, top-3 logits: {:?}", &top[..3]);
+        }
         out.push(next);
         tokens.push(next);
         new = vec![next];

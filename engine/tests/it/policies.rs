@@ -24,15 +24,16 @@ fn spawn(
     policy: Box<dyn engine::sched::policy::SchedulingPolicy>,
     max_num_seqs: usize,
     enable_prefix_caching: bool,
+    num_gpu_blocks: usize,
 ) -> EngineHandle {
     let model = load_model(path, format, DType::F32, &Device::Cpu, 7).unwrap();
-    let cache = KvCache::new(model.config(), 64, 16, DType::F32, &Device::Cpu).unwrap();
+    let cache = KvCache::new(model.config(), num_gpu_blocks, 16, DType::F32, &Device::Cpu).unwrap();
     let cfg = SchedulerConfig {
         max_num_seqs,
         max_num_batched_tokens: 256,
         max_model_len: 256,
         block_size: 16,
-        num_gpu_blocks: 64,
+        num_gpu_blocks,
         enable_prefix_caching,
     };
     let (h, _join) = EngineCore::spawn_with_swap_space(
@@ -47,8 +48,23 @@ fn spawn(
 }
 
 /// 6 concurrent greedy requests under `fair` with quantum 2 and 2 running at a time: the same
-/// tokens as each alone, swaps really happened, preempted time is reported.
+/// tokens as each alone, preempted time is reported. With 10 GPU blocks the yielded requests'
+/// KV cannot all stay resident (6 x up to 4 blocks): swaps really happen. With 64 they stay on
+/// the GPU: time slicing without any swap.
 fn fair_swap_equals_alone(path: &Path, format: LoadFormat, vocab: u32, out_len: usize) {
+    for (blocks, expect_swaps) in [(10, true), (64, false)] {
+        fair_run_equals_alone(path, format, vocab, out_len, blocks, expect_swaps);
+    }
+}
+
+fn fair_run_equals_alone(
+    path: &Path,
+    format: LoadFormat,
+    vocab: u32,
+    out_len: usize,
+    gpu_blocks: usize,
+    expect_swaps: bool,
+) {
     let prompts: Vec<Vec<u32>> = (0..6u32)
         .map(|i| {
             (0..(4 + i * 7))
@@ -56,7 +72,14 @@ fn fair_swap_equals_alone(path: &Path, format: LoadFormat, vocab: u32, out_len: 
                 .collect()
         })
         .collect();
-    let solo = spawn(path, format, policy_from_name("fcfs").unwrap(), 8, false);
+    let solo = spawn(
+        path,
+        format,
+        policy_from_name("fcfs").unwrap(),
+        8,
+        false,
+        64,
+    );
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .enumerate()
@@ -64,7 +87,7 @@ fn fair_swap_equals_alone(path: &Path, format: LoadFormat, vocab: u32, out_len: 
         .collect();
     solo.shutdown();
 
-    let h = spawn(path, format, Box::new(Fair::new(2)), 2, false);
+    let h = spawn(path, format, Box::new(Fair::new(2)), 2, false, gpu_blocks);
     let rxs: Vec<_> = prompts
         .iter()
         .enumerate()
@@ -90,10 +113,22 @@ fn fair_swap_equals_alone(path: &Path, format: LoadFormat, vocab: u32, out_len: 
     }
     wait_idle(&h, Duration::from_secs(20));
     let (out, into, bytes) = h.metrics().swaps();
-    assert!(out > 0, "no swap happened");
+    if expect_swaps {
+        assert!(out > 0, "no swap happened with {gpu_blocks} blocks");
+        assert!(bytes > 0);
+    } else {
+        assert_eq!(
+            (out, bytes),
+            (0, 0),
+            "swapped although {gpu_blocks} blocks hold everything"
+        );
+    }
     assert_eq!(out, into);
-    assert!(bytes > 0);
-    assert!(preempted_s > 0.0, "swapped requests report preempted time");
+    assert!(h.metrics().num_preemptions() > 0, "time slicing happened");
+    assert!(
+        preempted_s > 0.0,
+        "preempted requests report preempted time"
+    );
     let text = h.metrics().render_prometheus();
     assert!(text.contains("vllm:num_swaps_total{engine=\"0\",model_name=\"m\",direction=\"out\"}"));
     assert!(text.contains("engine_request_preempted_time_seconds_count"));
@@ -125,6 +160,7 @@ fn reset_prefix_cache_makes_the_next_run_cold() {
         policy_from_name("fcfs").unwrap(),
         4,
         true,
+        64,
     );
     let prompt: Vec<u32> = (0..40).map(|t| (t * 7 + 5) % 256).collect();
     let cached = |id: &str| match collect(h.add_request(request(id, prompt.clone(), 2))).1 {

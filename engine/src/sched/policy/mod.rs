@@ -69,6 +69,12 @@ pub trait SchedulingPolicy: Send + std::fmt::Debug {
         true
     }
 
+    /// Whether requests may join the running set in a step whose token budget is spent (their
+    /// prefill then starts in later steps): static batching forms its whole batch at once.
+    fn admits_beyond_budget(&self) -> bool {
+        false
+    }
+
     /// Most requests running at once, given `--max-num-seqs`.
     fn max_running(&self, max_num_seqs: usize) -> usize {
         max_num_seqs

@@ -21,8 +21,14 @@ impl SchedulingPolicy for StaticBatch {
         running.len() - 1
     }
 
-    /// A batch forms in one step: only while every running request joined this step (or none
-    /// runs). Requests of the batch preempted by recompute rejoin only with the next batch.
+    fn admits_beyond_budget(&self) -> bool {
+        true
+    }
+
+    /// A batch forms in one step (up to `--max-num-seqs`, whatever the step's token budget; the
+    /// prefills then run chunked over the next steps): only while every running request joined
+    /// this step (or none runs). Requests of the batch preempted by recompute rejoin only with
+    /// the next batch.
     fn may_admit(
         &self,
         running: &[Request],
