@@ -83,7 +83,7 @@ pub struct EngineArgs {
     #[arg(long, value_enum, default_value_t = SchedulingPolicyArg::Fcfs)]
     pub scheduling_policy: SchedulingPolicyArg,
 
-    /// Reuse KV blocks of identical prompt prefixes.
+    /// Reuse KV blocks of identical prompt prefixes (on unless --no-enable-prefix-caching).
     #[arg(long, overrides_with = "no_enable_prefix_caching")]
     pub enable_prefix_caching: bool,
 
@@ -191,8 +191,9 @@ impl EngineArgs {
         }
     }
 
+    /// Prefix caching is on by default, like vLLM's; the last of the two flags given wins.
     pub fn prefix_caching(&self) -> bool {
-        self.enable_prefix_caching && !self.no_enable_prefix_caching
+        !self.no_enable_prefix_caching
     }
 
     /// The scheduling policy these flags ask for, with its knobs.
@@ -306,7 +307,7 @@ mod tests {
         assert_eq!(a.gpu_memory_utilization, 0.9);
         assert_eq!(a.device, None);
         assert_eq!(a.scheduling_policy, SchedulingPolicyArg::Fcfs);
-        assert!(!a.prefix_caching());
+        assert!(a.prefix_caching(), "on by default, like vLLM");
         assert_eq!(a.swap_space, 4.0);
         assert_eq!(a.served_model_name().unwrap(), "m.gguf");
         a.validate().unwrap();

@@ -163,6 +163,8 @@ pub struct RunRow {
     pub e2e_ms: String,
     pub tpot_ms: String,
     pub prompt_tokens: String,
+    /// Prompt tokens served from the server's prefix cache (`usage.prompt_tokens_details`).
+    pub cached_tokens: String,
     pub completion_tokens: String,
     pub preview: String,
 }
@@ -226,6 +228,7 @@ fn run_row(r: &RequestRecord) -> RunRow {
         e2e_ms: ms(r.e2e_s()),
         tpot_ms: r.tpot_s().map(ms).unwrap_or_else(|| "n/a".into()),
         prompt_tokens: opt(r.prompt_tokens),
+        cached_tokens: opt(r.cached_tokens),
         completion_tokens: opt(r.completion_tokens.or(Some(r.chunk_times_s.len() as u64))),
         preview: preview(&r.text),
     }
@@ -609,6 +612,15 @@ fn observations(
     }
     if !info.prefix_cache_note.is_empty() {
         out.push(format!("Cold-start hygiene: {}.", info.prefix_cache_note));
+    }
+    let hits: Vec<(u64, u64)> = warm
+        .iter()
+        .filter_map(|r| Some((r.cached_tokens?, r.prompt_tokens?)))
+        .collect();
+    if let Some(&(c, p)) = hits.iter().max_by_key(|(c, _)| *c).filter(|(c, _)| *c > 0) {
+        out.push(format!(
+            "Warm runs send the same prompt, so the server's prefix cache served up to {c} of its {p} prompt tokens (column Cached prompt tokens): part of the cold/warm gap is prefix caching, not warm-up; start the server with prefix caching off to separate the two."
+        ));
     }
     out
 }
