@@ -2,7 +2,7 @@
 //! swap, static batches, adaptive caps, and no leaked GPU/CPU blocks under random aborts.
 
 use super::policy::{policy_from_name, Adaptive, Fair, Priority, SchedulingPolicy, StepStats};
-use super::tests::{check_invariants, config, reference, request, FakeRunner};
+use super::tests::{abort_random, check_invariants, config, reference, request, FakeRunner};
 use super::*;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
@@ -298,17 +298,7 @@ fn random_aborts(name: &str, seed: u64) {
             s.add_request(r).unwrap();
         }
         if rng.gen_bool(0.03) {
-            let live: Vec<String> = s
-                .running()
-                .iter()
-                .chain(s.waiting())
-                .map(|r| r.request_id.clone())
-                .collect();
-            if !live.is_empty() {
-                let id = live[rng.gen_range(0..live.len())].clone();
-                s.finish_requests(std::slice::from_ref(&id), RequestStatus::FinishedAborted);
-                aborted.insert(id);
-            }
+            aborted.extend(abort_random(&mut s, &mut rng));
         }
         let out = s.schedule();
         check_invariants(&s, &out);

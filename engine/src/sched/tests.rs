@@ -122,6 +122,23 @@ impl FakeRunner {
     }
 }
 
+/// Aborts one live (running or waiting) request picked at random; its id, if any was live.
+pub(super) fn abort_random(s: &mut Scheduler, rng: &mut impl Rng) -> Option<String> {
+    let live: Vec<String> = s
+        .running()
+        .iter()
+        .chain(s.waiting())
+        .map(|r| r.request_id.clone())
+        .collect();
+    if live.is_empty() {
+        return None;
+    }
+    let id = live[rng.gen_range(0..live.len())].clone();
+    let f = s.finish_requests(std::slice::from_ref(&id), RequestStatus::FinishedAborted);
+    assert_eq!(f.len(), 1);
+    Some(id)
+}
+
 /// Invariants after every step: limits kept, every block owned as often as its ref count says.
 pub(super) fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
     let c = s.config();
@@ -201,19 +218,7 @@ fn random_run(seed: u64, enable_prefix_caching: bool) {
                 .unwrap();
         }
         if rng.gen_bool(0.03) {
-            let live: Vec<String> = s
-                .running()
-                .iter()
-                .chain(s.waiting())
-                .map(|r| r.request_id.clone())
-                .collect();
-            if !live.is_empty() {
-                let id = live[rng.gen_range(0..live.len())].clone();
-                let f =
-                    s.finish_requests(std::slice::from_ref(&id), RequestStatus::FinishedAborted);
-                assert_eq!(f.len(), 1);
-                aborted.insert(id);
-            }
+            aborted.extend(abort_random(&mut s, &mut rng));
         }
         let out = s.schedule();
         check_invariants(&s, &out);
