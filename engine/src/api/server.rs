@@ -587,6 +587,11 @@ async fn serve(args: crate::args::EngineArgs, process_start: Instant) -> anyhow:
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
+    // Stream chunks leave at once: without TCP_NODELAY, Nagle's algorithm holds small SSE writes
+    // until the client's delayed ACK (~40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let state = ApiState::new(args.served_model_name()?, args.api_key.clone());
     let app = router(state.clone());
     let server = tokio::spawn(async move {

@@ -224,7 +224,10 @@ async fn cold_warm_attached_to_mock_reports_scripted_latencies() {
         (reported - cold).abs() < 0.051,
         "report {reported} vs record {cold}"
     );
-    assert_eq!(cold_row[7], "4", "output tokens (after prompt and cached prompt tokens)");
+    assert_eq!(
+        cold_row[7], "4",
+        "output tokens (after prompt and cached prompt tokens)"
+    );
     assert!(table_row(&report, "warm_1")[2].parse::<f64>().is_ok());
     let variance = report
         .lines()

@@ -148,6 +148,10 @@ impl MockServer {
             .route("/metrics", get(metrics))
             .route("/reset_prefix_cache", post(reset_prefix_cache))
             .with_state(state.clone());
+        // TCP_NODELAY, as a real server should: else small SSE writes wait for delayed ACKs.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
