@@ -299,7 +299,7 @@ impl IncrementalDecode for IncrementalDecoder {
 
 impl TextCodec for ModelCodec {
     fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.tokenizer.encode(text, true).map_err(|e| e.to_string())
+        self.encode_with(text, true)
     }
     fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
         self.tokenizer

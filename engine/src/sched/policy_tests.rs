@@ -2,7 +2,7 @@
 //! swap, static batches, adaptive caps, and no leaked GPU/CPU blocks under random aborts.
 
 use super::policy::{policy_from_name, Adaptive, Fair, Priority, SchedulingPolicy, StepStats};
-use super::tests::{abort_random, check_invariants, config, reference, request, FakeRunner};
+use super::tests::{abort_random, check_invariants, config, reference, request, step, FakeRunner};
 use super::*;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, HashSet};
@@ -24,11 +24,8 @@ fn drain(
         if !s.has_requests() {
             break;
         }
-        let out = s.schedule();
-        check_invariants(s, &out);
-        let sampled = runner.execute(&out);
         let mut gen = Vec::new();
-        for o in s.update_from_output(&out, &sampled) {
+        for o in step(s, runner).1 {
             gen.push(o.request_id.clone());
             got.entry(o.request_id).or_default().extend(o.new_token_ids);
         }
@@ -283,9 +280,9 @@ fn random_aborts(name: &str, seed: u64) {
     let mut expected = HashMap::new();
     let mut got: HashMap<String, Vec<u32>> = HashMap::new();
     let mut aborted = HashSet::new();
-    for step in 0..50_000 {
-        if step < 1200 && rng.gen_bool(0.08) {
-            let id = format!("r{step}");
+    for n in 0..50_000 {
+        if n < 1200 && rng.gen_bool(0.08) {
+            let id = format!("r{n}");
             let prompt: Vec<u32> = (0..rng.gen_range(1..30))
                 .map(|_| rng.gen_range(0..50))
                 .collect();
@@ -300,13 +297,10 @@ fn random_aborts(name: &str, seed: u64) {
         if rng.gen_bool(0.03) {
             aborted.extend(abort_random(&mut s, &mut rng));
         }
-        let out = s.schedule();
-        check_invariants(&s, &out);
-        let sampled = runner.execute(&out);
-        for o in s.update_from_output(&out, &sampled) {
+        for o in step(&mut s, &mut runner).1 {
             got.entry(o.request_id).or_default().extend(o.new_token_ids);
         }
-        if step >= 1200 && !s.has_requests() {
+        if n >= 1200 && !s.has_requests() {
             break;
         }
     }

@@ -122,6 +122,18 @@ impl FakeRunner {
     }
 }
 
+/// One engine step against the fake runner: plan (invariants checked), execute, apply.
+pub(super) fn step(
+    s: &mut Scheduler,
+    runner: &mut FakeRunner,
+) -> (SchedulerOutput, Vec<RequestOutput>) {
+    let out = s.schedule();
+    check_invariants(s, &out);
+    let sampled = runner.execute(&out);
+    let outputs = s.update_from_output(&out, &sampled);
+    (out, outputs)
+}
+
 /// Aborts one live (running or waiting) request picked at random; its id, if any was live.
 pub(super) fn abort_random(s: &mut Scheduler, rng: &mut impl Rng) -> Option<String> {
     let live: Vec<String> = s
@@ -197,8 +209,8 @@ fn random_run(seed: u64, enable_prefix_caching: bool) {
     let mut done: HashSet<String> = HashSet::new();
     let mut aborted: HashSet<String> = HashSet::new();
     let mut next_id = 0;
-    for step in 0..20_000 {
-        if step < 1500 && rng.gen_bool(0.08) {
+    for n in 0..20_000 {
+        if n < 1500 && rng.gen_bool(0.08) {
             let id = format!("r{next_id}");
             next_id += 1;
             let len = rng.gen_range(1..40);
@@ -220,10 +232,8 @@ fn random_run(seed: u64, enable_prefix_caching: bool) {
         if rng.gen_bool(0.03) {
             aborted.extend(abort_random(&mut s, &mut rng));
         }
-        let out = s.schedule();
-        check_invariants(&s, &out);
-        let sampled = runner.execute(&out);
-        for o in s.update_from_output(&out, &sampled) {
+        let (out, outputs) = step(&mut s, &mut runner);
+        for o in outputs {
             got.entry(o.request_id.clone())
                 .or_default()
                 .extend(&o.new_token_ids);
@@ -233,7 +243,7 @@ fn random_run(seed: u64, enable_prefix_caching: bool) {
             }
         }
         check_invariants(&s, &out);
-        if step >= 1500 && !s.has_requests() {
+        if n >= 1500 && !s.has_requests() {
             break;
         }
     }

@@ -1,9 +1,17 @@
 //! Helpers shared by the engine-core integration tests: requests, event collection, idle wait,
 //! the tiny dummy model and the SmolLM2 GGUF path.
 
-use engine::core::{EngineHandle, EngineRequest, RequestEvent};
+use candle_core::{DType, Device};
+use engine::core::{EngineCore, EngineHandle, EngineRequest, RequestEvent};
+use engine::metrics::EngineMetrics;
+use engine::model::KvCache;
+use engine::runner::ModelRunner;
 use engine::sampling::SamplingParams;
-use std::path::PathBuf;
+use engine::sched::policy::SchedulingPolicy;
+use engine::sched::SchedulerConfig;
+use engine::weights::{load_model, LoadFormat};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub fn greedy(max_tokens: usize) -> SamplingParams {
@@ -22,6 +30,35 @@ pub fn request(id: &str, prompt: Vec<u32>, sampling: SamplingParams) -> EngineRe
         priority: 0,
         arrival_time: Instant::now(),
     }
+}
+
+/// An engine core on the CPU over a real model (f32, dummy seed 7) with a paged cache of
+/// `config.num_gpu_blocks` blocks and a CPU swap pool of `swap_space_gib`.
+pub fn spawn_cpu_engine(
+    path: &Path,
+    format: LoadFormat,
+    config: SchedulerConfig,
+    policy: Box<dyn SchedulingPolicy>,
+    swap_space_gib: f64,
+) -> EngineHandle {
+    let model = load_model(path, format, DType::F32, &Device::Cpu, 7).unwrap();
+    let cache = KvCache::new(
+        model.config(),
+        config.num_gpu_blocks,
+        config.block_size,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (h, _join) = EngineCore::spawn_with_swap_space(
+        config,
+        policy,
+        Box::new(ModelRunner::new(model, cache)),
+        Arc::new(EngineMetrics::new("m")),
+        swap_space_gib,
+    )
+    .unwrap();
+    h
 }
 
 /// Collects a request's events: its tokens and the final event.

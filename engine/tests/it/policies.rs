@@ -1,21 +1,16 @@
 //! Scheduling policies end to end on real models (CPU): `fair` swaps KV blocks to the CPU pool
 //! and back without changing any greedy token; the prefix cache resets for cold runs.
 
-use crate::common::{collect, greedy, smollm2_path, tiny_model_dir, wait_idle};
-use candle_core::{DType, Device};
-use engine::core::{EngineCore, EngineHandle, EngineRequest, RequestEvent};
-use engine::metrics::EngineMetrics;
-use engine::model::KvCache;
-use engine::runner::ModelRunner;
+use crate::common::{collect, greedy, smollm2_path, spawn_cpu_engine, tiny_model_dir, wait_idle};
+use engine::core::{EngineHandle, EngineRequest, RequestEvent};
 use engine::sched::policy::{policy_from_name, Fair};
 use engine::sched::SchedulerConfig;
-use engine::weights::{load_model, LoadFormat};
+use engine::weights::LoadFormat;
 
 fn request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
     crate::common::request(id, prompt, greedy(max_tokens))
 }
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 fn spawn(
@@ -26,8 +21,6 @@ fn spawn(
     enable_prefix_caching: bool,
     num_gpu_blocks: usize,
 ) -> EngineHandle {
-    let model = load_model(path, format, DType::F32, &Device::Cpu, 7).unwrap();
-    let cache = KvCache::new(model.config(), num_gpu_blocks, 16, DType::F32, &Device::Cpu).unwrap();
     let cfg = SchedulerConfig {
         max_num_seqs,
         max_num_batched_tokens: 256,
@@ -36,15 +29,7 @@ fn spawn(
         num_gpu_blocks,
         enable_prefix_caching,
     };
-    let (h, _join) = EngineCore::spawn_with_swap_space(
-        cfg,
-        policy,
-        Box::new(ModelRunner::new(model, cache)),
-        Arc::new(EngineMetrics::new("m")),
-        0.05,
-    )
-    .unwrap();
-    h
+    spawn_cpu_engine(path, format, cfg, policy, 0.05)
 }
 
 /// 6 concurrent greedy requests under `fair` with quantum 2 and 2 running at a time: the same

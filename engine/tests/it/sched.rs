@@ -1,17 +1,16 @@
 //! The engine core end to end: fake executors for the loop's contract, a tiny dummy model and the
 //! real SmolLM2 for batched-equals-alone under preemption.
 
-use crate::common::{collect, greedy, request, smollm2_path, tiny_model_dir, wait_idle};
-use candle_core::{DType, Device};
+use crate::common::{
+    collect, greedy, request, smollm2_path, spawn_cpu_engine, tiny_model_dir, wait_idle,
+};
 use engine::core::{
     EngineCore, EngineHandle, ExecuteError, FinishReason, ModelExecutor, RequestEvent,
 };
 use engine::metrics::EngineMetrics;
-use engine::model::KvCache;
-use engine::runner::ModelRunner;
 use engine::sched::policy::Fcfs;
 use engine::sched::{SchedulerConfig, SchedulerOutput};
-use engine::weights::{load_model, LoadFormat};
+use engine::weights::LoadFormat;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -161,18 +160,15 @@ fn spawn_model(
     blocks: usize,
     enable_prefix_caching: bool,
 ) -> EngineHandle {
-    let model = load_model(path, format, DType::F32, &Device::Cpu, 7).unwrap();
-    let cache = KvCache::new(model.config(), blocks, 16, DType::F32, &Device::Cpu).unwrap();
     let mut cfg = sched_config(blocks, 16);
     cfg.enable_prefix_caching = enable_prefix_caching;
-    let (h, _join) = EngineCore::spawn(
+    spawn_cpu_engine(
+        path,
+        format,
         cfg,
         Box::new(Fcfs),
-        Box::new(ModelRunner::new(model, cache)),
-        Arc::new(EngineMetrics::new("m")),
+        engine::core::DEFAULT_SWAP_SPACE_GIB,
     )
-    .unwrap();
-    h
 }
 
 /// 8 concurrent greedy requests on a pool small enough to preempt produce exactly the tokens

@@ -40,7 +40,8 @@ pub enum BenchError {
 #[serde(default, deny_unknown_fields)]
 pub struct BenchConfig {
     pub base_url: String,
-    /// Model id to send; empty = the first one the server lists at `/v1/models`.
+    /// Model id to send; empty = the first one the server lists at `/v1/models` (resolved by
+    /// [`BenchConfig::with_served_model`] before the run).
     pub model: String,
     pub api: Api,
     pub label: String,
@@ -323,13 +324,6 @@ pub async fn run(
         ..ClientOptions::default()
     };
     let client = Client::new(&cfg.base_url, clock, opts)?;
-    let resolved;
-    let cfg = if cfg.model.is_empty() {
-        resolved = cfg.clone().with_served_model(client.http()).await;
-        &resolved
-    } else {
-        cfg
-    };
     let (planned, ds) = plan(cfg, client.http()).await?;
     let n = planned.len();
     // Warmup: the first prompts, one at a time, not recorded.
