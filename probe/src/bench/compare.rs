@@ -88,12 +88,15 @@ struct RunHead {
 
 fn table(runs: &[StoredRun]) -> Vec<Row> {
     type Get = fn(&BenchStats) -> f64;
-    let metrics: [(&'static str, Get); 16] = [
+    let metrics: [(&'static str, Get); 17] = [
         ("Successful requests", |s| s.completed as f64),
         ("Failed requests", |s| s.failed as f64),
         ("Benchmark duration (s)", |s| s.duration),
         ("Total input tokens", |s| s.total_input_tokens as f64),
         ("Total generated tokens", |s| s.total_output_tokens as f64),
+        ("Prefix-cached input tokens", |s| {
+            s.total_cached_tokens.unwrap_or(0) as f64
+        }),
         ("Request throughput (req/s)", |s| s.request_throughput),
         ("Output token throughput (tok/s)", |s| s.output_throughput),
         ("Total Token throughput (tok/s)", |s| {

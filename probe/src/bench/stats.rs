@@ -102,6 +102,10 @@ pub struct BenchStats {
     pub duration: f64,
     pub total_input_tokens: u64,
     pub total_output_tokens: u64,
+    /// Prompt tokens the server served from its prefix cache (`usage.prompt_tokens_details.
+    /// cached_tokens`), summed over completed requests; None when the server never reported it.
+    #[serde(default)]
+    pub total_cached_tokens: Option<u64>,
     pub request_throughput: f64,
     pub request_goodput: Option<f64>,
     pub output_throughput: f64,
@@ -164,6 +168,10 @@ pub fn compute(records: &[RequestRecord], slo: &Slo) -> BenchStats {
 
     let total_input_tokens: u64 = done.iter().map(|r| r.prompt_tokens.unwrap_or(0)).sum();
     let total_output_tokens: u64 = done.iter().map(|r| output_tokens(r)).sum();
+    let total_cached_tokens = done
+        .iter()
+        .filter_map(|r| r.cached_tokens)
+        .reduce(|a, b| a + b);
     let ttfts: Vec<f64> = done.iter().filter_map(|r| r.ttft_s()).map(ms).collect();
     let tpots: Vec<f64> = done.iter().filter_map(|r| tpot_s(r)).map(ms).collect();
     let itls: Vec<f64> = done.iter().flat_map(|r| r.itl_s()).map(ms).collect();
@@ -197,6 +205,7 @@ pub fn compute(records: &[RequestRecord], slo: &Slo) -> BenchStats {
         duration,
         total_input_tokens,
         total_output_tokens,
+        total_cached_tokens,
         request_throughput: per_s(done.len() as f64),
         request_goodput,
         output_throughput: per_s(total_output_tokens as f64),
@@ -363,6 +372,35 @@ mod tests {
         assert_eq!(
             (e.completed, e.duration, e.request_throughput),
             (0, 0.0, 0.0)
+        );
+    }
+
+    #[test]
+    fn cached_tokens_sum_over_completed_requests_only() {
+        let mut r0 = rec(0, 0.0, 0.0, &[0.1, 0.2], 0.2, 2);
+        let mut r1 = rec(1, 0.0, 0.0, &[0.1, 0.2], 0.2, 2);
+        let mut failed = rec(2, 0.0, 0.0, &[], 0.5, 0);
+        assert_eq!(
+            compute(&[r0.clone()], &Slo::default()).total_cached_tokens,
+            None
+        );
+        r0.cached_tokens = Some(0);
+        r1.cached_tokens = Some(8);
+        failed.cached_tokens = Some(100);
+        failed.error = Some(RequestError {
+            kind: ErrorKind::Cancelled,
+            message: "stopped".into(),
+            status: None,
+        });
+        let s = compute(&[r0, r1, failed], &Slo::default());
+        assert_eq!(s.total_cached_tokens, Some(8));
+        let block = crate::bench::summary::text_block(&s, &Default::default());
+        assert!(
+            block.contains(&format!(
+                "{:<40} {:<10}",
+                "Prefix-cached input tokens:", "8 (40.0%)"
+            )),
+            "{block}"
         );
     }
 }

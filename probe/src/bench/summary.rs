@@ -88,6 +88,18 @@ pub fn text_block(stats: &BenchStats, info: &RunInfo) -> String {
         "Total generated tokens:",
         stats.total_output_tokens,
     );
+    if let Some(c) = stats.total_cached_tokens {
+        let pct = if stats.total_input_tokens > 0 {
+            100.0 * c as f64 / stats.total_input_tokens as f64
+        } else {
+            0.0
+        };
+        row(
+            &mut out,
+            "Prefix-cached input tokens:",
+            format!("{c} ({pct:.1}%)"),
+        );
+    }
     row(
         &mut out,
         "Request throughput (req/s):",
@@ -173,6 +185,7 @@ pub fn result_json(
     );
     put("total_input_tokens", stats.total_input_tokens.into());
     put("total_output_tokens", stats.total_output_tokens.into());
+    put("total_cached_tokens", stats.total_cached_tokens.into());
     put("request_throughput", stats.request_throughput.into());
     put("request_goodput", stats.request_goodput.into());
     put("output_throughput", stats.output_throughput.into());
@@ -259,6 +272,9 @@ pub struct RequestRow {
     pub e2e_ms: f64,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// Prompt tokens served from the server's prefix cache, when it reports them.
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
     pub status: String,
     pub error: String,
 }
@@ -289,6 +305,7 @@ impl RequestRow {
             e2e_ms: r.e2e_s() * 1000.0,
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
+            cached_tokens: r.cached_tokens,
             status: match &r.error {
                 None => "ok".to_string(),
                 Some(e) => kind_name(e.kind).to_string(),
