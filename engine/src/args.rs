@@ -98,6 +98,11 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 16)]
     pub fair_quantum: usize,
 
+    /// Ranks the model is split over (Megatron-style: attention heads, KV heads and the MLP
+    /// divided, one worker thread per rank; on CUDA rank r runs on GPU r). Also `-tp`.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+
     /// `adaptive` policy: queueing SLA; the batch grows while the oldest waiting request waits
     /// longer than this.
     #[arg(long, default_value_t = 2000)]
@@ -172,6 +177,12 @@ impl EngineArgs {
         if args.get(1).is_some_and(|a| a == "serve") {
             args.remove(1);
         }
+        // vLLM's short form of --tensor-parallel-size.
+        for a in args.iter_mut() {
+            if a == "-tp" {
+                *a = "--tensor-parallel-size".into();
+            }
+        }
         Self::try_parse_from(args)
     }
 
@@ -214,6 +225,7 @@ impl EngineArgs {
             ("max-num-seqs", self.max_num_seqs),
             ("max-num-batched-tokens", self.max_num_batched_tokens),
             ("fair-quantum", self.fair_quantum),
+            ("tensor-parallel-size", self.tensor_parallel_size),
         ] {
             if v == 0 {
                 return Err(ArgsError::Zero { flag });
@@ -309,8 +321,31 @@ mod tests {
         assert_eq!(a.scheduling_policy, SchedulingPolicyArg::Fcfs);
         assert!(a.prefix_caching(), "on by default, like vLLM");
         assert_eq!(a.swap_space, 4.0);
+        assert_eq!(a.tensor_parallel_size, 1);
         assert_eq!(a.served_model_name().unwrap(), "m.gguf");
         a.validate().unwrap();
+    }
+
+    #[test]
+    fn tensor_parallel_size_long_and_vllm_short_form() {
+        assert_eq!(
+            parse(&["m", "--tensor-parallel-size", "2"])
+                .unwrap()
+                .tensor_parallel_size,
+            2
+        );
+        assert_eq!(
+            parse(&["serve", "m", "-tp", "4"])
+                .unwrap()
+                .tensor_parallel_size,
+            4
+        );
+        assert_eq!(
+            parse(&["m", "-tp", "0"]).unwrap().validate(),
+            Err(ArgsError::Zero {
+                flag: "tensor-parallel-size"
+            })
+        );
     }
 
     #[test]

@@ -4,14 +4,13 @@ use crate::api::generate::{EngineClient, IncrementalDecode, TextCodec};
 use crate::api::server::Served;
 use crate::args::{DeviceArg, DtypeArg, EngineArgs};
 use crate::core::{EngineCore, EngineHandle, EngineRequest, RequestEvent};
+use crate::executor::Ranks;
 use crate::gpu_memory;
 use crate::metrics::EngineMetrics;
 use crate::model::{ForwardBatch, KvCache, SeqInput};
-use crate::runner::ModelRunner;
 use crate::sched::SchedulerConfig;
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
-use crate::weights;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, DeviceLocation};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -204,6 +203,8 @@ pub struct StartupReport {
     pub served_model_name: String,
     pub device: String,
     pub dtype: String,
+    /// Ranks the model is split over (weights and KV sizes below are totals over ranks).
+    pub tensor_parallel_size: usize,
     pub load_format: String,
     pub phases: StartupPhases,
     pub weights_bytes: u64,
@@ -240,11 +241,30 @@ pub fn resolve_dtype(arg: DtypeArg, device: &Device) -> DType {
 }
 
 fn device_name(device: &Device) -> String {
-    match device {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => "cuda:0".into(),
-        _ => format!("{device:?}"),
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
     }
+}
+
+/// One device per tensor-parallel rank: rank r on GPU r when `first` is a GPU, every rank on the
+/// CPU otherwise.
+pub fn rank_devices(first: &Device, tp: usize) -> Result<Vec<Device>, LaunchError> {
+    let mut devices = vec![first.clone()];
+    for rank in 1..tp {
+        devices.push(if first.is_cuda() {
+            Device::new_cuda(rank).map_err(|e| LaunchError::Phase {
+                phase: "CUDA device init",
+                message: format!(
+                    "--tensor-parallel-size {tp} needs {tp} GPUs; GPU {rank} is not usable: {e}"
+                ),
+            })?
+        } else {
+            Device::Cpu
+        });
+    }
+    Ok(devices)
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -407,13 +427,31 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         .map_err(phase("tokenizer load"))?;
     phases.tokenizer_load = t.elapsed().as_secs_f64();
 
+    let tp = args.tensor_parallel_size;
+    let devices = rank_devices(&device, tp)?;
+    #[cfg(feature = "cuda")]
+    for d in devices.iter().skip(1) {
+        gpu_memory::keep_pool_memory(d).map_err(phase("CUDA device init"))?;
+    }
+
     let t = Instant::now();
-    let model = weights::load_model(&model_path, args.load_format, dtype, &device, args.seed)
+    let mut model = Ranks::load(&model_path, args.load_format, dtype, &devices, args.seed)
         .map_err(phase("weights load"))?;
-    device.synchronize().map_err(phase("weights load"))?;
+    for d in &devices {
+        d.synchronize().map_err(phase("weights load"))?;
+    }
     phases.weights_load = t.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     let weights_bytes = cfg.num_parameters() * dtype.size_in_bytes() as u64;
+    if tp > 1 {
+        tracing::info!(
+            "Tensor parallel size {tp}: {} / {tp} attention heads, {} / {tp} KV heads and {} / {tp} MLP columns per rank on {}",
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+            devices.iter().map(device_name).collect::<Vec<_>>().join(", ")
+        );
+    }
     tracing::info!(
         "Model loading took {:.4} GiB and {:.6} seconds",
         weights_bytes as f64 / GIB,
@@ -421,7 +459,8 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     );
     let max_model_len = resolve_max_model_len(args.max_model_len, cfg.max_position_embeddings)?;
 
-    let budget = match args.kv_cache_memory {
+    // The budget of one rank (one GPU); every rank holds its KV heads of every block.
+    let budget_per_rank = match args.kv_cache_memory {
         Some(b) => b,
         None if device.is_cuda() => {
             let t = Instant::now();
@@ -450,7 +489,7 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
                 args.gpu_memory_utilization,
                 total as f64 * args.gpu_memory_utilization / GIB,
                 profile.used_after_load as f64 / GIB,
-                weights_bytes as f64 / GIB,
+                weights_bytes as f64 / tp as f64 / GIB,
                 profile.activation_peak as f64 / GIB
             );
             match profile.kv_budget() {
@@ -466,13 +505,19 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         }
         None => CPU_KV_CACHE_DEFAULT,
     };
+    // Over all ranks: a block holds every KV head of its tokens, 1/tp of them on each rank.
     let bytes_per_block = KvCache::bytes_per_block(&cfg, args.block_size, dtype) as u64;
-    let plan = plan_kv_cache(budget, bytes_per_block, args.block_size, max_model_len)?;
+    let plan = plan_kv_cache(
+        budget_per_rank * tp as u64,
+        bytes_per_block,
+        args.block_size,
+        max_model_len,
+    )?;
 
     let t = Instant::now();
-    let mut cache = KvCache::new(&cfg, plan.num_blocks, args.block_size, dtype, &device)
+    model
+        .allocate_cache(plan.num_blocks, args.block_size, dtype)
         .map_err(phase("KV cache allocation"))?;
-    device.synchronize().map_err(phase("KV cache allocation"))?;
     phases.kv_cache_alloc = t.elapsed().as_secs_f64();
     tracing::info!(
         "Available KV cache memory: {:.2} GiB",
@@ -496,19 +541,16 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
             compute_logits: true,
         }],
     };
-    model.forward(&warm, &mut cache).map_err(phase("warmup"))?;
+    model.forward(&warm).map_err(phase("warmup"))?;
     // Then a decode-shaped step (several sequences of one new token each), so that every kernel
     // the serving loop launches is loaded (PTX JIT on CUDA) before the engine reports ready.
     model
-        .forward(
-            &decode_warmup_batch(n, args.block_size, plan.num_blocks),
-            &mut cache,
-        )
+        .forward(&decode_warmup_batch(n, args.block_size, plan.num_blocks))
         .map_err(phase("warmup"))?;
-    device.synchronize().map_err(phase("warmup"))?;
     phases.warmup = t.elapsed().as_secs_f64();
 
     let metrics = Arc::new(EngineMetrics::new(served_model_name.clone()));
+    metrics.set_tensor_parallel_size(tp);
     let scheduler_config = SchedulerConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -527,11 +569,11 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         vocab_size: cfg.vocab_size.min(tokenizer.vocab_size().max(1)).max(1),
         tokenizer,
     };
-    let runner = ModelRunner::new(model, cache);
+    let runner = model.into_executor().map_err(phase("engine core start"))?;
     let (handle, core_thread) = EngineCore::spawn_with_swap_space(
         scheduler_config,
         policy,
-        Box::new(runner),
+        runner,
         metrics.clone(),
         args.swap_space,
     )
@@ -554,6 +596,7 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         served_model_name,
         device: device_name(&device),
         dtype: dtype_name(dtype).into(),
+        tensor_parallel_size: tp,
         load_format: format!("{:?}", args.load_format).to_lowercase(),
         phases,
         weights_bytes,

@@ -2,12 +2,14 @@
 //!
 //! The request path, each stage a module with one job (see README "Engine design"):
 //! `api` (HTTP, validation) -> `core` (step loop thread) -> `sched` + `kv` (what runs, which
-//! blocks; no tensor code) -> `runner` (flattened batch, sampling) -> `model` (candle forward).
+//! blocks; no tensor code) -> `executor` (one rank, or N tensor-parallel rank threads) ->
+//! `runner` (flattened batch, sampling) -> `model` (candle forward).
 
 pub mod api;
 pub mod args;
 pub mod config;
 pub mod core;
+pub mod executor;
 pub mod gguf;
 pub mod gpu_memory;
 pub mod kv;

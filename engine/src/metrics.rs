@@ -129,6 +129,7 @@ pub struct EngineMetrics {
     swap_bytes: AtomicU64,
     cache_config: Mutex<Vec<(String, String)>>,
     startup_phases: Mutex<Vec<(String, f64)>>,
+    tensor_parallel_size: AtomicU64,
 }
 
 /// Server-side durations of one finished request, seconds.
@@ -166,6 +167,7 @@ impl EngineMetrics {
             swap_bytes: AtomicU64::new(0),
             cache_config: Mutex::new(Vec::new()),
             startup_phases: Mutex::new(Vec::new()),
+            tensor_parallel_size: AtomicU64::new(1),
         }
     }
 
@@ -233,6 +235,11 @@ impl EngineMetrics {
     /// Key/value pairs of `vllm:cache_config_info` (block_size, num_gpu_blocks, ...).
     pub fn set_cache_config_info(&self, kv: Vec<(String, String)>) {
         *self.cache_config.lock().unwrap_or_else(|e| e.into_inner()) = kv;
+    }
+
+    /// Ranks the model runs on (`engine_tensor_parallel_size`).
+    pub fn set_tensor_parallel_size(&self, n: usize) {
+        self.tensor_parallel_size.store(n as u64, Ordering::Relaxed);
     }
 
     /// Records how long one startup phase took (`engine_startup_phase_seconds{phase=..}`).
@@ -434,6 +441,12 @@ impl EngineMetrics {
                 kv.join(",")
             );
         }
+        let name = "engine_tensor_parallel_size";
+        let _ = writeln!(
+            o,
+            "# HELP {name} Ranks the model is split over (tensor parallelism).\n# TYPE {name} gauge\n{name}{{{labels}}} {}",
+            self.tensor_parallel_size.load(Ordering::Relaxed)
+        );
         let phases = self
             .startup_phases
             .lock()
@@ -484,6 +497,7 @@ mod tests {
             ("block_size".into(), "16".into()),
             ("num_gpu_blocks".into(), "512".into()),
         ]);
+        m.set_tensor_parallel_size(2);
         m.set_startup_phase("weights_load", 1.5);
         m.set_startup_phase("weights_load", 2.0);
         let t = m.render_prometheus();
@@ -506,6 +520,7 @@ mod tests {
         assert!(t.contains(
             r#"engine_startup_phase_seconds{engine="0",model_name="smol\"lm",phase="weights_load"} 2.0"#
         ));
+        assert!(t.contains(r#"engine_tensor_parallel_size{engine="0",model_name="smol\"lm"} 2"#));
         // every sample line is `name{labels} number`
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = line.rsplit_once(' ').unwrap();

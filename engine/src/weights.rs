@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Architecture, ConfigError, ModelConfig};
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::llama::LlamaModel;
+use crate::model::tp::{Collective, SingleRank};
 use crate::model::CausalLM;
 
 /// Where the weights come from (vLLM's `--load-format`).
@@ -309,8 +311,12 @@ fn hf_config_path(model: &Path) -> PathBuf {
 /// Read only the model's config (no weights): GGUF metadata or config.json.
 pub fn load_config(model: &Path, format: LoadFormat) -> Result<ModelConfig, LoadError> {
     std::fs::metadata(model).map_err(|e| io_err(model, e))?;
+    let gguf = model.is_file() && model.extension().is_some_and(|e| e == "gguf");
     match resolve_format(model, format) {
         LoadFormat::Gguf => Ok(ModelConfig::from_gguf(&GgufFile::open(model)?)?),
+        LoadFormat::Dummy | LoadFormat::Auto if gguf => {
+            Ok(ModelConfig::from_gguf(&GgufFile::open(model)?)?)
+        }
         _ => Ok(ModelConfig::from_hf_config_json(&hf_config_path(model))?),
     }
 }
@@ -335,17 +341,32 @@ pub fn load_model(
     device: &Device,
     seed: u64,
 ) -> Result<Box<dyn CausalLM>, LoadError> {
+    load_model_rank(model, format, dtype, device, seed, Arc::new(SingleRank))
+}
+
+/// [`load_model`] for one tensor-parallel rank (`tp.rank()` of `tp.world_size()`): the rank's
+/// shard of every weight (see `model::tp`); world size 1 is exactly `load_model`.
+pub fn load_model_rank(
+    model: &Path,
+    format: LoadFormat,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+    tp: Arc<dyn Collective>,
+) -> Result<Box<dyn CausalLM>, LoadError> {
     std::fs::metadata(model).map_err(|e| io_err(model, e))?;
+    let build = |cfg: &ModelConfig, src: &mut dyn WeightSource| {
+        if tp.world_size() == 1 {
+            LlamaModel::load(cfg, src, dtype, device)
+        } else {
+            crate::model::tp::load_rank(cfg, src, dtype, device, tp.clone())
+        }
+    };
     let m = match resolve_format(model, format) {
         LoadFormat::Gguf => {
             let gguf = GgufFile::open(model)?;
             let cfg = ModelConfig::from_gguf(&gguf)?;
-            LlamaModel::load(
-                &cfg,
-                &mut GgufSource::new(&gguf, &cfg, dtype, device),
-                dtype,
-                device,
-            )?
+            build(&cfg, &mut GgufSource::new(&gguf, &cfg, dtype, device))?
         }
         LoadFormat::Safetensors => {
             if !model.is_dir() {
@@ -355,8 +376,7 @@ pub fn load_model(
                 )));
             }
             let cfg = ModelConfig::from_hf_config_json(&model.join("config.json"))?;
-            let mut src = SafetensorsSource::open(model, dtype, device)?;
-            LlamaModel::load(&cfg, &mut src, dtype, device)?
+            build(&cfg, &mut SafetensorsSource::open(model, dtype, device)?)?
         }
         LoadFormat::Dummy | LoadFormat::Auto => {
             let cfg = if model.extension().is_some_and(|e| e == "gguf") {
@@ -364,8 +384,7 @@ pub fn load_model(
             } else {
                 ModelConfig::from_hf_config_json(&hf_config_path(model))?
             };
-            let mut src = DummySource::new(dtype, device, seed)?;
-            LlamaModel::load(&cfg, &mut src, dtype, device)?
+            build(&cfg, &mut DummySource::new(dtype, device, seed)?)?
         }
     };
     Ok(Box::new(m))

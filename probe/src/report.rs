@@ -400,6 +400,9 @@ pub fn context(info: &RunInfo, records: &[RequestRecord], samples: &[Sample]) ->
         row("GPU", gpu),
         row("OS / kernel", format!("{} / {}", info.os, info.kernel)),
     ];
+    if let Some(n) = info.startup.tensor_parallel_size() {
+        config.push(row("Tensor parallel size", n.to_string()));
+    }
     if let Some(n) = info.startup.kv_cache_tokens {
         config.push(row("KV cache size", format!("{n} tokens")));
     }

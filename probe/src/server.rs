@@ -355,6 +355,9 @@ pub struct StartupFacts {
     /// vLLM: `Maximum concurrency for N tokens per request: X.XXx`.
     pub max_concurrency_tokens: Option<u64>,
     pub max_concurrency: Option<f64>,
+    /// vLLM's engine config line: `... tensor_parallel_size=2, ...`.
+    #[serde(default)]
+    pub tensor_parallel_size: Option<u64>,
     /// Our engine's `GET /v1/engine/startup` JSON (phases in seconds, sizes).
     pub engine_startup: Option<serde_json::Value>,
 }
@@ -364,6 +367,12 @@ impl StartupFacts {
     pub fn from_log(log: &str) -> Self {
         let mut f = Self::default();
         for line in log.lines() {
+            if let Some(rest) = after(line, "tensor_parallel_size=") {
+                let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                if let Ok(n) = digits.parse() {
+                    f.tensor_parallel_size = Some(n);
+                }
+            }
             if let Some(rest) = after(line, "KV cache size:") {
                 if let Some(n) = rest.split_whitespace().next().and_then(parse_count) {
                     f.kv_cache_tokens = Some(n);
@@ -404,6 +413,15 @@ impl StartupFacts {
             .await
             .ok()
             .filter(|v| v.is_object())
+    }
+
+    /// Ranks the server splits the model over: our engine's startup report, else vLLM's log.
+    pub fn tensor_parallel_size(&self) -> Option<u64> {
+        self.engine_startup
+            .as_ref()
+            .and_then(|v| v.get("tensor_parallel_size"))
+            .and_then(|v| v.as_u64())
+            .or(self.tensor_parallel_size)
     }
 
     /// Startup phase seconds from the engine report (`phases` object), sorted as reported.
@@ -462,6 +480,25 @@ mod tests {
             StartupFacts::from_log("nothing here"),
             StartupFacts::default()
         );
+    }
+
+    #[test]
+    fn tensor_parallel_size_from_vllm_log_or_engine_report() {
+        let vllm = "INFO 12-01 [core.py:69] Initializing a V1 LLM engine (v0.10.1) with config: \
+                    model='codellama/CodeLlama-34b-hf', dtype=torch.bfloat16, \
+                    tensor_parallel_size=2, pipeline_parallel_size=1, quantization=None";
+        let f = StartupFacts::from_log(vllm);
+        assert_eq!(f.tensor_parallel_size(), Some(2));
+        let g = StartupFacts {
+            engine_startup: Some(serde_json::json!({"tensor_parallel_size": 4})),
+            ..f
+        };
+        assert_eq!(
+            g.tensor_parallel_size(),
+            Some(4),
+            "the engine's own report wins"
+        );
+        assert_eq!(StartupFacts::default().tensor_parallel_size(), None);
     }
 
     #[test]

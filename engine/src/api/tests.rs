@@ -149,6 +149,7 @@ fn served(engine: Arc<ScriptedEngine>) -> Served {
             served_model_name: "tiny".into(),
             device: "cpu".into(),
             dtype: "f32".into(),
+            tensor_parallel_size: 1,
             load_format: "dummy".into(),
             phases: StartupPhases::default(),
             weights_bytes: 1,

@@ -400,3 +400,99 @@ async fn api_smollm2_chat_greedy_answers_paris() {
     );
     assert_eq!(v["choices"][0]["stop_reason"], " is");
 }
+
+/// Greedy completions of several prompts sent at once (one batch), as (text, completion tokens).
+async fn greedy_texts(s: &Server, model: &str, n: usize) -> Vec<(String, u64)> {
+    let bodies: Vec<String> = (0..n)
+        .map(|i| {
+            json!({"model": model, "prompt": format!("prompt number {i}: "),
+                   "max_tokens": 10 + i, "ignore_eos": true, "temperature": 0})
+            .to_string()
+        })
+        .collect();
+    let reqs = bodies.iter().map(|b| s.post("/v1/completions", b));
+    futures::future::join_all(reqs)
+        .await
+        .into_iter()
+        .map(|(st, v)| {
+            assert_eq!(st, 200, "{v}");
+            let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+            (text, v["usage"]["completion_tokens"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_tensor_parallel_2_serves_what_one_rank_serves() {
+    let one = start(tiny_args(&[])).await;
+    let two = start(tiny_args(&["--tensor-parallel-size", "2"])).await;
+    let want = greedy_texts(&one, "tiny", 3).await;
+    assert_eq!(greedy_texts(&two, "tiny", 3).await, want);
+    assert_eq!(want[2].1, 12);
+
+    let a: Value = serde_json::from_str(&one.get_text("/v1/engine/startup").await.1).unwrap();
+    let b: Value = serde_json::from_str(&two.get_text("/v1/engine/startup").await.1).unwrap();
+    assert_eq!(a["tensor_parallel_size"], 1);
+    assert_eq!(b["tensor_parallel_size"], 2);
+    // --kv-cache-memory is per rank: each rank holds half of every block, so twice the tokens.
+    assert_eq!(
+        b["kv_cache_tokens"].as_u64().unwrap(),
+        2 * a["kv_cache_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        b["kv_cache_bytes"],
+        2 * a["kv_cache_bytes"].as_u64().unwrap()
+    );
+    assert_eq!(two.metric("engine_tensor_parallel_size").await, 2.0);
+    assert_eq!(one.metric("engine_tensor_parallel_size").await, 1.0);
+}
+
+#[test]
+fn api_tensor_parallel_size_must_divide_the_heads() {
+    let e = launch(&tiny_args(&["--tensor-parallel-size", "3"]), Instant::now())
+        .err()
+        .expect("4 heads over 3 ranks must be refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("exceeds num_key_value_heads 2") || msg.contains("divisible"),
+        "{msg}"
+    );
+    assert!(msg.starts_with("weights load failed"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_smollm2_tensor_parallel_3_answers_paris() {
+    let Some(path) = smollm2_path() else {
+        eprintln!("SKIPPED api_smollm2_tensor_parallel_3_answers_paris: SmolLM2 GGUF not found");
+        return;
+    };
+    // SmolLM2-135M: 9 heads, 3 KV heads, intermediate 1536, vocab 49152: all divide by 3.
+    let args = EngineArgs::parse_from_argv([
+        "engine",
+        path.to_str().unwrap(),
+        "--served-model-name",
+        "smol",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "512",
+        "--kv-cache-memory",
+        "16MiB",
+        "-tp",
+        "3",
+    ])
+    .unwrap();
+    let s = start(args).await;
+    let (st, v) = s
+        .post(
+            "/v1/chat/completions",
+            r#"{"model":"smol","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0,"max_tokens":20}"#,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "The capital of France is Paris."
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+}

@@ -184,7 +184,10 @@ struct State {
     geometry: Option<KvGeometry>,
     dtype_bytes: u64,
     block_size: u64,
+    /// Total over ranks, as the engine reports it.
     weights_bytes: Option<u64>,
+    /// Ranks the server splits the model over (its startup report; 1 when it says nothing).
+    tensor_parallel_size: u64,
 }
 
 /// Runs the sweep; on any exit (errors and Ctrl-C included) the server is stopped and the rows so
@@ -218,6 +221,7 @@ pub async fn run(
         dtype_bytes: 2,
         block_size: cfg.block_size,
         weights_bytes: None,
+        tensor_parallel_size: 1,
     };
     let mut handle: Option<ServerHandle> = None;
     let result = tokio::select! {
@@ -509,7 +513,9 @@ fn prediction(
     used_before: Option<u64>,
 ) -> Option<Prediction> {
     let per_token = st.geometry.as_ref()?.kv_bytes_per_token(st.dtype_bytes);
-    let budget = match (cfg.kv_cache_memory, on_gpu) {
+    // One rank's budget (one GPU; --kv-cache-memory is per rank, as in vLLM), then all ranks'.
+    let tp = st.tensor_parallel_size.max(1);
+    let budget_per_rank = match (cfg.kv_cache_memory, on_gpu) {
         (Some(b), _) => b,
         (None, true) => {
             let g = gpus.as_ref()?.first()?;
@@ -517,7 +523,7 @@ fn prediction(
                 g.memory_total_bytes?,
                 s.gpu_memory_utilization.unwrap_or(0.9),
                 used_before.unwrap_or(0),
-                st.weights_bytes.unwrap_or(0),
+                st.weights_bytes.unwrap_or(0) / tp,
                 cfg.activation_bytes,
             )
         }
@@ -527,7 +533,7 @@ fn prediction(
     let per_request =
         prompt_tokens(s.max_model_len, cfg.fill, cfg.max_tokens) + cfg.max_tokens as u64;
     Some(predict::predict(
-        budget,
+        budget_per_rank * tp,
         per_token,
         st.block_size,
         s.max_model_len,
@@ -598,6 +604,20 @@ async fn measure_capacity(
         }
         if let Some(w) = j.get("weights_bytes").and_then(|v| v.as_u64()) {
             st.weights_bytes = Some(w);
+        }
+        if let Some(tp) = j.get("tensor_parallel_size").and_then(|v| v.as_u64()) {
+            if tp != st.tensor_parallel_size {
+                progress.line(&format!(
+                    "tensor parallel size {tp} (engine startup report)"
+                ));
+                let note = format!(
+                    "Tensor parallel size {tp}: each rank holds 1/{tp} of the weights and of every KV block, so the predicted KV capacity is one rank's budget x {tp}."
+                );
+                if !st.setup.notes.contains(&note) {
+                    st.setup.notes.push(note);
+                }
+            }
+            st.tensor_parallel_size = tp.max(1);
         }
     }
     let metrics_text = match http

@@ -1,0 +1,373 @@
+//! Running the model on one rank (in-process) or on N tensor-parallel ranks: one worker thread
+//! per rank, each owning its shard of the model and of the KV cache; every step is broadcast to
+//! all ranks and rank 0's sampled tokens are the step's.
+//!
+//! The scheduler runs once (in the core thread) and every rank executes the same
+//! `SchedulerOutput`: the same block ids index each rank's own cache shard (its KV heads only), so
+//! the block manager needs no notion of ranks. Ranks meet in the model's collectives; because all
+//! ranks run the same batches, a failure is the same on every rank (bad block table, shape) and
+//! is reported once.
+
+use crate::config::ModelConfig;
+use crate::core::{ExecuteError, ModelExecutor};
+use crate::model::tp::CpuCollective;
+use crate::model::{CausalLM, ForwardBatch, KvCache};
+use crate::runner::ModelRunner;
+use crate::sched::SchedulerOutput;
+use crate::weights::{self, LoadFormat};
+use candle_core::{DType, Device};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// The model through startup (load, profile, cache allocation, warmup), then its executor.
+pub enum Ranks {
+    /// Tensor parallel size 1: the model runs in the engine core's thread.
+    One {
+        model: Box<dyn CausalLM>,
+        cache: Option<KvCache>,
+    },
+    /// N ranks on N worker threads; `cfg` is the full (unsharded) config.
+    Tp { ex: TpExecutor, cfg: ModelConfig },
+}
+
+impl Ranks {
+    /// Loads the model at `path` on `devices` (one per rank; rank r gets `devices[r]`). Ranks
+    /// exchange activations through `CpuCollective` (host memory; on CUDA every all-reduce
+    /// passes through the host).
+    pub fn load(
+        path: &Path,
+        format: LoadFormat,
+        dtype: DType,
+        devices: &[Device],
+        seed: u64,
+    ) -> Result<Self, String> {
+        let world = devices.len();
+        if world <= 1 {
+            let device = devices.first().cloned().unwrap_or(Device::Cpu);
+            let model = weights::load_model(path, format, dtype, &device, seed)
+                .map_err(|e| e.to_string())?;
+            return Ok(Ranks::One { model, cache: None });
+        }
+        let cfg = weights::load_config(path, format).map_err(|e| e.to_string())?;
+        crate::model::tp::rank_config(&cfg, world).map_err(|e| e.to_string())?;
+        let group = CpuCollective::group(world);
+        let (path, devices) = (path.to_path_buf(), devices.to_vec());
+        let load: Arc<LoadRank> = Arc::new(move |rank| {
+            weights::load_model_rank(
+                &path,
+                format,
+                dtype,
+                &devices[rank],
+                seed,
+                Arc::new(group[rank].clone()),
+            )
+            .map_err(|e| e.to_string())
+        });
+        Ok(Ranks::Tp {
+            ex: TpExecutor::load(world, load)?,
+            cfg,
+        })
+    }
+
+    /// The full model's config (not a rank's).
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Ranks::One { model, .. } => model.config(),
+            Ranks::Tp { cfg, .. } => cfg,
+        }
+    }
+
+    pub fn tensor_parallel_size(&self) -> usize {
+        match self {
+            Ranks::One { .. } => 1,
+            Ranks::Tp { ex, .. } => ex.world_size(),
+        }
+    }
+
+    /// A plain forward of `tokens` on every rank (activation profiling), synchronized.
+    pub fn forward_full(&self, tokens: &[u32]) -> Result<(), String> {
+        match self {
+            Ranks::One { model, .. } => model
+                .forward_full(tokens)
+                .and_then(|_| model.device().synchronize())
+                .map_err(|e| e.to_string()),
+            Ranks::Tp { ex, .. } => ex.forward_full(tokens),
+        }
+    }
+
+    /// Allocates the paged cache: `num_blocks` blocks, each rank holding its KV heads of them.
+    pub fn allocate_cache(
+        &mut self,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> Result<(), String> {
+        match self {
+            Ranks::One { model, cache } => {
+                let c = KvCache::new(
+                    model.config(),
+                    num_blocks,
+                    block_size,
+                    dtype,
+                    model.device(),
+                )
+                .and_then(|c| model.device().synchronize().map(|_| c))
+                .map_err(|e| e.to_string())?;
+                *cache = Some(c);
+                Ok(())
+            }
+            Ranks::Tp { ex, .. } => ex.allocate_cache(num_blocks, block_size, dtype),
+        }
+    }
+
+    /// One paged forward through the cache (warmup), synchronized; logits are dropped.
+    pub fn forward(&mut self, batch: &ForwardBatch) -> Result<(), String> {
+        match self {
+            Ranks::One {
+                model,
+                cache: Some(cache),
+            } => model
+                .forward(batch, cache)
+                .and_then(|_| model.device().synchronize())
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Ranks::One { cache: None, .. } => Err("forward before the KV cache exists".into()),
+            Ranks::Tp { ex, .. } => ex.forward(batch),
+        }
+    }
+
+    /// The executor the engine core steps (after `allocate_cache`).
+    pub fn into_executor(self) -> Result<Box<dyn ModelExecutor>, String> {
+        match self {
+            Ranks::One {
+                model,
+                cache: Some(cache),
+            } => Ok(Box::new(ModelRunner::new(model, cache))),
+            Ranks::One { cache: None, .. } => Err("no KV cache allocated".into()),
+            Ranks::Tp { ex, .. } => Ok(Box::new(ex)),
+        }
+    }
+}
+
+/// What a worker holds: its model after loading, model and cache (a runner) after allocation.
+enum RankState {
+    Empty,
+    Model(Box<dyn CausalLM>),
+    Runner(ModelRunner),
+}
+
+/// What a rank's job answers.
+enum Reply {
+    Done,
+    /// A step's sampled tokens (see `ModelExecutor::execute`).
+    Tokens(Vec<Option<u32>>),
+    /// Bytes of one block of the rank's cache shard.
+    KvBlockBytes(usize),
+}
+
+type Job = Box<dyn FnOnce(&mut RankState) -> Result<Reply, String> + Send>;
+
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+    results: mpsc::Receiver<Result<Reply, String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Builds one rank's model on the rank's thread: `rank` in `0..world_size`.
+pub type LoadRank = dyn Fn(usize) -> Result<Box<dyn CausalLM>, String> + Send + Sync;
+
+/// N ranks of one model (N >= 1), each on its own thread.
+pub struct TpExecutor {
+    workers: Vec<Worker>,
+    /// Bytes of one KV block summed over ranks (set once the caches exist).
+    kv_bytes_per_block: Option<usize>,
+}
+
+impl TpExecutor {
+    /// Starts `world_size` workers and loads every rank's model in parallel.
+    pub fn load(world_size: usize, load: Arc<LoadRank>) -> Result<Self, String> {
+        let mut workers = Vec::with_capacity(world_size);
+        for rank in 0..world_size {
+            let (jobs, job_rx) = mpsc::channel::<Job>();
+            let (result_tx, results) = mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("tp-rank-{rank}"))
+                .spawn(move || {
+                    let mut state = RankState::Empty;
+                    for job in job_rx {
+                        let out = job(&mut state);
+                        if result_tx.send(out).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| format!("cannot start the thread of rank {rank}: {e}"))?;
+            workers.push(Worker {
+                jobs,
+                results,
+                thread: Some(thread),
+            });
+        }
+        let ex = TpExecutor {
+            workers,
+            kv_bytes_per_block: None,
+        };
+        ex.broadcast(|rank| {
+            let load = load.clone();
+            Box::new(move |state: &mut RankState| {
+                *state = RankState::Model(load(rank).map_err(|e| format!("rank {rank}: {e}"))?);
+                Ok(Reply::Done)
+            })
+        })?;
+        Ok(ex)
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Runs `make(rank)`'s job on every rank at once; every rank's result, in rank order, or the
+    /// first rank's error.
+    fn broadcast(&self, make: impl Fn(usize) -> Job) -> Result<Vec<Reply>, String> {
+        for (rank, w) in self.workers.iter().enumerate() {
+            w.jobs
+                .send(make(rank))
+                .map_err(|_| format!("the thread of rank {rank} has stopped"))?;
+        }
+        let mut out = Vec::with_capacity(self.workers.len());
+        let mut first_err = None;
+        for (rank, w) in self.workers.iter().enumerate() {
+            match w.results.recv() {
+                Ok(Ok(v)) => out.push(v),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(format!("the thread of rank {rank} has stopped"));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Runs `f` on every rank's model (before or after the cache exists).
+    fn on_models(
+        &self,
+        f: impl Fn(&dyn CausalLM) -> candle_core::Result<()> + Send + Sync + 'static,
+    ) -> Result<(), String> {
+        let f = Arc::new(f);
+        self.broadcast(|_| {
+            let f = f.clone();
+            Box::new(move |state: &mut RankState| {
+                let model: &dyn CausalLM = match &*state {
+                    RankState::Model(m) => m.as_ref(),
+                    RankState::Runner(r) => r.model(),
+                    RankState::Empty => return Err("rank has no model".into()),
+                };
+                f(model).map(|_| Reply::Done).map_err(|e| e.to_string())
+            })
+        })
+        .map(|_| ())
+    }
+
+    /// A plain forward of `tokens` on every rank (activation profiling).
+    pub fn forward_full(&self, tokens: &[u32]) -> Result<(), String> {
+        let tokens = tokens.to_vec();
+        self.on_models(move |m| {
+            m.forward_full(&tokens)?;
+            m.device().synchronize()
+        })
+    }
+
+    /// Allocates every rank's cache shard (`num_blocks` blocks of its own KV heads) and turns
+    /// each rank into a runner.
+    pub fn allocate_cache(
+        &mut self,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+    ) -> Result<(), String> {
+        let bytes = self.broadcast(|_| {
+            Box::new(move |state: &mut RankState| {
+                let RankState::Model(model) = std::mem::replace(state, RankState::Empty) else {
+                    return Err("KV cache allocated twice".into());
+                };
+                let cfg = model.config().clone();
+                let cache = KvCache::new(&cfg, num_blocks, block_size, dtype, model.device())
+                    .and_then(|c| model.device().synchronize().map(|_| c))
+                    .map_err(|e| e.to_string())?;
+                *state = RankState::Runner(ModelRunner::new(model, cache));
+                let bytes = KvCache::bytes_per_block(&cfg, block_size, dtype);
+                Ok(Reply::KvBlockBytes(bytes))
+            })
+        })?;
+        let per_rank = bytes.iter().map(|r| match r {
+            Reply::KvBlockBytes(b) => *b,
+            _ => 0,
+        });
+        self.kv_bytes_per_block = Some(per_rank.sum());
+        Ok(())
+    }
+
+    /// One paged forward through every rank's cache (warmup); logits are dropped.
+    pub fn forward(&self, batch: &ForwardBatch) -> Result<(), String> {
+        let batch = Arc::new(batch.clone());
+        self.broadcast(|_| {
+            let batch = batch.clone();
+            Box::new(move |state: &mut RankState| {
+                let RankState::Runner(r) = state else {
+                    return Err("forward before the KV cache exists".into());
+                };
+                let (model, cache) = r.parts_mut();
+                model
+                    .forward(&batch, cache)
+                    .and_then(|_| model.device().synchronize())
+                    .map(|_| Reply::Done)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .map(|_| ())
+    }
+}
+
+impl ModelExecutor for TpExecutor {
+    fn execute(&mut self, output: &SchedulerOutput) -> Result<Vec<Option<u32>>, ExecuteError> {
+        let output = Arc::new(output.clone());
+        let per_rank = self
+            .broadcast(|_| {
+                let output = output.clone();
+                Box::new(move |state: &mut RankState| match state {
+                    RankState::Runner(r) => r.execute(&output).map(Reply::Tokens).map_err(|e| e.0),
+                    _ => Err("step before the KV cache exists".into()),
+                })
+            })
+            .map_err(ExecuteError)?;
+        // Every rank sampled from the same all-gathered logits; rank 0 speaks for the group.
+        match per_rank.into_iter().next() {
+            Some(Reply::Tokens(t)) => Ok(t),
+            _ => Err(ExecuteError("rank 0 returned no tokens".into())),
+        }
+    }
+
+    fn kv_bytes_per_block(&self) -> Option<usize> {
+        self.kv_bytes_per_block
+    }
+}
+
+impl Drop for TpExecutor {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            // Closing the job channel ends the worker's loop.
+            let (dead, _) = mpsc::channel();
+            drop(std::mem::replace(&mut w.jobs, dead));
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
