@@ -10,7 +10,7 @@
 
 use crate::config::ModelConfig;
 use crate::core::{ExecuteError, ModelExecutor};
-use crate::model::tp::CpuCollective;
+use crate::model::tp::{Collective, CpuCollective};
 use crate::model::{CausalLM, ForwardBatch, KvCache};
 use crate::runner::ModelRunner;
 use crate::sched::SchedulerOutput;
@@ -32,10 +32,43 @@ pub enum Ranks {
     Tp { ex: TpExecutor, cfg: ModelConfig },
 }
 
+/// A zeroed paged cache for `model`'s KV heads on its device, synchronized.
+fn new_cache(
+    model: &dyn CausalLM,
+    num_blocks: usize,
+    block_size: usize,
+    dtype: DType,
+) -> Result<KvCache, String> {
+    KvCache::new(
+        model.config(),
+        num_blocks,
+        block_size,
+        dtype,
+        model.device(),
+    )
+    .and_then(|c| model.device().synchronize().map(|_| c))
+    .map_err(|e| e.to_string())
+}
+
+/// One collective per rank: NCCL when the ranks are GPUs (CUDA builds), threads sharing host
+/// memory otherwise.
+fn collectives(devices: &[Device]) -> candle_core::Result<Vec<Arc<dyn Collective>>> {
+    #[cfg(feature = "cuda")]
+    if devices.iter().all(|d| d.is_cuda()) {
+        return Ok(crate::model::nccl::NcclCollective::group(devices)?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Collective>)
+            .collect());
+    }
+    Ok(CpuCollective::group(devices.len())
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Collective>)
+        .collect())
+}
+
 impl Ranks {
     /// Loads the model at `path` on `devices` (one per rank; rank r gets `devices[r]`). Ranks
-    /// exchange activations through `CpuCollective` (host memory; on CUDA every all-reduce
-    /// passes through the host).
+    /// exchange activations through NCCL on GPUs, through host memory on the CPU.
     pub fn load(
         path: &Path,
         format: LoadFormat,
@@ -52,7 +85,7 @@ impl Ranks {
         }
         let cfg = weights::load_config(path, format).map_err(|e| e.to_string())?;
         crate::model::tp::rank_config(&cfg, world).map_err(|e| e.to_string())?;
-        let group = CpuCollective::group(world);
+        let group = collectives(devices).map_err(|e| e.to_string())?;
         let (path, devices) = (path.to_path_buf(), devices.to_vec());
         let load: Arc<LoadRank> = Arc::new(move |rank| {
             weights::load_model_rank(
@@ -61,7 +94,7 @@ impl Ranks {
                 dtype,
                 &devices[rank],
                 seed,
-                Arc::new(group[rank].clone()),
+                group[rank].clone(),
             )
             .map_err(|e| e.to_string())
         });
@@ -106,16 +139,7 @@ impl Ranks {
     ) -> Result<(), String> {
         match self {
             Ranks::One { model, cache } => {
-                let c = KvCache::new(
-                    model.config(),
-                    num_blocks,
-                    block_size,
-                    dtype,
-                    model.device(),
-                )
-                .and_then(|c| model.device().synchronize().map(|_| c))
-                .map_err(|e| e.to_string())?;
-                *cache = Some(c);
+                *cache = Some(new_cache(model.as_ref(), num_blocks, block_size, dtype)?);
                 Ok(())
             }
             Ranks::Tp { ex, .. } => ex.allocate_cache(num_blocks, block_size, dtype),
@@ -298,9 +322,7 @@ impl TpExecutor {
                     return Err("KV cache allocated twice".into());
                 };
                 let cfg = model.config().clone();
-                let cache = KvCache::new(&cfg, num_blocks, block_size, dtype, model.device())
-                    .and_then(|c| model.device().synchronize().map(|_| c))
-                    .map_err(|e| e.to_string())?;
+                let cache = new_cache(model.as_ref(), num_blocks, block_size, dtype)?;
                 *state = RankState::Runner(ModelRunner::new(model, cache));
                 let bytes = KvCache::bytes_per_block(&cfg, block_size, dtype);
                 Ok(Reply::KvBlockBytes(bytes))

@@ -16,6 +16,12 @@
 #       2. CodeLlama-34B shape (dummy, bf16; needs the H200's 141 GB): the seed-001 burst under
 #          fcfs, fair and static, probe compare                              -> day-009-codellama34b/
 #       3. kv-scaling 2k..16k at the CodeLlama-34B shape with the time left
+#   d (carry .lab-d: engine, probe, engine-bench, tokenizers): engine-bench; fair quantum 8 vs 16
+#   e (carry .lab-e: engine, probe, engine-it with cuda_tp + cuda_model, Qwen2.5 tokenizer):
+#       0. CUDA tests: TP=2 ranks on one GPU vs TP=1, NCCL one-rank group, tiny-model logits
+#       1. `-tp 2` on a one-GPU machine: the startup refusal
+#       2. fcfs vs fair (quantum 16, 8), seed-001 burst, ROUNDS rounds side by side (Qwen2.5-1.5B shape)
+#       3. prefix caching on vs off: shared-prefix load (Qwen2.5-1.5B shape)  -> day-010-prefix-caching/
 #
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
 # (days/ tree) beside the server logs.
@@ -97,7 +103,7 @@ b)
     cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
     echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
     ;;
-d) ;;
+d|e) ;;
 c)
     # Optional: SmolLM2 for the CUDA tests when stage a ran first on this machine.
     if [ -f "$LAB/smolpart.aa" ] && [ -f .lab-c/smolpart.ab ]; then
@@ -105,7 +111,7 @@ c)
         echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || rm -f "$LAB/smollm2.gguf"
     fi
     ;;
-*) echo "usage: $0 a|b|c|d" >&2; trap - EXIT; exit 2 ;;
+*) echo "usage: $0 a|b|c|d|e" >&2; trap - EXIT; exit 2 ;;
 esac
 
 for f in engine probe engine-it engine-bench; do
@@ -185,5 +191,53 @@ if [ "$STAGE" = d ]; then
     echo "== 3. fair quantum 8, CodeLlama-34B shape"
     CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
     SUFFIX=-q8 bench_policies "$DAYS/fair-quantum-codellama34b" "$CL --fair-quantum 8" "$LAB/llama2/tokenizer.json" 100 fair
+fi
+if [ "$STAGE" = e ]; then
+    # libnccl from the machine's Python packages (nvidia-nccl-cu13), under the name cudarc opens.
+    ncl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+    mkdir -p "$LAB/nccl" && [ -n "$ncl" ] && ln -sf "$ncl/libnccl.so.2" "$LAB/nccl/libnccl.so"
+    export LD_LIBRARY_PATH=$LAB/nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    echo "== 0. CUDA tests: tensor parallelism on one GPU, NCCL, tiny-model logits"
+    timeout 120 "$LAB/engine-it" --test-threads=1 --nocapture cuda_tp cuda_bf16_logits \
+        > "$DAYS/cuda-tests-tp.log" 2>&1
+    grep -E "^test |test result|relative|panicked" "$DAYS/cuda-tests-tp.log" | tail -20
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    echo "== 1. -tp 2 on a one-GPU machine"
+    # shellcheck disable=SC2086
+    timeout 60 "$LAB/engine" $QWEN -tp 2 --port 8199 > "$DAYS/tp2-one-gpu.log" 2>&1
+    echo "exit $?"; tail -2 "$DAYS/tp2-one-gpu.log"
+    echo "== 2. fcfs vs fair (quantum 16 and 8), ${ROUNDS:=3} rounds (Qwen2.5-1.5B shape)"
+    for r in $(seq 1 "$ROUNDS"); do
+        SUFFIX=-r$r bench_policies "$DAYS/day-008-scheduling/rounds" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 40 fcfs fair
+        SUFFIX=-q8-r$r bench_policies "$DAYS/day-008-scheduling/rounds" "$QWEN --fair-quantum 8" "$LAB/qwen2.5/tokenizer.json" 40 fair
+    done
+    compare_runs "$DAYS/day-008-scheduling/rounds"
+    echo "== 3. prefix caching on vs off ($(left) s left)"
+    dir=$DAYS/day-010-prefix-caching/gpu-h200
+    mkdir -p "$dir"
+    port=8300
+    for mode in on off; do
+        [ "$(left)" -gt 60 ] || { echo "skipping cache-$mode: $(left) s left"; continue; }
+        port=$((port + 1))
+        flag=--enable-prefix-caching; [ "$mode" = off ] && flag=--no-enable-prefix-caching
+        # shellcheck disable=SC2086
+        "$LAB/engine" $QWEN $flag --port $port > "$dir/serve-cache-$mode.log" 2>&1 &
+        pid=$!
+        if wait_ready "http://127.0.0.1:$port" $pid; then
+            # 8 groups x 8 prompts: a 2048-token shared system prompt + a 64-token question, 32
+            # tokens out, Poisson arrivals at 4 requests/s.
+            timeout -s INT 50 "$LAB/probe" bench --base-url "http://127.0.0.1:$port" --label "cache-$mode" \
+                --dataset-name shared-prefix --num-groups 8 --num-prompts-per-group 8 \
+                --system-prompt-len 2048 --question-len 64 --output-len 32 --request-rate 4 \
+                --tokenizer "$LAB/qwen2.5/tokenizer.json" --seed 3 --no-progress --request-timeout 45 \
+                --out "$dir/cache-$mode" > "$dir/bench-cache-$mode.txt" 2>&1
+            grep -E "Successful|Failed|Prefix-cached|Mean TTFT|Median TTFT|P99 TTFT|Mean TPOT" "$dir/bench-cache-$mode.txt"
+            curl -s "http://127.0.0.1:$port/metrics" | grep -E "^vllm:prefix_cache_(queries|hits)_total" | tee "$dir/prefix-cache-$mode.txt"
+        else
+            echo "engine (cache-$mode) did not become ready"; tail -5 "$dir/serve-cache-$mode.log"
+        fi
+        kill -INT $pid 2>/dev/null; sleep 1; kill $pid 2>/dev/null; wait $pid 2>/dev/null
+    done
+    [ -d "$dir/cache-off" ] && "$LAB/probe" compare "$dir/cache-on" "$dir/cache-off" --out "$dir/compare" | tail -3
 fi
 echo "== done after $SECONDS s"

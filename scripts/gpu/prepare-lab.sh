@@ -5,7 +5,8 @@
 #          target/debug/probe (cargo build -p probe), the SmolLM2 GGUF (scripts/fetch-model.sh),
 #          the Qwen2.5 and Llama-2 tokenizers (scripts/fetch-tokenizer.sh, scripts/fetch-llama-tokenizer.sh).
 #   makes: .lab-a (GGUF part aa), .lab-b (GGUF part ab, engine, probe, engine-it, Qwen2.5 tokenizer),
-#          .lab-c (engine, probe, engine-it, Qwen2.5 and Llama-2 tokenizers)
+#          .lab-c (engine, probe, engine-it, Qwen2.5 and Llama-2 tokenizers),
+#          .lab-e (engine, probe, engine-it, Qwen2.5 tokenizer)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 GGUF=${SMOLLM2_GGUF:-.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -14,7 +15,7 @@ for f in .carry/engine.xz .carry/engine-it.xz "$PROBE" "$GGUF" \
     .cache/tokenizers/qwen2.5/tokenizer.json .cache/tokenizers/llama2/tokenizer.json; do
     [ -f "$f" ] || { echo "missing $f (see the header of this script)" >&2; exit 1; }
 done
-rm -rf .lab-a .lab-b .lab-c
+rm -rf .lab-a .lab-b .lab-c .lab-e
 mkdir -p .lab-a .lab-b/qwen2.5 .lab-c/llama2
 split -b 60M "$GGUF" .lab-a/smolpart.
 mv .lab-a/smolpart.ab .lab-b/
@@ -27,8 +28,11 @@ cp -r .lab-b/qwen2.5 .lab-c/
 cp .lab-b/smolpart.ab .lab-c/
 xz -6 -T2 -c .cache/tokenizers/llama2/tokenizer.json > .lab-c/llama2/tokenizer.json.xz
 cp .cache/tokenizers/llama2/tokenizer_config.json .lab-c/llama2/
-du -sh .lab-a .lab-b .lab-c
-for d in .lab-a .lab-b .lab-c; do
+mkdir -p .lab-e
+cp .lab-b/engine.xz .lab-b/probe.xz .lab-b/engine-it.xz .lab-e/
+cp -r .lab-b/qwen2.5 .lab-e/
+du -sh .lab-a .lab-b .lab-c .lab-e
+for d in .lab-a .lab-b .lab-c .lab-e; do
     size=$(du -sb "$d" | cut -f1)
     [ "$size" -lt $((62 << 20)) ] || { echo "$d is $size bytes: over what one call carries with the tree" >&2; exit 1; }
 done

@@ -24,13 +24,15 @@ for mode in on off; do
     for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.5; done
     for round in $(seq 1 "$ROUNDS"); do
         curl -sf -X POST "http://127.0.0.1:$port/reset_prefix_cache" >/dev/null
-        # 4 groups x 6 prompts: a 384-token shared system prompt + a 24-token question, 16 tokens
-        # out, one request at a time so that every prompt after a group's first can hit the cache.
+        # 3 groups x 5 prompts: a 256-token shared system prompt + a 16-token question, 16 tokens
+        # out, one every 4 s: each ends before the next starts even without the cache (no
+        # queueing anywhere, so TTFT is the prefill itself), and every prompt after a group's
+        # first can hit the cache.
         "$BIN/probe" bench --base-url "http://127.0.0.1:$port" --label "cache-$mode-$round" \
-            --dataset-name shared-prefix --num-groups 4 --num-prompts-per-group 6 \
-            --system-prompt-len 384 --question-len 24 --output-len 16 --max-concurrency 1 \
-            --request-rate inf --seed 3 --no-progress --out "$DAY/cache-$mode-$round" |
-            grep -E "Successful|Failed|Prefix-cached|Mean TTFT|Median TTFT|P99 TTFT|Mean TPOT"
+            --dataset-name shared-prefix --num-groups 3 --num-prompts-per-group 5 \
+            --system-prompt-len 256 --question-len 16 --output-len 16 --constant-rate 0.25 \
+            --seed 3 --no-progress --out "$DAY/cache-$mode-$round" |
+            grep -E "Successful|Failed|Prefix-cached|Mean TTFT|Median TTFT|P99 TTFT|Mean TPOT|Mean queue"
     done
     curl -s "http://127.0.0.1:$port/metrics" | grep -E "^vllm:prefix_cache_(queries|hits)_total" | tee "$DAY/prefix-cache-$mode.txt"
     kill $pid; wait $pid 2>/dev/null || true

@@ -18,6 +18,8 @@ pub mod attention;
 pub mod attention_cuda;
 pub mod cache;
 pub mod llama;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tp;
 
 pub use cache::KvCache;

@@ -339,13 +339,14 @@ fn smollm2_path() -> Option<PathBuf> {
     Some(root.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")).filter(|p| p.is_file())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_smollm2_chat_greedy_answers_paris() {
+/// The engine on SmolLM2 (CPU, max-model-len 512) plus `extra` flags; None (test skipped, said
+/// on stderr) when the GGUF is absent.
+async fn smollm2_server(test: &str, extra: &[&str]) -> Option<Server> {
     let Some(path) = smollm2_path() else {
-        eprintln!("SKIPPED api_smollm2_chat_greedy_answers_paris: SmolLM2 GGUF not found (set SMOLLM2_GGUF or run scripts/fetch-model.sh)");
-        return;
+        eprintln!("SKIPPED {test}: SmolLM2 GGUF not found (set SMOLLM2_GGUF or run scripts/fetch-model.sh)");
+        return None;
     };
-    let args = EngineArgs::parse_from_argv([
+    let mut argv = vec![
         "engine",
         path.to_str().unwrap(),
         "--served-model-name",
@@ -354,11 +355,13 @@ async fn api_smollm2_chat_greedy_answers_paris() {
         "cpu",
         "--max-model-len",
         "512",
-        "--kv-cache-memory",
-        "64MiB",
-    ])
-    .unwrap();
-    let s = start(args).await;
+    ];
+    argv.extend_from_slice(extra);
+    Some(start(EngineArgs::parse_from_argv(argv).unwrap()).await)
+}
+
+/// Greedy chat answer to "What is the capital of France?" (status 200 checked).
+async fn ask_france(s: &Server) -> Value {
     let (st, v) = s
         .post(
             "/v1/chat/completions",
@@ -370,6 +373,20 @@ async fn api_smollm2_chat_greedy_answers_paris() {
         v["choices"][0]["message"]["content"],
         "The capital of France is Paris."
     );
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_smollm2_chat_greedy_answers_paris() {
+    let Some(s) = smollm2_server(
+        "api_smollm2_chat_greedy_answers_paris",
+        &["--kv-cache-memory", "64MiB"],
+    )
+    .await
+    else {
+        return;
+    };
+    let v = ask_france(&s).await;
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["usage"]["prompt_tokens"], 37);
     assert_eq!(v["usage"]["completion_tokens"], 8);
@@ -462,37 +479,15 @@ fn api_tensor_parallel_size_must_divide_the_heads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_smollm2_tensor_parallel_3_answers_paris() {
-    let Some(path) = smollm2_path() else {
-        eprintln!("SKIPPED api_smollm2_tensor_parallel_3_answers_paris: SmolLM2 GGUF not found");
+    // SmolLM2-135M: 9 heads, 3 KV heads, intermediate 1536, vocab 49152: all divide by 3.
+    let Some(s) = smollm2_server(
+        "api_smollm2_tensor_parallel_3_answers_paris",
+        &["--kv-cache-memory", "16MiB", "-tp", "3"],
+    )
+    .await
+    else {
         return;
     };
-    // SmolLM2-135M: 9 heads, 3 KV heads, intermediate 1536, vocab 49152: all divide by 3.
-    let args = EngineArgs::parse_from_argv([
-        "engine",
-        path.to_str().unwrap(),
-        "--served-model-name",
-        "smol",
-        "--device",
-        "cpu",
-        "--max-model-len",
-        "512",
-        "--kv-cache-memory",
-        "16MiB",
-        "-tp",
-        "3",
-    ])
-    .unwrap();
-    let s = start(args).await;
-    let (st, v) = s
-        .post(
-            "/v1/chat/completions",
-            r#"{"model":"smol","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0,"max_tokens":20}"#,
-        )
-        .await;
-    assert_eq!(st, 200, "{v}");
-    assert_eq!(
-        v["choices"][0]["message"]["content"],
-        "The capital of France is Paris."
-    );
+    let v = ask_france(&s).await;
     assert_eq!(v["usage"]["completion_tokens"], 8);
 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use engine::model::{ForwardBatch, KvCache, SeqInput};
 use engine::weights::{load_model, LoadFormat};
 
-const BLOCK_SIZE: usize = 16;
+pub const BLOCK_SIZE: usize = 16;
 
 fn cuda() -> Device {
     Device::new_cuda(0).expect("a CUDA device (this test module runs on the GPU machine)")
@@ -16,7 +16,7 @@ fn cuda() -> Device {
 
 /// A tiny Qwen2-shaped model (QKV bias, GQA 4/2, head_dim 64) written as safetensors with random
 /// weights drawn on the CPU, so that both devices load exactly the same numbers.
-fn tiny_qwen2_dir(seed: u64) -> PathBuf {
+pub fn tiny_qwen2_dir(seed: u64) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cuda-model-tiny-{}-{seed}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (h, heads, kvh, hd, inter, layers, vocab) = (256, 4, 2, 64, 512, 2, 1000);
@@ -66,7 +66,7 @@ fn tiny_qwen2_dir(seed: u64) -> PathBuf {
 }
 
 /// ‖a − b‖ / ‖b‖ over all elements, both read as f32 on the host.
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let a: Vec<f32> = a
         .to_dtype(DType::F32)
         .unwrap()
@@ -92,7 +92,7 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// Step 1: two prompts (20 and 37 tokens) prefilled in one batch; step 2: one decode token each.
-fn two_steps(vocab: u32) -> [ForwardBatch; 2] {
+pub fn two_steps(vocab: u32) -> [ForwardBatch; 2] {
     let lens = [20usize, 37];
     let tables: [Vec<u32>; 2] = [vec![5, 2], vec![0, 7, 3]];
     let mut pre = ForwardBatch::default();

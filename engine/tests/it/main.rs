@@ -5,6 +5,8 @@ mod common;
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_model;
+#[cfg(feature = "cuda")]
+mod cuda_tp;
 mod model;
 mod policies;
 mod sched;

@@ -48,7 +48,8 @@ pub struct BenchArgs {
     pub stage_arrival: Option<String>,
     #[arg(long)]
     pub num_prompts: Option<usize>,
-    /// `random`, `shared-prefix` or `file`.
+    /// `random`, `shared-prefix` or `file`. Shared-prefix runs one request per prompt
+    /// (groups x prompts per group) unless --num-prompts is given.
     #[arg(long)]
     pub dataset_name: Option<String>,
     #[arg(long)]
@@ -247,6 +248,10 @@ pub fn resolve(a: &BenchArgs) -> Result<BenchConfig, BenchError> {
             }
         }
         Some("shared-prefix") => {
+            // One request per prompt of the dataset unless --num-prompts asks for more or fewer.
+            if a.num_prompts.is_none() {
+                c.num_prompts = a.num_groups * a.num_prompts_per_group;
+            }
             c.dataset = DatasetSpec::SharedPrefix {
                 num_groups: a.num_groups,
                 num_prompts_per_group: a.num_prompts_per_group,
@@ -443,6 +448,15 @@ mod tests {
             DatasetSpec::Random { num_prompts: 7, .. }
         ));
         assert_eq!(c.goodput.ttft_ms, Some(500.0));
+        let shared = |num_prompts| BenchArgs {
+            dataset_name: Some("shared-prefix".into()),
+            num_groups: 4,
+            num_prompts_per_group: 6,
+            num_prompts,
+            ..Default::default()
+        };
+        assert_eq!(resolve(&shared(None)).unwrap().num_prompts, 24);
+        assert_eq!(resolve(&shared(Some(5))).unwrap().num_prompts, 5);
         let a = BenchArgs {
             stages: Some("1:10,2.5:20".into()),
             ..Default::default()
