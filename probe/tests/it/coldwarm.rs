@@ -465,3 +465,29 @@ async fn cold_warm_real_engine() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `probe report DIR | head -0`: the reader is gone before the probe prints; the probe must end
+/// without a panic (killed by SIGPIPE like other Unix tools, or done before it noticed).
+#[test]
+fn closed_stdout_ends_the_probe_without_a_panic() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../days/day-007-vllm-runtime-probes");
+    let dir = std::env::temp_dir().join(format!("probe-epipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["run.json", "records.json", "samples.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_probe"))
+        .arg("report")
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(dir.join("first_token_latency.md").is_file(), "the report is still written");
+    std::fs::remove_dir_all(&dir).ok();
+}
