@@ -58,13 +58,14 @@ impl RequestRecord {
     pub fn ok(&self) -> bool {
         self.error.is_none()
     }
-    /// Time to first token, measured from the scheduled send time (vLLM benchmark definition).
+    /// Time to first token, from when the request was sent (vLLM's `benchmark_serving`: after any
+    /// wait for a `--max-concurrency` slot, which is reported apart as client queueing).
     pub fn ttft_s(&self) -> Option<f64> {
-        self.chunk_times_s.first().map(|t| t - self.scheduled_s)
+        self.chunk_times_s.first().map(|t| t - self.sent_s)
     }
-    /// End-to-end latency from the scheduled send time.
+    /// End-to-end latency from when the request was sent.
     pub fn e2e_s(&self) -> f64 {
-        self.end_s - self.scheduled_s
+        self.end_s - self.sent_s
     }
     /// TPOT = (e2e - ttft) / (output_tokens - 1), vLLM's definition; None for < 2 tokens.
     pub fn tpot_s(&self) -> Option<f64> {

@@ -1,8 +1,8 @@
 //! The load runner: issues each request at its scheduled time (optionally capped by a concurrency
 //! semaphore), collects one record per issued request, stops cleanly on Ctrl-C or a dead server.
 //!
-//! Latency is always measured from the scheduled time, so time spent waiting for a concurrency
-//! slot counts (and is recorded separately as client queueing, sent - scheduled).
+//! Latency is measured from when a request is sent, as vLLM's benchmark does; time spent waiting
+//! for a concurrency slot is recorded separately as client queueing (sent - scheduled).
 
 use super::dataset::{self, DatasetError, DatasetSpec, TokenCounter};
 use super::stats::Slo;

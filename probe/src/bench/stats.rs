@@ -1,7 +1,8 @@
 //! Serving-benchmark statistics from request records, as vLLM's `benchmark_serving` defines them.
 //!
-//! Definitions (all latencies from the request's *scheduled* time, in ms):
-//! - TTFT = first content chunk - scheduled; E2EL = end - scheduled;
+//! Definitions (all latencies from when the request was sent, in ms, as vLLM measures them; the
+//! wait between the scheduled time and the send, for a `--max-concurrency` slot, is `queue`):
+//! - TTFT = first content chunk - sent; E2EL = end - sent;
 //! - TPOT = (E2EL - TTFT) / (output_tokens - 1), requests with >= 2 output tokens;
 //! - ITL = every gap between consecutive content chunks, pooled over requests;
 //! - throughputs divide by the benchmark duration = last end - first scheduled time;
@@ -315,8 +316,8 @@ mod tests {
     fn hand_computed_run() {
         // r0: scheduled 0, sent 0, chunks at .1 .2 .3 .4, end .4, 4 tokens.
         //   ttft 100, e2el 400, tpot (400-100)/3 = 100, itl 100 x3
-        // r1: scheduled .5, sent .6 (queued 100 ms), chunks .8 1.0, end 1.1, 3 tokens.
-        //   ttft 300, e2el 600, tpot (600-300)/2 = 150, itl 200
+        // r1: scheduled .5, sent .6 (queued 100 ms, not part of its latency), chunks .8 1.0,
+        //   end 1.1, 3 tokens: ttft 200, e2el 500, tpot (500-200)/2 = 150, itl 200
         // r2: failed (timeout), scheduled 1.0, sent 1.0, end 2.0.
         let r0 = rec(0, 0.0, 0.0, &[0.1, 0.2, 0.3, 0.4], 0.4, 4);
         let r1 = rec(1, 0.5, 0.6, &[0.8, 1.0], 1.1, 3);
@@ -335,13 +336,13 @@ mod tests {
         assert!(close(s.request_throughput, 1.0));
         assert!(close(s.output_throughput, 3.5));
         assert!(close(s.total_token_throughput, 13.5));
-        assert!(close(s.ttft_ms.mean, 200.0) && close(s.ttft_ms.median, 200.0));
-        assert!(close(s.ttft_ms.std, 100.0));
+        assert!(close(s.ttft_ms.mean, 150.0) && close(s.ttft_ms.median, 150.0));
+        assert!(close(s.ttft_ms.std, 50.0));
         assert!(close(s.tpot_ms.mean, 125.0));
         assert!(close(s.itl_ms.mean, 125.0) && s.itl_ms.count == 4);
         assert!(close(s.itl_ms.p(50.0), 100.0));
-        assert!(close(s.e2el_ms.mean, 500.0));
-        assert!(close(s.e2el_ms.p(90.0), 580.0));
+        assert!(close(s.e2el_ms.mean, 450.0));
+        assert!(close(s.e2el_ms.p(90.0), 490.0));
         assert!(close(s.queue_ms.max, 100.0) && s.queue_ms.count == 3);
         assert_eq!(s.request_goodput, None);
         // Peak: r0 + r1 overlap? r0 ends .4 < r1 sent .6; r1 ends 1.1 > r2 sent 1.0 -> 2.

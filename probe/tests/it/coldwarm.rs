@@ -488,6 +488,9 @@ fn closed_stdout_ends_the_probe_without_a_panic() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(dir.join("first_token_latency.md").is_file(), "the report is still written");
+    assert!(
+        dir.join("first_token_latency.md").is_file(),
+        "the report is still written"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
