@@ -341,7 +341,16 @@ fn arrival_text(a: &ArrivalPattern) -> String {
 
 /// Runs `probe bench`: the benchmark, then its output folder; returns the report path.
 pub async fn bench_main(a: &BenchArgs) -> Result<PathBuf, BenchError> {
-    let cfg = resolve(a)?.with_served_model(&reqwest::Client::new()).await;
+    let http = reqwest::Client::new();
+    let cfg = resolve(a)?.with_served_model(&http).await;
+    let startup = crate::server::StartupFacts {
+        engine_startup: crate::server::StartupFacts::fetch_engine_startup(
+            &http,
+            cfg.base_url.trim_end_matches('/'),
+        )
+        .await,
+        ..Default::default()
+    };
     let clock = Clock::start();
     let task = SamplerTask::new(
         clock,
@@ -392,6 +401,7 @@ pub async fn bench_main(a: &BenchArgs) -> Result<PathBuf, BenchError> {
         dataset: serde_json::to_string(&cfg.dataset).unwrap_or_default(),
         token_counting: out.token_counting.describe(),
         seed: cfg.seed,
+        tensor_parallel_size: startup.tensor_parallel_size(),
     };
     let rates: Vec<f64> = match &cfg.arrival {
         ArrivalPattern::Stages { stages, .. } => stages.iter().map(|s| s.rate).collect(),

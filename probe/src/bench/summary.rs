@@ -37,6 +37,9 @@ pub struct RunInfo {
     pub dataset: String,
     pub token_counting: String,
     pub seed: u64,
+    /// Ranks the server splits the model over, when it says (our engine's startup report).
+    #[serde(default)]
+    pub tensor_parallel_size: Option<u64>,
 }
 
 /// One point of a sampled time series (long format: one metric per row).
@@ -77,6 +80,9 @@ pub fn text_block(stats: &BenchStats, info: &RunInfo) -> String {
     }
     if let Some(c) = info.max_concurrency {
         row(&mut out, "Maximum request concurrency:", c);
+    }
+    if let Some(tp) = info.tensor_parallel_size {
+        row(&mut out, "Server tensor parallel size:", tp);
     }
     if let Some(r) = info.request_rate {
         row(&mut out, "Request rate configured (RPS):", f2(r));
@@ -417,6 +423,18 @@ mod tests {
         );
         assert!(t.contains(&format!("{:<40} {:<10}", "Benchmark duration (s):", "0.30")));
         assert!(t.contains("  failed (http_status):"));
+        assert!(
+            !t.contains("tensor parallel"),
+            "no row when the server did not say"
+        );
+        let tp = text_block(
+            &s,
+            &RunInfo {
+                tensor_parallel_size: Some(2),
+                ..info.clone()
+            },
+        );
+        assert!(tp.contains(&format!("{:<40} {:<10}", "Server tensor parallel size:", 2)));
         assert!(t.contains("Request rate configured (RPS):           4.00"));
         assert!(t.contains("---------------Time to First Token----------------"));
         assert!(t.contains("-----Time per Output Token (excl. 1st token)------"));
