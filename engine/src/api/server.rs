@@ -605,10 +605,24 @@ async fn serve(args: crate::args::EngineArgs, process_start: Instant) -> anyhow:
     let launched = tokio::task::spawn_blocking(move || crate::launch::launch(&args, process_start))
         .await
         .context("startup thread failed")??;
-    let handle = launched.handle.clone();
-    state.set_ready(launched.served);
+    let crate::launch::Launched {
+        served,
+        handle,
+        core_thread,
+    } = launched;
+    state.set_ready(served);
     tracing::info!("Application startup complete.");
     let result = server.await.context("server task failed")?;
     handle.shutdown();
+    // Let the step in flight finish and the model and its device memory drop on the core thread
+    // before the process exits: exiting under a running step races the CUDA driver's teardown.
+    let joined = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || core_thread.join()),
+    )
+    .await;
+    if joined.is_err() {
+        tracing::warn!("the engine core did not stop within 30 s; exiting anyway");
+    }
     result.context("server error")
 }

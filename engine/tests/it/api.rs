@@ -491,3 +491,69 @@ async fn api_smollm2_tensor_parallel_3_answers_paris() {
     let v = ask_france(&s).await;
     assert_eq!(v["usage"]["completion_tokens"], 8);
 }
+
+/// The `engine` binary stops on Ctrl-C (SIGINT) with exit status 0 while a request is streaming:
+/// the in-flight response completes, the core thread finishes its step and is joined.
+#[test]
+fn binary_exits_cleanly_on_sigint_mid_stream() {
+    let dir = tiny_dir();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+        .arg(&dir)
+        .args([
+            "--load-format",
+            "dummy",
+            "--device",
+            "cpu",
+            "--served-model-name",
+            "tiny",
+        ])
+        .args(["--kv-cache-memory", "4MiB", "--port", &port.to_string()])
+        .arg("--tokenizer")
+        .arg(dir.join("tokenizer.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(Instant::now() < deadline, "engine not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let resp = client
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": "hi", "max_tokens": 100, "ignore_eos": true, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        body.next().await.expect("a first chunk").unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // The stream still ends properly.
+        let mut rest = Vec::new();
+        while let Some(chunk) = body.next().await {
+            rest.extend_from_slice(&chunk.unwrap());
+        }
+        assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+    });
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{log}", out.status);
+}
