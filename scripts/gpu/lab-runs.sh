@@ -22,6 +22,8 @@
 #       1. `-tp 2` on a one-GPU machine: the startup refusal
 #       2. fcfs vs fair (quantum 16, 8), seed-001 burst, ROUNDS rounds side by side (Qwen2.5-1.5B shape)
 #       3. prefix caching on vs off: shared-prefix load (Qwen2.5-1.5B shape)  -> day-010-prefix-caching/
+#   f (carry .lab-f: engine, probe, Qwen2.5 and Llama-2 tokenizers): the engine's exit on SIGINT right
+#       after a burst was cut off mid-run, twice each at the CodeLlama-34B and Qwen2.5-1.5B shapes
 #
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
 # (days/ tree) beside the server logs.
@@ -103,7 +105,7 @@ b)
     cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
     echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
     ;;
-d|e) ;;
+d|e|f) ;;
 c)
     # Optional: SmolLM2 for the CUDA tests when stage a ran first on this machine.
     if [ -f "$LAB/smolpart.aa" ] && [ -f .lab-c/smolpart.ab ]; then
@@ -111,7 +113,7 @@ c)
         echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || rm -f "$LAB/smollm2.gguf"
     fi
     ;;
-*) echo "usage: $0 a|b|c|d|e" >&2; trap - EXIT; exit 2 ;;
+*) echo "usage: $0 a|b|c|d|e|f" >&2; trap - EXIT; exit 2 ;;
 esac
 
 for f in engine probe engine-it engine-bench; do
@@ -239,5 +241,29 @@ if [ "$STAGE" = e ]; then
         kill -INT $pid 2>/dev/null; sleep 1; kill $pid 2>/dev/null; wait $pid 2>/dev/null
     done
     [ -d "$dir/cache-off" ] && "$LAB/probe" compare "$dir/cache-on" "$dir/cache-off" --out "$dir/compare" | tail -3
+fi
+if [ "$STAGE" = f ]; then
+    dir=$DAYS/day-011-tensor-parallel/sigint-exit
+    mkdir -p "$dir"
+    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    port=8400
+    for run in cl-1 cl-2 qwen-1 qwen-2; do
+        case $run in cl-*) flags=$CL tok=$LAB/llama2/tokenizer.json ;; *) flags=$QWEN tok=$LAB/qwen2.5/tokenizer.json ;; esac
+        port=$((port + 1))
+        # shellcheck disable=SC2086
+        "$LAB/engine" $flags --port $port > "$dir/serve-$run.log" 2>&1 &
+        pid=$!
+        wait_ready "http://127.0.0.1:$port" $pid || { echo "$run: not ready"; continue; }
+        "$LAB/probe" bench --base-url "http://127.0.0.1:$port" --request-rate inf --num-prompts 50 \
+            --dataset-name random --random-input-len 1356 --random-output-len 343 --random-range-ratio 0.5 \
+            --tokenizer "$tok" --seed 1 --no-progress --out "$dir/bench-$run" > "$dir/bench-$run.txt" 2>&1 &
+        bpid=$!
+        sleep 6
+        kill -INT $bpid; sleep 0.5; kill -INT $pid
+        t0=$SECONDS; wait $pid; code=$?
+        echo "$run: engine exit status $code after SIGINT ($((SECONDS - t0)) s to exit)" | tee -a "$dir/exits.txt"
+        wait $bpid 2>/dev/null
+    done
 fi
 echo "== done after $SECONDS s"

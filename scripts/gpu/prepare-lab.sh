@@ -6,7 +6,7 @@
 #          the Qwen2.5 and Llama-2 tokenizers (scripts/fetch-tokenizer.sh, scripts/fetch-llama-tokenizer.sh).
 #   makes: .lab-a (GGUF part aa), .lab-b (GGUF part ab, engine, probe, engine-it, Qwen2.5 tokenizer),
 #          .lab-c (engine, probe, engine-it, Qwen2.5 and Llama-2 tokenizers),
-#          .lab-e (engine, probe, engine-it, Qwen2.5 tokenizer)
+#          .lab-e (engine, probe, engine-it, Qwen2.5 tokenizer), .lab-f (engine, probe, both tokenizers)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 GGUF=${SMOLLM2_GGUF:-.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -15,7 +15,7 @@ for f in .carry/engine.xz .carry/engine-it.xz "$PROBE" "$GGUF" \
     .cache/tokenizers/qwen2.5/tokenizer.json .cache/tokenizers/llama2/tokenizer.json; do
     [ -f "$f" ] || { echo "missing $f (see the header of this script)" >&2; exit 1; }
 done
-rm -rf .lab-a .lab-b .lab-c .lab-e
+rm -rf .lab-a .lab-b .lab-c .lab-e .lab-f
 mkdir -p .lab-a .lab-b/qwen2.5 .lab-c/llama2
 split -b 60M "$GGUF" .lab-a/smolpart.
 mv .lab-a/smolpart.ab .lab-b/
@@ -31,8 +31,11 @@ cp .cache/tokenizers/llama2/tokenizer_config.json .lab-c/llama2/
 mkdir -p .lab-e
 cp .lab-b/engine.xz .lab-b/probe.xz .lab-b/engine-it.xz .lab-e/
 cp -r .lab-b/qwen2.5 .lab-e/
-du -sh .lab-a .lab-b .lab-c .lab-e
-for d in .lab-a .lab-b .lab-c .lab-e; do
+mkdir -p .lab-f
+cp .lab-b/engine.xz .lab-b/probe.xz .lab-f/
+cp -r .lab-b/qwen2.5 .lab-c/llama2 .lab-f/
+du -sh .lab-a .lab-b .lab-c .lab-e .lab-f
+for d in .lab-a .lab-b .lab-c .lab-e .lab-f; do
     size=$(du -sb "$d" | cut -f1)
     [ "$size" -lt $((62 << 20)) ] || { echo "$d is $size bytes: over what one call carries with the tree" >&2; exit 1; }
 done
