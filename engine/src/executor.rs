@@ -112,13 +112,6 @@ impl Ranks {
         }
     }
 
-    pub fn tensor_parallel_size(&self) -> usize {
-        match self {
-            Ranks::One { .. } => 1,
-            Ranks::Tp { ex, .. } => ex.world_size(),
-        }
-    }
-
     /// A plain forward of `tokens` on every rank (activation profiling), synchronized.
     pub fn forward_full(&self, tokens: &[u32]) -> Result<(), String> {
         match self {
@@ -246,10 +239,6 @@ impl TpExecutor {
             })
         })?;
         Ok(ex)
-    }
-
-    pub fn world_size(&self) -> usize {
-        self.workers.len()
     }
 
     /// Runs `make(rank)`'s job on every rank at once; every rank's result, in rank order, or the

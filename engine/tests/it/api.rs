@@ -501,7 +501,7 @@ fn binary_exits_cleanly_on_sigint_mid_stream() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
         .arg(&dir)
         .args([
             "--load-format",
