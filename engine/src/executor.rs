@@ -135,7 +135,12 @@ impl Ranks {
                 *cache = Some(new_cache(model.as_ref(), num_blocks, block_size, dtype)?);
                 Ok(())
             }
-            Ranks::Tp { ex, .. } => ex.allocate_cache(num_blocks, block_size, dtype),
+            Ranks::Tp { ex, cfg } => ex.allocate_cache(
+                num_blocks,
+                block_size,
+                dtype,
+                KvCache::bytes_per_block(cfg, block_size, dtype),
+            ),
         }
     }
 
@@ -175,21 +180,13 @@ enum RankState {
     Runner(ModelRunner),
 }
 
-/// What a rank's job answers.
-enum Reply {
-    Done,
-    /// A step's sampled tokens (see `ModelExecutor::execute`).
-    Tokens(Vec<Option<u32>>),
-    /// Bytes of one block of the rank's cache shard.
-    KvBlockBytes(usize),
-}
-
-type Job = Box<dyn FnOnce(&mut RankState) -> Result<Reply, String> + Send>;
+/// A rank's share of one call; answers a step's sampled tokens (empty for other work).
+type Job = Box<dyn FnOnce(&mut RankState) -> Result<Vec<Option<u32>>, String> + Send>;
 
 struct Worker {
     jobs: mpsc::Sender<Job>,
-    results: mpsc::Receiver<Result<Reply, String>>,
-    thread: Option<JoinHandle<()>>,
+    results: mpsc::Receiver<Result<Vec<Option<u32>>, String>>,
+    thread: JoinHandle<()>,
 }
 
 /// Builds one rank's model on the rank's thread: `rank` in `0..world_size`.
@@ -224,7 +221,7 @@ impl TpExecutor {
             workers.push(Worker {
                 jobs,
                 results,
-                thread: Some(thread),
+                thread,
             });
         }
         let ex = TpExecutor {
@@ -235,7 +232,7 @@ impl TpExecutor {
             let load = load.clone();
             Box::new(move |state: &mut RankState| {
                 *state = RankState::Model(load(rank).map_err(|e| format!("rank {rank}: {e}"))?);
-                Ok(Reply::Done)
+                Ok(Vec::new())
             })
         })?;
         Ok(ex)
@@ -243,7 +240,7 @@ impl TpExecutor {
 
     /// Runs `make(rank)`'s job on every rank at once; every rank's result, in rank order, or the
     /// first rank's error.
-    fn broadcast(&self, make: impl Fn(usize) -> Job) -> Result<Vec<Reply>, String> {
+    fn broadcast(&self, make: impl Fn(usize) -> Job) -> Result<Vec<Vec<Option<u32>>>, String> {
         for (rank, w) in self.workers.iter().enumerate() {
             w.jobs
                 .send(make(rank))
@@ -268,60 +265,44 @@ impl TpExecutor {
         }
     }
 
-    /// Runs `f` on every rank's model (before or after the cache exists).
-    fn on_models(
-        &self,
-        f: impl Fn(&dyn CausalLM) -> candle_core::Result<()> + Send + Sync + 'static,
-    ) -> Result<(), String> {
-        let f = Arc::new(f);
+    /// A plain forward of `tokens` on every rank (activation profiling, before the cache exists).
+    pub fn forward_full(&self, tokens: &[u32]) -> Result<(), String> {
+        let tokens = Arc::new(tokens.to_vec());
         self.broadcast(|_| {
-            let f = f.clone();
+            let tokens = tokens.clone();
             Box::new(move |state: &mut RankState| {
-                let model: &dyn CausalLM = match &*state {
-                    RankState::Model(m) => m.as_ref(),
-                    RankState::Runner(r) => r.model(),
-                    RankState::Empty => return Err("rank has no model".into()),
+                let RankState::Model(m) = state else {
+                    return Err("profiling forward after the KV cache exists".into());
                 };
-                f(model).map(|_| Reply::Done).map_err(|e| e.to_string())
+                m.forward_full(&tokens)
+                    .and_then(|_| m.device().synchronize())
+                    .map(|_| Vec::new())
+                    .map_err(|e| e.to_string())
             })
         })
         .map(|_| ())
     }
 
-    /// A plain forward of `tokens` on every rank (activation profiling).
-    pub fn forward_full(&self, tokens: &[u32]) -> Result<(), String> {
-        let tokens = tokens.to_vec();
-        self.on_models(move |m| {
-            m.forward_full(&tokens)?;
-            m.device().synchronize()
-        })
-    }
-
     /// Allocates every rank's cache shard (`num_blocks` blocks of its own KV heads) and turns
-    /// each rank into a runner.
+    /// each rank into a runner; `kv_bytes_per_block` is one block over all ranks.
     pub fn allocate_cache(
         &mut self,
         num_blocks: usize,
         block_size: usize,
         dtype: DType,
+        kv_bytes_per_block: usize,
     ) -> Result<(), String> {
-        let bytes = self.broadcast(|_| {
+        self.broadcast(|_| {
             Box::new(move |state: &mut RankState| {
                 let RankState::Model(model) = std::mem::replace(state, RankState::Empty) else {
                     return Err("KV cache allocated twice".into());
                 };
-                let cfg = model.config().clone();
                 let cache = new_cache(model.as_ref(), num_blocks, block_size, dtype)?;
                 *state = RankState::Runner(ModelRunner::new(model, cache));
-                let bytes = KvCache::bytes_per_block(&cfg, block_size, dtype);
-                Ok(Reply::KvBlockBytes(bytes))
+                Ok(Vec::new())
             })
         })?;
-        let per_rank = bytes.iter().map(|r| match r {
-            Reply::KvBlockBytes(b) => *b,
-            _ => 0,
-        });
-        self.kv_bytes_per_block = Some(per_rank.sum());
+        self.kv_bytes_per_block = Some(kv_bytes_per_block);
         Ok(())
     }
 
@@ -338,7 +319,7 @@ impl TpExecutor {
                 model
                     .forward(&batch, cache)
                     .and_then(|_| model.device().synchronize())
-                    .map(|_| Reply::Done)
+                    .map(|_| Vec::new())
                     .map_err(|e| e.to_string())
             })
         })
@@ -353,16 +334,13 @@ impl ModelExecutor for TpExecutor {
             .broadcast(|_| {
                 let output = output.clone();
                 Box::new(move |state: &mut RankState| match state {
-                    RankState::Runner(r) => r.execute(&output).map(Reply::Tokens).map_err(|e| e.0),
+                    RankState::Runner(r) => r.execute(&output).map_err(|e| e.0),
                     _ => Err("step before the KV cache exists".into()),
                 })
             })
             .map_err(ExecuteError)?;
         // Every rank sampled from the same all-gathered logits; rank 0 speaks for the group.
-        match per_rank.into_iter().next() {
-            Some(Reply::Tokens(t)) => Ok(t),
-            _ => Err(ExecuteError("rank 0 returned no tokens".into())),
-        }
+        Ok(per_rank.into_iter().next().unwrap_or_default())
     }
 
     fn kv_bytes_per_block(&self) -> Option<usize> {
@@ -372,13 +350,10 @@ impl ModelExecutor for TpExecutor {
 
 impl Drop for TpExecutor {
     fn drop(&mut self) {
-        for w in &mut self.workers {
+        for Worker { jobs, thread, .. } in self.workers.drain(..) {
             // Closing the job channel ends the worker's loop.
-            let (dead, _) = mpsc::channel();
-            drop(std::mem::replace(&mut w.jobs, dead));
-            if let Some(t) = w.thread.take() {
-                let _ = t.join();
-            }
+            drop(jobs);
+            let _ = thread.join();
         }
     }
 }

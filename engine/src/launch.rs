@@ -473,7 +473,6 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
             model
                 .forward_full(&tokens)
                 .map_err(phase("memory profiling"))?;
-            device.synchronize().map_err(phase("memory profiling"))?;
             let peak = gpu_memory::pool_used_peak(&device).map_err(&mem)?;
             phases.profile = t.elapsed().as_secs_f64();
             let profile = gpu_memory::GpuMemoryProfile {

@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Architecture, ConfigError, ModelConfig};
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::llama::LlamaModel;
 use crate::model::tp::{Collective, SingleRank};
 use crate::model::CausalLM;
 
@@ -356,11 +355,7 @@ pub fn load_model_rank(
 ) -> Result<Box<dyn CausalLM>, LoadError> {
     std::fs::metadata(model).map_err(|e| io_err(model, e))?;
     let build = |cfg: &ModelConfig, src: &mut dyn WeightSource| {
-        if tp.world_size() == 1 {
-            LlamaModel::load(cfg, src, dtype, device)
-        } else {
-            crate::model::tp::load_rank(cfg, src, dtype, device, tp.clone())
-        }
+        crate::model::tp::load_rank(cfg, src, dtype, device, tp.clone())
     };
     let m = match resolve_format(model, format) {
         LoadFormat::Gguf => {
@@ -378,14 +373,10 @@ pub fn load_model_rank(
             let cfg = ModelConfig::from_hf_config_json(&model.join("config.json"))?;
             build(&cfg, &mut SafetensorsSource::open(model, dtype, device)?)?
         }
-        LoadFormat::Dummy | LoadFormat::Auto => {
-            let cfg = if model.extension().is_some_and(|e| e == "gguf") {
-                ModelConfig::from_gguf(&GgufFile::open(model)?)?
-            } else {
-                ModelConfig::from_hf_config_json(&hf_config_path(model))?
-            };
-            build(&cfg, &mut DummySource::new(dtype, device, seed)?)?
-        }
+        LoadFormat::Dummy | LoadFormat::Auto => build(
+            &load_config(model, format)?,
+            &mut DummySource::new(dtype, device, seed)?,
+        )?,
     };
     Ok(Box::new(m))
 }

@@ -298,7 +298,8 @@ impl WeightSource for ShardedSource<'_> {
 }
 
 /// Build the model of rank `tp.rank()` from the full config and a source of full HF-named
-/// weights. Phi-3's pre-fused qkv_proj / gate_up_proj are narrowed part by part.
+/// weights. Phi-3's pre-fused qkv_proj / gate_up_proj are narrowed part by part. World size 1
+/// loads the full weights as they come (no shard copies).
 pub fn load_rank(
     full: &ModelConfig,
     src: &mut dyn WeightSource,
@@ -311,6 +312,9 @@ pub fn load_rank(
         return Err(LoadError::Layout(format!(
             "rank {rank} out of tensor parallel size {world}"
         )));
+    }
+    if world == 1 {
+        return LlamaModel::load_with_collective(full, src, dtype, device, tp);
     }
     let cfg = rank_config(full, world)?;
     let mut sharded = ShardedSource::new(src, full, rank, world, device);
