@@ -13,9 +13,12 @@
 // keys (grid.z). Keys are read 32 at a time into shared memory as f32; scores, the online softmax
 // (running max m, sum l) and the output accumulate in f32. With one partition the CTA writes `out`;
 // with several it writes (m, l, acc) partials that paged_attention_combine merges.
+// Sequences with a query length >= qlen_hi are skipped (flash_prefill.cu takes them).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "paged_common.cuh"
 
 #define KT 32        // keys per shared-memory tile
 #define MAX_ROWS 16  // query rows (token x head) per CTA
@@ -38,23 +41,6 @@ __device__ __forceinline__ void load16_to_f32(const T* __restrict__ src, float* 
     for (int i = 0; i < N; ++i) dst[i] = to_f32(e[i]);
 }
 
-// Finds which sequence and which of its QT-token tiles CTA `tile` covers; false if none.
-__device__ bool locate_tile(const uint32_t* __restrict__ query_start, int num_seqs, int qt, int tile,
-                            int* seq, int* q_begin) {
-    int seen = 0;
-    for (int s = 0; s < num_seqs; ++s) {
-        const int qlen = (int)(query_start[s + 1] - query_start[s]);
-        const int tiles = (qlen + qt - 1) / qt;
-        if (tile < seen + tiles) {
-            *seq = s;
-            *q_begin = (tile - seen) * qt;
-            return true;
-        }
-        seen += tiles;
-    }
-    return false;
-}
-
 template <typename T, int D>
 __device__ void paged_attention_impl(
     T* __restrict__ out, float* __restrict__ part_m, float* __restrict__ part_l,
@@ -62,7 +48,7 @@ __device__ void paged_attention_impl(
     const T* __restrict__ value_cache, const uint32_t* __restrict__ block_tables,
     const uint32_t* __restrict__ context_lens, const uint32_t* __restrict__ query_start,
     int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
-    int qt, int gh, int partition, float scale) {
+    int qt, int gh, int partition, int qlen_hi, float scale) {
     static_assert(D % 4 == 0 && D <= 256, "head_dim");
     constexpr int VEC = 16 / sizeof(T);         // elements per 16-byte load
     constexpr int ACC = MAX_ROWS * D / THREADS;  // output elements owned per thread
@@ -74,7 +60,8 @@ __device__ void paged_attention_impl(
     __shared__ int row_limit[MAX_ROWS];  // last key index the row may see; -1 = row unused
 
     int seq, q_begin;
-    if (!locate_tile(query_start, num_seqs, qt, blockIdx.x, &seq, &q_begin)) return;
+    if (!locate_tile(query_start, num_seqs, qt, blockIdx.x, 0, qlen_hi, false, &seq,
+                     &q_begin)) return;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int group = num_heads / num_kv_heads;
     const int head_groups = (group + gh - 1) / gh;
@@ -236,11 +223,12 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
         T* out, float* part_m, float* part_l, float* part_acc, const T* q, const T* key_cache,  \
         const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,       \
         const uint32_t* query_start, int num_seqs, int num_heads, int num_kv_heads,              \
-        int block_size, int max_blocks_per_seq, int qt, int gh, int partition, float scale) {    \
+        int block_size, int max_blocks_per_seq, int qt, int gh, int partition, int qlen_hi,      \
+        float scale) {                                                                           \
         paged_attention_impl<T, D>(out, part_m, part_l, part_acc, q, key_cache, value_cache,     \
                                    block_tables, context_lens, query_start, num_seqs, num_heads, \
                                    num_kv_heads, block_size, max_blocks_per_seq, qt, gh,         \
-                                   partition, scale);                                            \
+                                   partition, qlen_hi, scale);                                   \
     }                                                                                            \
     extern "C" __global__ void paged_attention_combine_##SUFFIX##_d##D(                          \
         T* out, const float* part_m, const float* part_l, const float* part_acc,                 \

@@ -99,6 +99,30 @@ pub fn keep_pool_memory(device: &Device) -> Result<(), GpuMemoryError> {
     .map(|_| ())
 }
 
+/// Turns cudarc's per-allocation stream events on or off for tensors allocated from now on.
+///
+/// cudarc gives every device allocation a read and a write event (created with it, destroyed with
+/// it) to order its uses across streams; they are only consulted once a context has more than one
+/// stream. The engine runs all of a device's work on one stream, so the engine turns them off:
+/// otherwise each op's output costs four driver calls on top of its launch, on the host path that
+/// bounds a small decode step.
+#[cfg(feature = "cuda")]
+pub fn set_event_tracking(device: &Device, on: bool) -> Result<(), GpuMemoryError> {
+    let dev = device
+        .as_cuda_device()
+        .map_err(|_| GpuMemoryError::NotCuda)?;
+    // Safety: no second stream is ever created on the engine's contexts, so no allocation relies
+    // on these events for cross-stream ordering.
+    unsafe {
+        if on {
+            dev.cuda_stream().context().enable_event_tracking();
+        } else {
+            dev.disable_event_tracking();
+        }
+    }
+    Ok(())
+}
+
 /// Bytes of the default pool in use now (allocated and not yet freed).
 #[cfg(feature = "cuda")]
 pub fn pool_used(device: &Device) -> Result<u64, GpuMemoryError> {
@@ -156,6 +180,11 @@ impl GpuMemoryProfile {
 
 #[cfg(not(feature = "cuda"))]
 pub fn keep_pool_memory(_device: &Device) -> Result<(), GpuMemoryError> {
+    Err(GpuMemoryError::NotCuda)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn set_event_tracking(_device: &Device, _on: bool) -> Result<(), GpuMemoryError> {
     Err(GpuMemoryError::NotCuda)
 }
 

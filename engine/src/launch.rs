@@ -418,6 +418,7 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         gpu_memory::keep_pool_memory(&device).map_err(phase("CUDA device init"))?;
+        gpu_memory::set_event_tracking(&device, false).map_err(phase("CUDA device init"))?;
     }
     let dtype = resolve_dtype(args.dtype, &device);
     let mut phases = StartupPhases::default();
@@ -432,6 +433,7 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     #[cfg(feature = "cuda")]
     for d in devices.iter().skip(1) {
         gpu_memory::keep_pool_memory(d).map_err(phase("CUDA device init"))?;
+        gpu_memory::set_event_tracking(d, false).map_err(phase("CUDA device init"))?;
     }
 
     let t = Instant::now();

@@ -24,6 +24,11 @@
 #       3. prefix caching on vs off: shared-prefix load (Qwen2.5-1.5B shape)  -> day-010-prefix-caching/
 #   f (carry .lab-f: engine, probe, Qwen2.5 and Llama-2 tokenizers): the engine's exit on SIGINT right
 #       after a burst was cut off mid-run, twice each at the CodeLlama-34B and Qwen2.5-1.5B shapes
+#   g (carry .lab-g: engine-it with cuda_kernels/cuda_fused/cuda_model, engine-bench, optionally
+#     engine, probe and the Llama-2 tokenizer):                               -> gpu-engine/run4/
+#       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model logits
+#       1. engine-bench at the Qwen2.5-1.5B shape; 2. engine-bench at the CodeLlama-34B shape
+#       3. (engine + probe carried) fcfs vs fair, seed-001 burst, CodeLlama-34B shape -> day-009-codellama34b/
 #
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
 # (days/ tree) beside the server logs.
@@ -105,7 +110,7 @@ b)
     cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
     echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
     ;;
-d|e|f) ;;
+d|e|f|g) ;;
 c)
     # Optional: SmolLM2 for the CUDA tests when stage a ran first on this machine.
     if [ -f "$LAB/smolpart.aa" ] && [ -f .lab-c/smolpart.ab ]; then
@@ -113,7 +118,7 @@ c)
         echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || rm -f "$LAB/smollm2.gguf"
     fi
     ;;
-*) echo "usage: $0 a|b|c|d|e|f" >&2; trap - EXIT; exit 2 ;;
+*) echo "usage: $0 a|b|c|d|e|f|g" >&2; trap - EXIT; exit 2 ;;
 esac
 
 for f in engine probe engine-it engine-bench; do
@@ -241,6 +246,32 @@ if [ "$STAGE" = e ]; then
         kill -INT $pid 2>/dev/null; sleep 1; kill $pid 2>/dev/null; wait $pid 2>/dev/null
     done
     [ -d "$dir/cache-off" ] && "$LAB/probe" compare "$dir/cache-on" "$dir/cache-off" --out "$dir/compare" | tail -3
+fi
+if [ "$STAGE" = g ]; then
+    dir=$DAYS/gpu-engine/run4
+    mkdir -p "$dir"
+    cp "$OUT/gpu.txt" "$dir/gpu.txt"
+    echo "== 0. CUDA tests: attention kernels, fused ops, tiny-model logits"
+    timeout 200 "$LAB/engine-it" --test-threads=2 --nocapture cuda_kernels cuda_fused cuda_bf16_logits \
+        > "$dir/cuda-tests.log" 2>&1
+    grep -E "^test |test result|rel L2|relative|panicked" "$dir/cuda-tests.log" | tail -60
+    echo "== 1. engine-bench, Qwen2.5-1.5B shape ($(left) s left)"
+    timeout 150 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
+        --dtype bfloat16 --device cuda --prefill 1024,2048,4096 --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
+    tail -24 "$dir/engine-bench.log"
+    echo "== 2. engine-bench, CodeLlama-34B shape ($(left) s left)"
+    if [ "${BENCH_34B:-1}" = 1 ] && [ "$(left)" -gt 200 ]; then
+        timeout 180 "$LAB/engine-bench" --model configs/codellama-34b.json --load-format dummy \
+            --dtype bfloat16 --device cuda --batch-sizes 1,16 --prefill 1024,2048 --iters 5 \
+            --out "$dir/engine-bench-codellama34b.md" > "$dir/engine-bench-codellama34b.log" 2>&1
+        tail -20 "$dir/engine-bench-codellama34b.log"
+    fi
+    if [ -x "$LAB/engine" ] && [ -x "$LAB/probe" ] && [ -f "$LAB/llama2/tokenizer.json" ]; then
+        echo "== 3. fcfs vs fair, seed-001 burst, CodeLlama-34B shape ($(left) s left)"
+        CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
+        bench_policies "$DAYS/day-009-codellama34b/run4" "$CL" "$LAB/llama2/tokenizer.json" "${PER_POLICY:-110}" ${CL_POLICIES:-fair fcfs}
+        compare_runs "$DAYS/day-009-codellama34b/run4"
+    fi
 fi
 if [ "$STAGE" = f ]; then
     dir=$DAYS/day-011-tensor-parallel/sigint-exit

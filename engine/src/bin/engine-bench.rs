@@ -14,6 +14,7 @@ use engine::args::{DeviceArg, DtypeArg};
 use engine::config::ModelConfig;
 use engine::core::ModelExecutor;
 use engine::launch::{resolve_dtype, select_device};
+use engine::model::attention::{paged_attention, AttentionMetadata};
 use engine::model::{CausalLM, ForwardBatch, KvCache, SeqInput};
 use engine::runner::ModelRunner;
 use engine::sampling::SamplingParams;
@@ -209,6 +210,114 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
     }
 }
 
+/// Settings the decode forward is also timed under (beside the engine's own): each is turned on,
+/// measured and turned back off.
+const VARIANTS: [&str; 2] = ["as served", "cudarc event tracking on"];
+
+#[cfg(feature = "cuda")]
+fn set_variant(device: &Device, variant: &str, on: bool) -> Result<()> {
+    if variant == "cudarc event tracking on" {
+        engine::gpu_memory::set_event_tracking(device, on)?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn set_variant(_: &Device, _: &str, _: bool) -> Result<()> {
+    Ok(())
+}
+
+struct PrefillRow {
+    tokens: usize,
+    ms: f64,
+    no_flash_ms: Option<f64>,
+    matmuls_ms: f64,
+    attention_ms: f64,
+    floor_ms: f64,
+}
+
+#[cfg(feature = "cuda")]
+fn set_flash_prefill(on: bool) {
+    engine::model::attention_cuda::set_flash_prefill(on);
+}
+
+#[cfg(not(feature = "cuda"))]
+fn set_flash_prefill(_: bool) {}
+
+/// Milliseconds of one decoder layer's four projections (qkv, o, gate_up, down) for `n` tokens,
+/// as the model runs them (x W^T): the matmul part of a prefill, without attention or elementwise.
+fn layer_matmuls_ms(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    n: usize,
+    reps: usize,
+) -> Result<f64> {
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let q_out = cfg.num_attention_heads * hd;
+    let qkv_out = q_out + 2 * cfg.num_key_value_heads * hd;
+    let shapes = [(h, qkv_out), (q_out, h), (h, 2 * inter), (inter, h)];
+    let mut ops = Vec::new();
+    for (k, out) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (n, k), device)?.to_dtype(dtype)?;
+        let w = Tensor::randn(0f32, 0.02, (out, k), device)?.to_dtype(dtype)?;
+        ops.push((x, w));
+    }
+    let mut times = Vec::new();
+    for i in 0..reps + 2 {
+        let ms = host_ms(device, &mut || {
+            for (x, w) in &ops {
+                let _ = x.matmul(&w.t()?)?;
+            }
+            Ok(())
+        })?;
+        if i >= 2 {
+            times.push(ms);
+        }
+    }
+    Ok(median(times))
+}
+
+/// FLOPs of causal attention over a fresh `n`-token prefill, every layer: QK^T and PV, each
+/// 2 x head_dim per (query, visible key, head) pair.
+fn attention_flops(cfg: &ModelConfig, n: usize) -> f64 {
+    let pairs = n as f64 * (n as f64 + 1.0) / 2.0;
+    4.0 * cfg.head_dim as f64
+        * cfg.num_attention_heads as f64
+        * pairs
+        * cfg.num_hidden_layers as f64
+}
+
+/// Milliseconds of the attention op alone over all layers for the prefill batch `fb` (random
+/// queries over the filled cache), as the forward runs it.
+fn attention_ms(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    fb: &ForwardBatch,
+    cache: &KvCache,
+    reps: usize,
+) -> Result<f64> {
+    let n = fb.token_ids.len();
+    let meta = AttentionMetadata::new(&fb.seqs, device)?;
+    let q = Tensor::randn(0f32, 1.0, (n, cfg.num_attention_heads, cfg.head_dim), device)?
+        .to_dtype(dtype)?;
+    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+    let mut times = Vec::new();
+    for i in 0..reps + 2 {
+        let ms = host_ms(device, &mut || {
+            for (k, v) in &cache.layers {
+                let _ = paged_attention(&q, k, v, &meta, scale)?;
+            }
+            Ok(())
+        })?;
+        if i >= 2 {
+            times.push(ms);
+        }
+    }
+    Ok(median(times))
+}
+
 struct DecodeRow {
     batch: usize,
     step_ms: f64,
@@ -224,6 +333,7 @@ fn main() -> Result<()> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         engine::gpu_memory::keep_pool_memory(&device)?;
+        engine::gpu_memory::set_event_tracking(&device, false)?;
     }
     let dtype = resolve_dtype(cli.dtype, &device);
     let iters = cli.iters.max(1);
@@ -311,6 +421,36 @@ fn main() -> Result<()> {
         rows.push(row);
     }
 
+    // ---- decode forward under other settings, side by side (GPU ms between events)
+    let mut variants = Vec::new();
+    if device.is_cuda() {
+        for &batch in &cli.batch_sizes {
+            let step = decode_step(batch, cli.context, bs, cfg.vocab_size);
+            let fb = engine::runner::build_forward_batch(&step, bs)?;
+            let mut row = Vec::new();
+            for v in VARIANTS {
+                set_variant(&device, v, true)?;
+                let mut times = Vec::new();
+                for i in 0..iters + 2 {
+                    let (model, cache) = runner_parts(&mut runner);
+                    let (enqueue, gpu) = event_ms(&device, &mut || {
+                        model.forward(&fb, cache)?;
+                        Ok(())
+                    })?;
+                    if i >= 2 {
+                        times.push((enqueue, gpu));
+                    }
+                }
+                set_variant(&device, v, false)?;
+                let gpu = median(times.iter().map(|t| t.1).collect());
+                let enqueue = median(times.iter().map(|t| t.0).collect());
+                eprintln!("decode batch {batch}, {v}: enqueue {enqueue:.3} ms, GPU {gpu:.3} ms");
+                row.push((enqueue, gpu));
+            }
+            variants.push((batch, row));
+        }
+    }
+
     // ---- prefill
     let mut prows = Vec::new();
     for &n in &cli.prefill {
@@ -327,26 +467,47 @@ fn main() -> Result<()> {
                 times.push(ms);
             }
         }
-        // The cache-free dense forward (attention as two matmuls) of the same tokens: the gap
-        // between the two is what the paged attention kernel costs in prefill.
-        let mut dense = Vec::new();
-        for i in 0..reps + 1 {
-            let (model, _) = runner_parts(&mut runner);
-            let ms = host_ms(&device, &mut || {
-                model.forward_full(&fb.token_ids)?;
-                Ok(())
-            })?;
-            if i >= 1 {
-                dense.push(ms);
+        // The same forward with every sequence on the paged-attention kernel (no tensor-core
+        // prefill kernel): the gap is what the prefill kernel saves.
+        let mut no_flash = Vec::new();
+        if device.is_cuda() {
+            set_flash_prefill(false);
+            for i in 0..reps + 1 {
+                let (model, cache) = runner_parts(&mut runner);
+                let ms = host_ms(&device, &mut || {
+                    model.forward(&fb, cache)?;
+                    Ok(())
+                })?;
+                if i >= 1 {
+                    no_flash.push(ms);
+                }
             }
+            set_flash_prefill(true);
         }
+        let gemm = layer_matmuls_ms(&device, dtype, &cfg, n, reps)? * cfg.num_hidden_layers as f64;
+        let attn = {
+            let (_, cache) = runner_parts(&mut runner);
+            attention_ms(&device, dtype, &cfg, &fb, cache, reps)?
+        };
         let floor = 2.0 * params as f64 * n as f64 / (tflops * 1e12) * 1e3;
-        let (ms, dense_ms) = (median(times), median(dense));
-        eprintln!("prefill {n}: {ms:.2} ms (dense {dense_ms:.2} ms), floor {floor:.2} ms");
-        prows.push((n, ms, dense_ms, floor));
+        let row = PrefillRow {
+            tokens: n,
+            ms: median(times),
+            no_flash_ms: (!no_flash.is_empty()).then(|| median(no_flash)),
+            matmuls_ms: gemm,
+            attention_ms: attn,
+            floor_ms: floor,
+        };
+        eprintln!(
+            "prefill {n}: {:.2} ms (paged-attention kernel only: {:?} ms), matmuls {gemm:.2} ms, attention {attn:.2} ms, floor {floor:.2} ms",
+            row.ms, row.no_flash_ms
+        );
+        prows.push(row);
     }
 
-    let table = render(&cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &prows);
+    let table = render(
+        &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, &prows,
+    );
     println!("{table}");
     if let Some(p) = &cli.out {
         std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;
@@ -368,7 +529,8 @@ fn render(
     copy_gbs: f64,
     tflops: f64,
     rows: &[DecodeRow],
-    prows: &[(usize, f64, f64, f64)],
+    variants: &[(usize, Vec<(f64, f64)>)],
+    prows: &[PrefillRow],
 ) -> String {
     let mut s = String::new();
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
@@ -392,7 +554,7 @@ fn render(
         cli.context, cli.block_size, cli.iters
     );
     let _ = writeln!(s, "| batch | runner step ms | forward ms | enqueue ms | GPU ms (events) | HBM floor ms | step / floor | tok/s |");
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             s,
@@ -408,23 +570,47 @@ fn render(
         );
     }
     let _ = writeln!(s, "\nHBM floor = (weight bytes + batch x (context + 1) x KV bytes/token) / copy bandwidth. Enqueue = host time until the forward returned without a sync; when it is close to the GPU time the step is launch-bound.\n");
+    if !variants.is_empty() {
+        let _ = writeln!(
+            s,
+            "### Decode forward side by side (enqueue ms / GPU ms between events; median of {})\n",
+            cli.iters
+        );
+        let _ = writeln!(s, "| batch | {} |", VARIANTS.join(" | "));
+        let _ = writeln!(s, "|---:|{}", "---:|".repeat(VARIANTS.len()));
+        for (batch, row) in variants {
+            let cells: Vec<String> = row
+                .iter()
+                .map(|(e, g)| format!("{e:.3} / {g:.3}"))
+                .collect();
+            let _ = writeln!(s, "| {batch} | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(s);
+    }
     let _ = writeln!(s, "## Prefill (one sequence; median)\n");
     let _ = writeln!(
         s,
-        "| tokens | paged ms | dense ms | matmul floor ms | paged / floor | tok/s |"
+        "| tokens | forward ms | paged-attention kernel only ms | matmuls ms | attention ms | attention TFLOP/s | matmul floor ms | forward / floor | tok/s |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
-    for (n, ms, dense, floor) in prows {
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in prows {
         let _ = writeln!(
             s,
-            "| {n} | {ms:.2} | {dense:.2} | {floor:.2} | {:.2}x | {:.0} |",
-            ms / floor,
-            *n as f64 / (ms * 1e-3)
+            "| {} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2}x | {:.0} |",
+            r.tokens,
+            r.ms,
+            r.no_flash_ms.map_or("-".to_string(), |v| format!("{v:.2}")),
+            r.matmuls_ms,
+            r.attention_ms,
+            attention_flops(cfg, r.tokens) / (r.attention_ms * 1e-3) / 1e12,
+            r.floor_ms,
+            r.ms / r.floor_ms,
+            r.tokens as f64 / (r.ms * 1e-3)
         );
     }
     let _ = writeln!(
         s,
-        "\nMatmul floor = 2 x params x tokens / measured TFLOP/s (attention FLOPs not counted)."
+        "\nMatmul floor = 2 x params x tokens / measured TFLOP/s (attention FLOPs not counted). Forward: tensor-core prefill kernel (bf16/f16); paged-attention kernel only: the same forward with that kernel off. Matmuls: the layers' four projections alone at this token count; attention: the attention op alone over every layer (the rest of the forward is norms, rotary, KV writes, elementwise ops and the LM head of the last token)."
     );
     s
 }

@@ -13,6 +13,7 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape,
     Storage, Tensor,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 mod ptx {
@@ -25,6 +26,19 @@ const MAX_ROWS: usize = 16;
 const THREADS: u32 = 128;
 /// Head sizes the paged-attention kernel is instantiated for.
 pub const SUPPORTED_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
+/// Query rows per CTA of the tensor-core prefill kernel (`BM` in flash_prefill.cu).
+const FLASH_ROWS: usize = 64;
+/// Sequences with at least this many query tokens in a step go to the tensor-core prefill kernel
+/// (bf16/f16); shorter ones (decode, short chunks) to the paged-attention kernel.
+pub const FLASH_MIN_QUERY_LEN: usize = 16;
+
+static FLASH_PREFILL: AtomicBool = AtomicBool::new(true);
+
+/// Turns the tensor-core prefill kernel on or off process-wide (on by default); off, every
+/// sequence goes through the paged-attention kernel. For side-by-side benchmarks.
+pub fn set_flash_prefill(enabled: bool) {
+    FLASH_PREFILL.store(enabled, Ordering::Relaxed);
+}
 
 /// Raw device address of a storage's first element under `layout`, plus the stream-ordering guard
 /// that must live until the kernel using it is launched.
@@ -215,6 +229,8 @@ struct PagedAttention {
     query_start_loc: Tensor,
     /// Upper bound of any sequence's context length (sizes the context partitions).
     max_context_len: usize,
+    /// Upper bound of any sequence's query length (decides whether the prefill kernel runs).
+    max_query_len: usize,
     scale: f32,
 }
 
@@ -301,6 +317,15 @@ impl PagedAttention {
             return Ok(());
         }
 
+        // Sequences of >= FLASH_MIN_QUERY_LEN query tokens go to the tensor-core prefill kernel.
+        let flash = FLASH_PREFILL.load(Ordering::Relaxed)
+            && dtype != DType::F32
+            && self.max_query_len.min(n) >= FLASH_MIN_QUERY_LEN;
+        let qlen_hi = if flash {
+            FLASH_MIN_QUERY_LEN as i32
+        } else {
+            i32::MAX
+        };
         // Work split (see paged_attention.cu): rows = qt tokens x gh heads of one kv head.
         let group = num_heads / num_kv_heads;
         let gh = group.min(MAX_ROWS);
@@ -389,6 +414,7 @@ impl PagedAttention {
             .arg(&qt_i)
             .arg(&gh_i)
             .arg(&partition_i)
+            .arg(&qlen_hi)
             .arg(&scale);
         unsafe { b.launch(cfg) }.w()?;
 
@@ -406,6 +432,38 @@ impl PagedAttention {
             };
             let mut b = func.builder();
             b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa).arg(&splits_i);
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        // Last: the combine above also wrote (meaningless) rows of the prefill kernel's sequences.
+        if flash {
+            let func = dev.get_or_load_custom_func(
+                &format!("flash_prefill_{suffix}_d{head_dim}"),
+                "flash_prefill",
+                ptx::FLASH_PREFILL,
+            )?;
+            let tiles = n.div_ceil(FLASH_ROWS) + num_seqs; // bound of sum of ceil(qlen / 64)
+            let qlen_lo = FLASH_MIN_QUERY_LEN as i32;
+            let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+            let cfg = LaunchConfig {
+                grid_dim: (tiles as u32, num_heads as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = func.builder();
+            b.arg(&out_ptr)
+                .arg(&q_ptr)
+                .arg(&kc_ptr)
+                .arg(&vc_ptr)
+                .arg(&bt_ptr)
+                .arg(&cl_ptr)
+                .arg(&qs_ptr);
+            b.arg(&num_seqs_i)
+                .arg(&num_heads_i)
+                .arg(&kv_heads_i)
+                .arg(&block_size_i)
+                .arg(&max_blocks_i)
+                .arg(&qlen_lo)
+                .arg(&scale_log2);
             unsafe { b.launch(cfg) }.w()?;
         }
         drop(parts); // freed in stream order after the kernels
@@ -470,8 +528,7 @@ pub fn paged_attention(
     meta: &AttentionMetadata,
     scale: f32,
 ) -> Result<Tensor> {
-    paged_attention_with(
-        q,
+    let mut op = PagedAttention::new(
         key_cache,
         value_cache,
         &meta.block_tables,
@@ -479,7 +536,9 @@ pub fn paged_attention(
         &meta.query_start_loc,
         Some(meta.max_context_len),
         scale,
-    )
+    )?;
+    op.max_query_len = meta.max_query_len;
+    q.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 /// CUDA paged attention over explicit metadata tensors (u32, on the device of `q`).
@@ -556,6 +615,7 @@ impl PagedAttention {
             context_lens: context_lens.contiguous()?,
             query_start_loc: query_start_loc.contiguous()?,
             max_context_len: max_context_len.unwrap_or(bound).min(bound),
+            max_query_len: usize::MAX, // unknown: bounded by the token count at launch
             scale,
         })
     }

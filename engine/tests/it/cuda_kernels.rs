@@ -6,7 +6,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use engine::model::attention_cuda::{paged_attention_into, write_kv_cache};
+use engine::model::attention_cuda::{paged_attention_into, set_flash_prefill, write_kv_cache};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -205,17 +205,58 @@ fn paged_attention_matches_reference() {
             block_size: 16,
             seqs: vec![(3, 50), (1, 7)],
         },
+        // Tensor-core prefill kernel (query length >= 16): long prefill, chunked prefill after
+        // 871 cached tokens, a 64-row tile plus one row, decode rows beside them (Qwen2.5 shape).
+        Case {
+            heads: 12,
+            kv_heads: 2,
+            head_dim: 128,
+            block_size: 16,
+            seqs: vec![(300, 300), (129, 1000), (1, 50), (65, 65)],
+        },
+        // query lengths 16 (first prefill-kernel length) and 15 (last paged-kernel one), d80
+        Case {
+            heads: 16,
+            kv_heads: 2,
+            head_dim: 80,
+            block_size: 32,
+            seqs: vec![(200, 260), (16, 16), (15, 40), (64, 64)],
+        },
+        // d96 without GQA and d64 with a group of 3, odd block size
+        Case {
+            heads: 8,
+            kv_heads: 8,
+            head_dim: 96,
+            block_size: 8,
+            seqs: vec![(100, 100), (33, 97)],
+        },
+        Case {
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+            seqs: vec![(128, 128), (17, 500), (2, 9)],
+        },
     ];
     let mut seed = 7;
     for (i, c) in cases.iter().enumerate() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
-            seed += 1;
-            let err = check_attention(c, dtype, seed);
-            println!("case {i} {dtype:?}: rel L2 error {err:.3e}");
-            assert!(
-                err < tolerance(dtype),
-                "case {i} {dtype:?}: rel error {err:.3e}"
-            );
+            // 16-bit prefills run on the tensor-core kernel; also check the paged kernel on them.
+            // (The switch is process-wide: other tests may run on either kernel meanwhile.)
+            for flash in [true, false] {
+                if dtype == DType::F32 && !flash {
+                    continue;
+                }
+                set_flash_prefill(flash);
+                seed += 1;
+                let err = check_attention(c, dtype, seed);
+                set_flash_prefill(true);
+                println!("case {i} {dtype:?} flash {flash}: rel L2 error {err:.3e}");
+                assert!(
+                    err < tolerance(dtype),
+                    "case {i} {dtype:?} flash {flash}: rel error {err:.3e}"
+                );
+            }
         }
     }
 }

@@ -1,0 +1,25 @@
+// Helpers shared by the paged-attention kernels (included, not compiled on its own).
+#pragma once
+#include <stdint.h>
+
+// Finds which sequence and which of its `qt`-token tiles CTA `tile` covers, counting only the
+// sequences whose query length is in [qlen_lo, qlen_hi) (the two attention kernels split a batch
+// by query length); false if none. `last_first` numbers a sequence's tiles from its end (causal
+// prefill: the last tiles see the most keys, so they are started first).
+__device__ __forceinline__ bool locate_tile(const uint32_t* __restrict__ query_start, int num_seqs,
+                                            int qt, int tile, int qlen_lo, int qlen_hi,
+                                            bool last_first, int* seq, int* q_begin) {
+    int seen = 0;
+    for (int s = 0; s < num_seqs; ++s) {
+        const int qlen = (int)(query_start[s + 1] - query_start[s]);
+        if (qlen < qlen_lo || qlen >= qlen_hi) continue;
+        const int tiles = (qlen + qt - 1) / qt;
+        if (tile < seen + tiles) {
+            *seq = s;
+            *q_begin = (last_first ? tiles - 1 - (tile - seen) : tile - seen) * qt;
+            return true;
+        }
+        seen += tiles;
+    }
+    return false;
+}
