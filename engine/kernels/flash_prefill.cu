@@ -2,7 +2,8 @@
 //
 // Same contract and layouts as paged_attention.cu; this kernel takes the sequences whose query
 // length is >= qlen_lo (the host sends the others to paged_attention). FlashAttention-2 scheme:
-// a CTA owns BM = 64 query tokens of one sequence and one query head (4 warps x 16 rows) and walks
+// a CTA owns BM = 16 x W query tokens of one sequence and one query head (W = 4 warps, or 2 for
+// small prefills, where 64-row CTAs would not fill the GPU; `_w2` kernels) and walks
 // the keys 0 ..= last causal key in tiles of BN = 32, gathered through the block table into shared
 // memory by cp.async, two stages (the next tile loads while this one computes). S = Q K^T and O += P V run on mma.sync m16n8k16 (16-bit inputs, f32 accumulation); the
 // online softmax (running max m, sum l) is kept in f32 registers, P is rounded to the input type
@@ -13,9 +14,7 @@
 
 #include "paged_common.cuh"
 
-#define BM 64     // query rows per CTA
 #define BN 32     // keys per tile
-#define WARPS 4   // BM / 16
 #define PAD 8     // elements of row padding: conflict-free fragment loads for every D here
 
 // One m16n8k16 product c += a b (a row-major 16x16, b column-major 16x8, c 16x8 f32).
@@ -68,7 +67,7 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-template <typename T, int D>
+template <typename T, int D, int WARPS>
 __device__ void flash_prefill_impl(T* __restrict__ out, const T* __restrict__ q,
                                    const T* __restrict__ key_cache,
                                    const T* __restrict__ value_cache,
@@ -77,10 +76,11 @@ __device__ void flash_prefill_impl(T* __restrict__ out, const T* __restrict__ q,
                                    const uint32_t* __restrict__ query_start, int num_seqs,
                                    int num_heads, int num_kv_heads, int block_size,
                                    int max_blocks_per_seq, int qlen_lo, float scale_log2) {
-    static_assert(D % 16 == 0 && D <= 128 && BM == 2 * BN, "head_dim, tile sizes");
+    constexpr int BM = 16 * WARPS;  // query rows per CTA
+    static_assert(D % 16 == 0 && D <= 128 && BM <= 2 * BN, "head_dim, tile sizes");
     constexpr int S = D + PAD;  // shared-memory row stride in elements (a multiple of 8)
     constexpr int CH = D / 8;   // 16-byte chunks per row
-    // Two stages of [K tile; V tile]; the Q tile (BM = 2 x BN rows) first passes through stage 0.
+    // Two stages of [K tile; V tile]; the Q tile (BM <= 2 x BN rows) first passes through stage 0.
     __shared__ __align__(16) T smem[2][2][BN * S];
 
     int seq, q_begin;
@@ -259,22 +259,26 @@ __device__ void flash_prefill_impl(T* __restrict__ out, const T* __restrict__ q,
     }
 }
 
-#define FLASH_PREFILL(SUFFIX, T, D)                                                                \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) flash_prefill_##SUFFIX##_d##D(       \
+#define FLASH_PREFILL(SUFFIX, T, D, W, NAME)                                                       \
+    extern "C" __global__ void __launch_bounds__(W * 32) NAME(                                     \
         T* out, const T* q, const T* key_cache, const T* value_cache,                             \
         const uint32_t* block_tables, const uint32_t* context_lens, const uint32_t* query_start,  \
         int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,    \
         int qlen_lo, float scale_log2) {                                                           \
-        flash_prefill_impl<T, D>(out, q, key_cache, value_cache, block_tables, context_lens,       \
-                                 query_start, num_seqs, num_heads, num_kv_heads, block_size,       \
-                                 max_blocks_per_seq, qlen_lo, scale_log2);                         \
+        flash_prefill_impl<T, D, W>(out, q, key_cache, value_cache, block_tables, context_lens,    \
+                                    query_start, num_seqs, num_heads, num_kv_heads, block_size,    \
+                                    max_blocks_per_seq, qlen_lo, scale_log2);                      \
     }
 
-#define FLASH_PREFILL_ALL_D(SUFFIX, T) \
-    FLASH_PREFILL(SUFFIX, T, 64)       \
-    FLASH_PREFILL(SUFFIX, T, 80)       \
-    FLASH_PREFILL(SUFFIX, T, 96)       \
-    FLASH_PREFILL(SUFFIX, T, 128)
+#define FLASH_PREFILL_ALL_D(SUFFIX, T)                                  \
+    FLASH_PREFILL(SUFFIX, T, 64, 4, flash_prefill_##SUFFIX##_d64)       \
+    FLASH_PREFILL(SUFFIX, T, 80, 4, flash_prefill_##SUFFIX##_d80)       \
+    FLASH_PREFILL(SUFFIX, T, 96, 4, flash_prefill_##SUFFIX##_d96)       \
+    FLASH_PREFILL(SUFFIX, T, 128, 4, flash_prefill_##SUFFIX##_d128)     \
+    FLASH_PREFILL(SUFFIX, T, 64, 2, flash_prefill_##SUFFIX##_d64_w2)    \
+    FLASH_PREFILL(SUFFIX, T, 80, 2, flash_prefill_##SUFFIX##_d80_w2)    \
+    FLASH_PREFILL(SUFFIX, T, 96, 2, flash_prefill_##SUFFIX##_d96_w2)    \
+    FLASH_PREFILL(SUFFIX, T, 128, 2, flash_prefill_##SUFFIX##_d128_w2)
 
 FLASH_PREFILL_ALL_D(f16, __half)
 FLASH_PREFILL_ALL_D(bf16, __nv_bfloat16)

@@ -25,8 +25,9 @@
 #   f (carry .lab-f: engine, probe, Qwen2.5 and Llama-2 tokenizers): the engine's exit on SIGINT right
 #       after a burst was cut off mid-run, twice each at the CodeLlama-34B and Qwen2.5-1.5B shapes
 #   g (carry .lab-g: engine-it with cuda_kernels/cuda_fused/cuda_model, engine-bench, optionally
-#     engine, probe and the Llama-2 tokenizer):                               -> gpu-engine/run4/
-#       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model logits
+#     engine, probe, the Llama-2 tokenizer and GGUF part ab after stage a): -> gpu-engine/run4/
+#       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model
+#          logits, and SmolLM2 logits/greedy when stage a ran first
 #       1. engine-bench at the Qwen2.5-1.5B shape; 2. engine-bench at the CodeLlama-34B shape
 #       3. (engine + probe carried) fcfs vs fair, seed-001 burst, CodeLlama-34B shape -> day-009-codellama34b/
 #
@@ -110,7 +111,13 @@ b)
     cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
     echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
     ;;
-d|e|f|g) ;;
+d|e|f) ;;
+g)
+    if [ -f "$LAB/smolpart.aa" ] && [ -f .lab-g/smolpart.ab ]; then
+        cp .lab-g/smolpart.ab "$LAB/" && cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
+        echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || rm -f "$LAB/smollm2.gguf"
+    fi
+    ;;
 c)
     # Optional: SmolLM2 for the CUDA tests when stage a ran first on this machine.
     if [ -f "$LAB/smolpart.aa" ] && [ -f .lab-c/smolpart.ab ]; then
@@ -251,8 +258,12 @@ if [ "$STAGE" = g ]; then
     dir=$DAYS/gpu-engine/run4
     mkdir -p "$dir"
     cp "$OUT/gpu.txt" "$dir/gpu.txt"
-    echo "== 0. CUDA tests: attention kernels, fused ops, tiny-model logits"
-    timeout 200 "$LAB/engine-it" --test-threads=2 --nocapture cuda_kernels cuda_fused cuda_bf16_logits \
+    { lscpu | grep -E "^Model name|^CPU\(s\)|^CPU max MHz"; } >> "$dir/gpu.txt" 2>/dev/null
+    echo "== 0. CUDA tests: attention kernels, fused ops, model logits and greedy"
+    tests="cuda_kernels cuda_fused cuda_bf16_logits"
+    [ -f "$LAB/smollm2.gguf" ] && tests="$tests cuda_smollm2"
+    # shellcheck disable=SC2086
+    SMOLLM2_GGUF=$LAB/smollm2.gguf timeout 200 "$LAB/engine-it" --test-threads=2 --nocapture $tests \
         > "$dir/cuda-tests.log" 2>&1
     grep -E "^test |test result|rel L2|relative|panicked" "$dir/cuda-tests.log" | tail -60
     echo "== 1. engine-bench, Qwen2.5-1.5B shape ($(left) s left)"
@@ -270,6 +281,11 @@ if [ "$STAGE" = g ]; then
         echo "== 3. fcfs vs fair, seed-001 burst, CodeLlama-34B shape ($(left) s left)"
         CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
         bench_policies "$DAYS/day-009-codellama34b/run4" "$CL" "$LAB/llama2/tokenizer.json" "${PER_POLICY:-110}" ${CL_POLICIES:-fair fcfs}
+        # Optional second fair run with other flags, e.g. FAIR2="-q8|--fair-quantum 8".
+        if [ -n "${FAIR2:-}" ]; then
+            SUFFIX=${FAIR2%%|*} bench_policies "$DAYS/day-009-codellama34b/run4" "$CL ${FAIR2#*|}" \
+                "$LAB/llama2/tokenizer.json" "${PER_POLICY:-110}" fair
+        fi
         compare_runs "$DAYS/day-009-codellama34b/run4"
     fi
 fi

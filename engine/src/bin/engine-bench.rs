@@ -212,12 +212,14 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
 
 /// Settings the decode forward is also timed under (beside the engine's own): each is turned on,
 /// measured and turned back off.
-const VARIANTS: [&str; 2] = ["as served", "cudarc event tracking on"];
+const VARIANTS: [&str; 3] = ["as served", "unfused ops", "cudarc event tracking on"];
 
 #[cfg(feature = "cuda")]
 fn set_variant(device: &Device, variant: &str, on: bool) -> Result<()> {
-    if variant == "cudarc event tracking on" {
-        engine::gpu_memory::set_event_tracking(device, on)?;
+    match variant {
+        "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
+        "unfused ops" => engine::model::fused::set_fused_kernels(!on),
+        _ => {}
     }
     Ok(())
 }
@@ -233,12 +235,19 @@ struct PrefillRow {
     no_flash_ms: Option<f64>,
     matmuls_ms: f64,
     attention_ms: f64,
+    elementwise_ms: f64,
+    unfused_ms: Option<f64>,
     floor_ms: f64,
 }
 
 #[cfg(feature = "cuda")]
 fn set_flash_prefill(on: bool) {
-    engine::model::attention_cuda::set_flash_prefill(on);
+    use engine::model::attention_cuda::{set_prefill_kernel, PrefillKernel};
+    set_prefill_kernel(if on {
+        PrefillKernel::Auto
+    } else {
+        PrefillKernel::Paged
+    });
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -278,6 +287,62 @@ fn layer_matmuls_ms(
     Ok(median(times))
 }
 
+/// Milliseconds of the layers' fused elementwise ops alone for `n` tokens over every layer: two
+/// residual add + RMSNorm, the SiLU-gate product, and bias + rotary + KV-cache write.
+fn elementwise_ms(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    n: usize,
+    cache: &KvCache,
+    reps: usize,
+) -> Result<f64> {
+    use engine::model::fused::{add_rms_norm, qkv_rope_cache, silu_mul};
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let rand = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
+    };
+    let (x, residual, weight) = (rand(&[n, h])?, rand(&[n, h])?, rand(&[h])?);
+    let gate_up = rand(&[n, 2 * inter])?;
+    let qkv = rand(&[n, (heads + 2 * kvh) * hd])?;
+    let bias = if cfg.attention_bias {
+        Some(rand(&[(heads + 2 * kvh) * hd])?)
+    } else {
+        None
+    };
+    let (cos, sin) = (rand(&[n, hd / 2])?, rand(&[n, hd / 2])?);
+    let slots = Tensor::arange(0i64, n as i64, device)?;
+    let eps = cfg.rms_norm_eps as f32;
+    let mut times = Vec::new();
+    for i in 0..reps + 2 {
+        let ms = host_ms(device, &mut || {
+            for (k, v) in &cache.layers {
+                let _ = add_rms_norm(&x, &residual, &weight, eps)?;
+                let _ = qkv_rope_cache(
+                    &qkv,
+                    bias.as_ref(),
+                    &cos,
+                    &sin,
+                    k,
+                    v,
+                    &slots,
+                    heads,
+                    kvh,
+                    hd,
+                )?;
+                let _ = silu_mul(&gate_up, inter)?;
+                let _ = add_rms_norm(&x, &residual, &weight, eps)?;
+            }
+            Ok(())
+        })?;
+        if i >= 2 {
+            times.push(ms);
+        }
+    }
+    Ok(median(times))
+}
+
 /// FLOPs of causal attention over a fresh `n`-token prefill, every layer: QK^T and PV, each
 /// 2 x head_dim per (query, visible key, head) pair.
 fn attention_flops(cfg: &ModelConfig, n: usize) -> f64 {
@@ -300,8 +365,13 @@ fn attention_ms(
 ) -> Result<f64> {
     let n = fb.token_ids.len();
     let meta = AttentionMetadata::new(&fb.seqs, device)?;
-    let q = Tensor::randn(0f32, 1.0, (n, cfg.num_attention_heads, cfg.head_dim), device)?
-        .to_dtype(dtype)?;
+    let q = Tensor::randn(
+        0f32,
+        1.0,
+        (n, cfg.num_attention_heads, cfg.head_dim),
+        device,
+    )?
+    .to_dtype(dtype)?;
     let scale = 1.0 / (cfg.head_dim as f32).sqrt();
     let mut times = Vec::new();
     for i in 0..reps + 2 {
@@ -370,6 +440,17 @@ fn main() -> Result<()> {
     let mut runner = ModelRunner::new(model, cache);
 
     // ---- decode
+    // Warm every batch size first (clocks, pools, kernel loads), so the first row is not the
+    // one paying for it.
+    for &batch in &cli.batch_sizes {
+        let step = decode_step(batch, cli.context, bs, cfg.vocab_size);
+        let fb = engine::runner::build_forward_batch(&step, bs)?;
+        for _ in 0..10 {
+            let (model, cache) = runner_parts(&mut runner);
+            model.forward(&fb, cache)?;
+        }
+    }
+    device.synchronize()?;
     let mut rows = Vec::new();
     for &batch in &cli.batch_sizes {
         let step = decode_step(batch, cli.context, bs, cfg.vocab_size);
@@ -485,10 +566,28 @@ fn main() -> Result<()> {
             set_flash_prefill(true);
         }
         let gemm = layer_matmuls_ms(&device, dtype, &cfg, n, reps)? * cfg.num_hidden_layers as f64;
-        let attn = {
+        let (attn, elementwise) = {
             let (_, cache) = runner_parts(&mut runner);
-            attention_ms(&device, dtype, &cfg, &fb, cache, reps)?
+            (
+                attention_ms(&device, dtype, &cfg, &fb, cache, reps)?,
+                elementwise_ms(&device, dtype, &cfg, n, cache, reps)?,
+            )
         };
+        let mut unfused = Vec::new();
+        if device.is_cuda() {
+            engine::model::fused::set_fused_kernels(false);
+            for i in 0..reps + 1 {
+                let (model, cache) = runner_parts(&mut runner);
+                let ms = host_ms(&device, &mut || {
+                    model.forward(&fb, cache)?;
+                    Ok(())
+                })?;
+                if i >= 1 {
+                    unfused.push(ms);
+                }
+            }
+            engine::model::fused::set_fused_kernels(true);
+        }
         let floor = 2.0 * params as f64 * n as f64 / (tflops * 1e12) * 1e3;
         let row = PrefillRow {
             tokens: n,
@@ -496,6 +595,8 @@ fn main() -> Result<()> {
             no_flash_ms: (!no_flash.is_empty()).then(|| median(no_flash)),
             matmuls_ms: gemm,
             attention_ms: attn,
+            elementwise_ms: elementwise,
+            unfused_ms: (!unfused.is_empty()).then(|| median(unfused)),
             floor_ms: floor,
         };
         eprintln!(
@@ -534,6 +635,7 @@ fn render(
 ) -> String {
     let mut s = String::new();
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let opt2 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     let _ = writeln!(
         s,
         "# engine-bench: {} ({} layers, {:.3} B params), {:?}, {:?}\n",
@@ -554,7 +656,7 @@ fn render(
         cli.context, cli.block_size, cli.iters
     );
     let _ = writeln!(s, "| batch | runner step ms | forward ms | enqueue ms | GPU ms (events) | HBM floor ms | step / floor | tok/s |");
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             s,
@@ -590,19 +692,24 @@ fn render(
     let _ = writeln!(s, "## Prefill (one sequence; median)\n");
     let _ = writeln!(
         s,
-        "| tokens | forward ms | paged-attention kernel only ms | matmuls ms | attention ms | attention TFLOP/s | matmul floor ms | forward / floor | tok/s |"
+        "| tokens | forward ms | paged-attention kernel only ms | unfused ops ms | matmuls ms | attention ms | attention TFLOP/s | fused elementwise ms | matmul floor ms | forward / floor | tok/s |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in prows {
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2}x | {:.0} |",
+            "| {} | {:.2} | {} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2}x | {:.0} |",
             r.tokens,
             r.ms,
-            r.no_flash_ms.map_or("-".to_string(), |v| format!("{v:.2}")),
+            opt2(r.no_flash_ms),
+            opt2(r.unfused_ms),
             r.matmuls_ms,
             r.attention_ms,
             attention_flops(cfg, r.tokens) / (r.attention_ms * 1e-3) / 1e12,
+            r.elementwise_ms,
             r.floor_ms,
             r.ms / r.floor_ms,
             r.tokens as f64 / (r.ms * 1e-3)
@@ -610,7 +717,7 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\nMatmul floor = 2 x params x tokens / measured TFLOP/s (attention FLOPs not counted). Forward: tensor-core prefill kernel (bf16/f16); paged-attention kernel only: the same forward with that kernel off. Matmuls: the layers' four projections alone at this token count; attention: the attention op alone over every layer (the rest of the forward is norms, rotary, KV writes, elementwise ops and the LM head of the last token)."
+        "\nMatmul floor = 2 x params x tokens / measured TFLOP/s (attention FLOPs not counted). Forward: as served (tensor-core prefill kernel for bf16/f16, fused ops); paged-attention kernel only / unfused ops: the same forward with that kernel / the fused ops off. Parts, each alone over every layer at this token count: matmuls (the four projections), attention, fused elementwise (two add + RMSNorm, SiLU-gate product, bias + rotary + KV write); the rest of the forward is the embedding, rotary tables and the LM head of the last token."
     );
     s
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 
-use super::attention::{paged_attention, write_kv_cache, AttentionMetadata};
+use super::attention::{paged_attention, AttentionMetadata};
+use super::fused;
 use super::tp::{vocab_shard, Collective, SingleRank};
 use super::{CausalLM, ForwardBatch, KvCache};
 use crate::config::{Architecture, ModelConfig};
@@ -27,11 +28,16 @@ impl Linear {
     fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
+
+    /// x W^T without the bias.
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = self.matmul(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -194,23 +200,12 @@ impl LlamaModel {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let n = x.dim(0)?;
         let (heads, kvh, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let qkv = layer.qkv_proj.forward(x)?;
-        let q = qkv.narrow(1, 0, heads * hd)?.reshape((1, n, heads, hd))?;
-        let k = qkv
-            .narrow(1, heads * hd, kvh * hd)?
-            .reshape((1, n, kvh, hd))?;
-        let v = qkv
-            .narrow(1, (heads + kvh) * hd, kvh * hd)?
-            .reshape((n, kvh, hd))?;
-        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?.squeeze(0)?;
-        Ok((q, k, v.contiguous()?))
+        fused::split_rope(&layer.qkv_proj.forward(x)?, cos, sin, heads, kvh, hd)
     }
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
@@ -223,6 +218,13 @@ impl LlamaModel {
                 .down_proj
                 .forward(&(candle_nn::ops::silu(&gate)? * up)?)?,
         )
+    }
+
+    /// `mlp` through the fused SiLU-gate product (the same candle ops on the CPU).
+    fn mlp_fused(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let gate_up = layer.gate_up_proj.forward(x)?;
+        let act = fused::silu_mul(&gate_up, self.cfg.intermediate_size)?;
+        self.all_reduce(layer.down_proj.forward(&act)?)
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -336,17 +338,31 @@ impl CausalLM for LlamaModel {
         let slots = Tensor::new(batch.slot_mapping.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
-        let scale = 1.0 / (self.cfg.head_dim as f32).sqrt();
+        let (heads, kvh, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let scale = 1.0 / (hd as f32).sqrt();
+        let eps = self.cfg.rms_norm_eps as f32;
+        // Fused ops (one CUDA launch each; the unfused candle ops on the CPU): the residual add
+        // runs with the next norm, the QKV bias and rotary with the cache write.
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        for (layer, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
-            let h = self.rms_norm(&x, &layer.input_layernorm)?;
-            let (q, k, v) = self.qkv(layer, &h, &cos, &sin)?;
-            write_kv_cache(&k, &v, kc, vc, &slots)?;
-            let attn = paged_attention(&q, kc, vc, &meta, scale)?;
-            let attn = attn.reshape((n, self.cfg.num_attention_heads * self.cfg.head_dim))?;
-            x = (x + self.all_reduce(layer.o_proj.forward(&attn)?)?)?;
-            let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
-            x = (&x + self.mlp(layer, &h)?)?;
+        let mut h = match self.layers.first() {
+            Some(first) => self.rms_norm(&x, &first.input_layernorm)?,
+            None => x.clone(),
+        };
+        for (i, (layer, (kc, vc))) in self.layers.iter().zip(&cache.layers).enumerate() {
+            let (qkv, bias) = (layer.qkv_proj.matmul(&h)?, layer.qkv_proj.bias.as_ref());
+            let q = fused::qkv_rope_cache(&qkv, bias, &cos, &sin, kc, vc, &slots, heads, kvh, hd)?;
+            let attn = paged_attention(&q, kc, vc, &meta, scale)?.reshape((n, heads * hd))?;
+            let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
+            (h, x) = fused::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;
+            let mlp = self.mlp_fused(layer, &h)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (h, x) = fused::add_rms_norm(&mlp, &x, &next.input_layernorm, eps)?,
+                None => x = (x + mlp)?,
+            }
         }
         let last: Vec<u32> = batch
             .seqs

@@ -17,6 +17,9 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod attention_cuda;
 pub mod cache;
+pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod fused_cuda;
 pub mod llama;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -6,7 +6,9 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use engine::model::attention_cuda::{paged_attention_into, set_flash_prefill, write_kv_cache};
+use engine::model::attention_cuda::{
+    paged_attention_into, set_prefill_kernel, write_kv_cache, PrefillKernel,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -241,20 +243,25 @@ fn paged_attention_matches_reference() {
     let mut seed = 7;
     for (i, c) in cases.iter().enumerate() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
-            // 16-bit prefills run on the tensor-core kernel; also check the paged kernel on them.
-            // (The switch is process-wide: other tests may run on either kernel meanwhile.)
-            for flash in [true, false] {
-                if dtype == DType::F32 && !flash {
-                    continue;
+            // 16-bit prefills run on the tensor-core kernel (both CTA sizes); also check the
+            // paged kernel on them. (The choice is process-wide: other tests may run on either
+            // kernel meanwhile, both correct.)
+            for kernel in [
+                PrefillKernel::Rows64,
+                PrefillKernel::Rows32,
+                PrefillKernel::Paged,
+            ] {
+                if dtype == DType::F32 && kernel != PrefillKernel::Paged {
+                    continue; // f32 always runs on the paged kernel
                 }
-                set_flash_prefill(flash);
+                set_prefill_kernel(kernel);
                 seed += 1;
                 let err = check_attention(c, dtype, seed);
-                set_flash_prefill(true);
-                println!("case {i} {dtype:?} flash {flash}: rel L2 error {err:.3e}");
+                set_prefill_kernel(PrefillKernel::Auto);
+                println!("case {i} {dtype:?} {kernel:?}: rel L2 error {err:.3e}");
                 assert!(
                     err < tolerance(dtype),
-                    "case {i} {dtype:?} flash {flash}: rel error {err:.3e}"
+                    "case {i} {dtype:?} {kernel:?}: rel error {err:.3e}"
                 );
             }
         }

@@ -2,6 +2,7 @@
 
 mod api;
 mod common;
+mod cuda_fused;
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_model;

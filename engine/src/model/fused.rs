@@ -1,0 +1,220 @@
+//! Fused decoder-layer ops: one CUDA launch each on the GPU, the unfused candle ops on the CPU.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Result, Tensor, D};
+
+use super::attention::write_kv_cache;
+
+static FUSED_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused CUDA kernels on or off process-wide (on by default); off, CUDA tensors take the
+/// unfused candle ops like the CPU. For side-by-side benchmarks.
+pub fn set_fused_kernels(enabled: bool) {
+    FUSED_KERNELS.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether `t` takes a fused CUDA kernel.
+#[cfg(feature = "cuda")]
+fn on_fused_kernel(t: &Tensor) -> bool {
+    t.device().is_cuda() && FUSED_KERNELS.load(Ordering::Relaxed)
+}
+
+/// `(rms_norm(x + residual) * weight, x + residual)` for `[n, hidden]` rows: the residual add
+/// rounds to the tensor dtype (as candle's add), the norm follows `candle_nn::ops::rms_norm`.
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if on_fused_kernel(x) {
+        return super::fused_cuda::add_rms_norm(x, residual, weight, eps);
+    }
+    let sum = (x + residual)?;
+    let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
+    Ok((normed, sum))
+}
+
+/// `silu(gate) * up` from the fused `[gate | up]` projection output `[n, 2 * inter]`.
+pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_fused_kernel(gate_up) {
+        return super::fused_cuda::silu_mul(gate_up, inter);
+    }
+    let gate = gate_up.narrow(D::Minus1, 0, inter)?;
+    let up = gate_up.narrow(D::Minus1, inter, inter)?;
+    candle_nn::ops::silu(&gate)? * up
+}
+
+/// Splits a fused (biased) projection output `[n, (heads + 2 * kv_heads) * head_dim]` into q
+/// `[n, heads, hd]` and k, v `[n, kv_heads, hd]`, rotary ("rotate_half", `rope_thd`) applied to q
+/// and k with `cos`/`sin` `[n, hd / 2]` (rows per token position).
+pub fn split_rope(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = qkv.dim(0)?;
+    let hd = head_dim;
+    let q = qkv.narrow(1, 0, heads * hd)?.reshape((1, n, heads, hd))?;
+    let k = qkv
+        .narrow(1, heads * hd, kv_heads * hd)?
+        .reshape((1, n, kv_heads, hd))?;
+    let v = qkv
+        .narrow(1, (heads + kv_heads) * hd, kv_heads * hd)?
+        .reshape((n, kv_heads, hd))?;
+    let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?.squeeze(0)?;
+    let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?.squeeze(0)?;
+    Ok((q, k, v.contiguous()?))
+}
+
+/// From the unbiased fused projection output `qkv` `[n, (heads + 2 * kv_heads) * head_dim]`: adds
+/// `bias`, applies rotary to q and k (see `split_rope`), writes k and v into the paged caches at
+/// `slot_mapping` (as `attention::write_kv_cache`; -1 skipped) and returns q `[n, heads, hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_cache(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_fused_kernel(qkv) {
+        return super::fused_cuda::qkv_rope_cache(
+            qkv,
+            bias,
+            cos,
+            sin,
+            key_cache,
+            value_cache,
+            slot_mapping,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        );
+    }
+    let qkv = match bias {
+        Some(b) => qkv.broadcast_add(b)?,
+        None => qkv.clone(),
+    };
+    let (q, k, v) = split_rope(&qkv, cos, sin, num_heads, num_kv_heads, head_dim)?;
+    write_kv_cache(&k, &v, key_cache, value_cache, slot_mapping)?;
+    Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn randn(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .unwrap()
+    }
+
+    /// Bitwise equality (f16/bf16 -> f32 is exact and injective).
+    fn assert_same(a: &Tensor, b: &Tensor) {
+        assert_eq!(a.shape(), b.shape());
+        assert_eq!(a.dtype(), b.dtype());
+        let flat = |t: &Tensor| -> Vec<u32> {
+            let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            v.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(flat(a), flat(b));
+    }
+
+    const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+    #[test]
+    fn add_rms_norm_cpu_is_the_unfused_sequence() {
+        for dtype in DTYPES {
+            let (x, o, w) = (
+                randn(&[5, 96], dtype),
+                randn(&[5, 96], dtype),
+                randn(&[96], dtype),
+            );
+            // The model calls add_rms_norm(layer_out, x) for `x = x + layer_out; rms_norm(x)`.
+            let (normed, sum) = add_rms_norm(&o, &x, &w, 1e-6).unwrap();
+            let want_sum = (&x + &o).unwrap();
+            assert_same(&sum, &want_sum);
+            assert_same(
+                &normed,
+                &candle_nn::ops::rms_norm(&want_sum, &w, 1e-6).unwrap(),
+            );
+        }
+    }
+
+    #[test]
+    fn silu_mul_cpu_is_the_unfused_sequence() {
+        for dtype in DTYPES {
+            let gu = randn(&[3, 2 * 40], dtype);
+            let gate = gu.narrow(D::Minus1, 0, 40).unwrap();
+            let up = gu.narrow(D::Minus1, 40, 40).unwrap();
+            let want = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
+            assert_same(&silu_mul(&gu, 40).unwrap(), &want);
+        }
+    }
+
+    #[test]
+    fn qkv_rope_cache_cpu_is_the_unfused_sequence() {
+        let (heads, kvh, hd, n, blocks, bs) = (4, 2, 16, 3, 4, 4);
+        for dtype in DTYPES {
+            let width = (heads + 2 * kvh) * hd;
+            let (qkv, bias) = (randn(&[n, width], dtype), randn(&[width], dtype));
+            let (cos, sin) = (randn(&[n, hd / 2], dtype), randn(&[n, hd / 2], dtype));
+            let slots = Tensor::new(&[5i64, -1, 12], &Device::Cpu).unwrap();
+            let caches = || -> [Tensor; 2] {
+                [0, 1].map(|_| Tensor::ones((blocks, bs, kvh, hd), dtype, &Device::Cpu).unwrap())
+            };
+            let [kc, vc] = caches();
+            let q = qkv_rope_cache(
+                &qkv,
+                Some(&bias),
+                &cos,
+                &sin,
+                &kc,
+                &vc,
+                &slots,
+                heads,
+                kvh,
+                hd,
+            )
+            .unwrap();
+            // The model's sequence before fusion: biased projection, narrow, rope, cache write.
+            let biased = qkv.broadcast_add(&bias).unwrap();
+            let q0 = biased.narrow(1, 0, heads * hd).unwrap();
+            let k0 = biased.narrow(1, heads * hd, kvh * hd).unwrap();
+            let v0 = biased.narrow(1, (heads + kvh) * hd, kvh * hd).unwrap();
+            let rope = |t: &Tensor, h: usize| {
+                let t = t.reshape((1, n, h, hd)).unwrap().contiguous().unwrap();
+                candle_nn::rotary_emb::rope_thd(&t, &cos, &sin)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+            };
+            let [kc0, vc0] = caches();
+            let v0 = v0.reshape((n, kvh, hd)).unwrap().contiguous().unwrap();
+            write_kv_cache(&rope(&k0, kvh), &v0, &kc0, &vc0, &slots).unwrap();
+            assert_same(&q, &rope(&q0, heads));
+            assert!(q.is_contiguous());
+            assert_same(&kc, &kc0);
+            assert_same(&vc, &vc0);
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! CUDA wrappers of the fused decoder-layer ops (kernels in `engine/kernels/fused_ops.cu`).
+//!
+//! Same contract as the CPU references in `fused.rs`. Each op is one kernel launch on candle's
+//! stream; outputs are fresh contiguous tensors except the paged caches, written in place.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor,
+};
+
+#[allow(dead_code)] // the other kernels' PTX is used by attention_cuda.rs
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/kernels_ptx.rs"));
+}
+
+const MODULE: &str = "fused_ops";
+
+// ------------------------------------------------------------------------------ device addresses
+
+/// Device address of a storage's first element under `layout`, plus the stream-ordering guard.
+fn device_ptr<'a>(
+    s: &'a CudaStorage,
+    layout: &Layout,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let ((ptr, guard), elem) = match &s.slice {
+        CudaStorageSlice::BF16(x) => (x.device_ptr(stream), 2),
+        CudaStorageSlice::F16(x) => (x.device_ptr(stream), 2),
+        CudaStorageSlice::F32(x) => (x.device_ptr(stream), 4),
+        CudaStorageSlice::I64(x) => (x.device_ptr(stream), 8),
+        _ => bail!("fused op: unsupported dtype {:?}", s.dtype()),
+    };
+    Ok((ptr + (layout.start_offset() * elem) as u64, guard))
+}
+
+fn device_ptr_mut<'a>(
+    s: &'a mut CudaStorage,
+    layout: &Layout,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let dtype = s.dtype();
+    let ((ptr, guard), elem) = match &mut s.slice {
+        CudaStorageSlice::BF16(x) => (x.device_ptr_mut(stream), 2),
+        CudaStorageSlice::F16(x) => (x.device_ptr_mut(stream), 2),
+        CudaStorageSlice::F32(x) => (x.device_ptr_mut(stream), 4),
+        _ => bail!("fused op: unsupported output dtype {dtype:?}"),
+    };
+    Ok((ptr + (layout.start_offset() * elem) as u64, guard))
+}
+
+/// The kernel launch: output addresses, then input addresses, in the order they were given.
+type Launch<'a> = &'a dyn Fn(&[u64], &[u64]) -> Result<()>;
+
+/// Runs `launch` with the addresses of `outs` (each held through candle's write lock, one nested
+/// in-place op per output) and of `ins` (read locks). Every tensor must be a contiguous CUDA
+/// tensor, and an output may share storage with no other tensor (the locks would deadlock).
+fn with_ptrs(outs: &[&Tensor], ins: &[&Tensor], launch: Launch) -> Result<()> {
+    with_ptrs_after(outs, ins, Vec::new(), launch)
+}
+
+fn with_ptrs_after(
+    outs: &[&Tensor],
+    ins: &[&Tensor],
+    done: Vec<u64>,
+    launch: Launch,
+) -> Result<()> {
+    if let Some((out, rest)) = outs.split_first() {
+        return out.inplace_op1(&OutputPtr {
+            rest,
+            ins,
+            done,
+            launch,
+        });
+    }
+    let locked: Vec<_> = ins.iter().map(|t| t.storage_and_layout()).collect();
+    let mut storages = Vec::with_capacity(locked.len());
+    for (s, l) in &locked {
+        match &**s {
+            Storage::Cuda(c) if l.is_contiguous() => storages.push((c, *l)),
+            _ => bail!("fused op: inputs must be contiguous CUDA tensors"),
+        }
+    }
+    let Some(stream) = storages.first().map(|(c, _)| c.device.cuda_stream()) else {
+        return launch(&done, &[]);
+    };
+    let mut ptrs = Vec::with_capacity(storages.len());
+    let mut guards = Vec::with_capacity(storages.len()); // live until the launch
+    for (c, l) in &storages {
+        let (p, g) = device_ptr(c, l, &stream)?;
+        ptrs.push(p);
+        guards.push(g);
+    }
+    launch(&done, &ptrs)
+}
+
+/// One output of a fused op: takes its address under the write lock and recurses.
+struct OutputPtr<'a> {
+    rest: &'a [&'a Tensor],
+    ins: &'a [&'a Tensor],
+    done: Vec<u64>,
+    launch: Launch<'a>,
+}
+
+impl InplaceOp1 for OutputPtr<'_> {
+    fn name(&self) -> &'static str {
+        "fused-op-output"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        bail!("fused CUDA op called with CPU tensors; use model::fused")
+    }
+
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+        if !l.is_contiguous() {
+            bail!("fused op: outputs must be contiguous")
+        }
+        let stream = s.device.cuda_stream();
+        let (ptr, _guard) = device_ptr_mut(s, l, &stream)?;
+        let mut done = self.done.clone();
+        done.push(ptr);
+        with_ptrs_after(self.rest, self.ins, done, self.launch)
+    }
+}
+
+// ------------------------------------------------------------------------------ helpers
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("fused CUDA op called with a {:?} tensor", t.device()),
+    }
+}
+
+/// `name_<dtype>`, the kernel for `dtype`.
+fn kernel(name: &str, dtype: DType) -> Result<String> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("{name}: unsupported dtype {other:?}"),
+    };
+    Ok(format!("{name}_{suffix}"))
+}
+
+/// The common dtype of `ts`.
+fn same_dtype(what: &str, ts: &[&Tensor]) -> Result<DType> {
+    let dtype = ts[0].dtype();
+    if let Some(t) = ts.iter().find(|t| t.dtype() != dtype) {
+        bail!("{what}: mixed dtypes {dtype:?} and {:?}", t.dtype())
+    }
+    Ok(dtype)
+}
+
+/// An uninitialised tensor of `t`'s dtype and device (the caller's kernel writes every element);
+/// zeros when it is empty.
+fn empty(t: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if shape.contains(&0) {
+        return Tensor::zeros(shape, t.dtype(), t.device());
+    }
+    // SAFETY: the caller's kernel writes every element before anything reads it.
+    unsafe { Tensor::empty(shape, t.dtype(), t.device()) }
+}
+
+// ------------------------------------------------------------------------------ ops
+
+/// CUDA `fused::add_rms_norm`: `(rms_norm(x + residual) * weight, x + residual)`, one launch.
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (n, hidden) = x.dims2()?;
+    if residual.dims2()? != (n, hidden) || weight.dims1()? != hidden {
+        bail!(
+            "add_rms_norm: x {:?}, residual {:?}, weight {:?}",
+            x.shape(),
+            residual.shape(),
+            weight.shape()
+        )
+    }
+    let dtype = same_dtype("add_rms_norm", &[x, residual, weight])?;
+    let (x, residual, weight) = (
+        x.contiguous()?,
+        residual.contiguous()?,
+        weight.contiguous()?,
+    );
+    let (normed, sum) = (empty(&x, &[n, hidden])?, empty(&x, &[n, hidden])?);
+    if n == 0 || hidden == 0 {
+        return Ok((normed, sum));
+    }
+    let dev = cuda_device(&x)?;
+    let func =
+        dev.get_or_load_custom_func(&kernel("add_rms_norm", dtype)?, MODULE, ptx::FUSED_OPS)?;
+    // About 8 elements per thread, whole warps, one CTA per row.
+    let threads = (hidden.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let hidden_i = hidden as i32;
+    with_ptrs(&[&normed, &sum], &[&x, &residual, &weight], &|out, inp| {
+        let mut b = func.builder();
+        b.arg(&inp[0]).arg(&inp[1]).arg(&inp[2]);
+        b.arg(&out[0]).arg(&out[1]).arg(&hidden_i).arg(&eps);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok((normed, sum))
+}
+
+/// CUDA `fused::silu_mul`: `silu(gate_up[:, :inter]) * gate_up[:, inter:]`, one launch.
+pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
+    let (n, width) = gate_up.dims2()?;
+    if width != 2 * inter {
+        bail!(
+            "silu_mul: gate_up {:?} is not [n, 2 * {inter}]",
+            gate_up.shape()
+        )
+    }
+    let gate_up = gate_up.contiguous()?;
+    let out = empty(&gate_up, &[n, inter])?;
+    let total = n * inter;
+    if total == 0 {
+        return Ok(out);
+    }
+    let dev = cuda_device(&gate_up)?;
+    let func = dev.get_or_load_custom_func(
+        &kernel("silu_mul", gate_up.dtype())?,
+        MODULE,
+        ptx::FUSED_OPS,
+    )?;
+    const THREADS: usize = 256;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            inter.div_ceil(THREADS).min(1 << 16) as u32,
+            n.min(65_535) as u32,
+            1,
+        ),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n_i, inter_i) = (n as i64, inter as i64);
+    with_ptrs(&[&out], &[&gate_up], &|out, inp| {
+        let mut b = func.builder();
+        b.arg(&inp[0]).arg(&out[0]).arg(&n_i).arg(&inter_i);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// CUDA `fused::qkv_rope_cache`: bias, rotary on q and k, q out, k and v into the paged caches,
+/// one launch (see `fused_ops.cu`).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_cache(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (n, width) = qkv.dims2()?;
+    let heads = num_heads + 2 * num_kv_heads;
+    let half = head_dim / 2;
+    if !head_dim.is_multiple_of(2) || width != heads * head_dim {
+        bail!(
+            "qkv_rope_cache: qkv {:?} vs {num_heads} + 2 x {num_kv_heads} heads of {head_dim}",
+            qkv.shape()
+        )
+    }
+    if cos.dims2()? != (n, half) || sin.dims2()? != (n, half) {
+        bail!(
+            "qkv_rope_cache: cos {:?} / sin {:?} must be [{n}, {half}]",
+            cos.shape(),
+            sin.shape()
+        )
+    }
+    if let Some(b) = bias {
+        if b.dims1()? != width {
+            bail!("qkv_rope_cache: bias {:?} must be [{width}]", b.shape())
+        }
+    }
+    let (num_blocks, block_size, cache_heads, cache_dim) = key_cache.dims4()?;
+    if value_cache.shape() != key_cache.shape()
+        || (cache_heads, cache_dim) != (num_kv_heads, head_dim)
+    {
+        bail!(
+            "qkv_rope_cache: caches {:?} / {:?} vs {num_kv_heads} kv heads of {head_dim}",
+            key_cache.shape(),
+            value_cache.shape()
+        )
+    }
+    if slot_mapping.dims1()? != n {
+        bail!(
+            "qkv_rope_cache: slot_mapping {:?} must be [{n}]",
+            slot_mapping.shape()
+        )
+    }
+    let mut dtyped = vec![qkv, cos, sin, key_cache, value_cache];
+    dtyped.extend(bias);
+    let dtype = same_dtype("qkv_rope_cache", &dtyped)?;
+    let q = empty(qkv, &[n, num_heads, head_dim])?;
+    if n == 0 {
+        return Ok(q);
+    }
+    let slots = slot_mapping.to_dtype(DType::I64)?.contiguous()?;
+    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let mut ins = vec![&qkv, &cos, &sin, &slots];
+    ins.extend(bias.as_ref());
+
+    let dev = cuda_device(&qkv)?;
+    let func =
+        dev.get_or_load_custom_func(&kernel("qkv_rope_cache", dtype)?, MODULE, ptx::FUSED_OPS)?;
+    const THREADS: usize = 128;
+    let items = heads * half;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, items.div_ceil(THREADS) as u32, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (h_i, kv_i, hd_i) = (num_heads as i32, num_kv_heads as i32, head_dim as i32);
+    let num_slots = (num_blocks * block_size) as i64;
+    with_ptrs(&[&q, key_cache, value_cache], &ins, &|out, inp| {
+        let bias_ptr = inp.get(4).copied().unwrap_or(0);
+        let mut b = func.builder();
+        b.arg(&inp[0])
+            .arg(&bias_ptr)
+            .arg(&inp[1])
+            .arg(&inp[2])
+            .arg(&inp[3]);
+        b.arg(&out[0]).arg(&out[1]).arg(&out[2]);
+        b.arg(&h_i).arg(&kv_i).arg(&hd_i).arg(&num_slots);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok(q)
+}

@@ -1,0 +1,320 @@
+//! The fused decoder-layer ops (`model::fused`) on CUDA against the plain candle ops in f32 on the
+//! CPU, over the same (dtype-rounded) random inputs (run on a GPU machine).
+//!
+//! Built only with `--features cuda`; each test needs a CUDA device and fails if none is present.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use engine::model::fused::{add_rms_norm, qkv_rope_cache, silu_mul};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
+const TOKENS: [usize; 3] = [1, 7, 64];
+const BLOCK_SIZE: usize = 16;
+/// Fill of cache slots that no token maps to: must survive the op bit for bit.
+const SENTINEL: f32 = 1000.0;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+/// Relative L2 error allowed for outputs rounded once to `dtype`.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        _ => 1e-5,
+    }
+}
+
+fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
+        .collect()
+}
+
+/// `v` as a `dtype` tensor on `dev`, rounded on the CPU.
+fn upload(v: Vec<f32>, shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .and_then(|t| t.to_device(dev))
+        .expect("upload")
+}
+
+/// The same values as an f32 CPU tensor.
+fn cpu_f32(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .expect("copy to host")
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    cpu_f32(t)
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("copy to host")
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|x| x.is_finite()), "non-finite output");
+    let (mut err, mut norm) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        err += (*g as f64 - *w as f64).powi(2);
+        norm += (*w as f64).powi(2);
+    }
+    (err / norm.max(1e-30)).sqrt()
+}
+
+fn check(what: &str, dtype: DType, got: &[f32], want: &[f32]) {
+    let err = rel_l2(got, want);
+    eprintln!("{what} {dtype:?}: relative L2 {err:.2e}");
+    assert!(
+        err < tolerance(dtype),
+        "{what} {dtype:?}: relative L2 {err:.3e} over {:.0e}",
+        tolerance(dtype)
+    );
+}
+
+#[test]
+fn add_rms_norm_matches_cpu_f32() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    let eps = 1e-6;
+    for hidden in [1536, 5120] {
+        for n in TOKENS {
+            for dtype in DTYPES {
+                let x = upload(
+                    uniform(&mut rng, n * hidden, 3.0),
+                    &[n, hidden],
+                    dtype,
+                    &dev,
+                );
+                let r = upload(
+                    uniform(&mut rng, n * hidden, 1.0),
+                    &[n, hidden],
+                    dtype,
+                    &dev,
+                );
+                let w: Vec<f32> = uniform(&mut rng, hidden, 0.2)
+                    .iter()
+                    .map(|v| 1.0 + v)
+                    .collect();
+                let w = upload(w, &[hidden], dtype, &dev);
+                let (normed, sum) = add_rms_norm(&x, &r, &w, eps).expect("add_rms_norm");
+                assert_eq!(normed.dims2().unwrap(), (n, hidden));
+                assert_eq!((normed.dtype(), sum.dtype()), (dtype, dtype));
+
+                // The sum rounds exactly like candle's add in the dtype.
+                let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+                let want_sum = (cpu(&x) + cpu(&r)).unwrap();
+                assert_eq!(
+                    host(&sum),
+                    host(&want_sum),
+                    "sum {dtype:?} n={n} h={hidden}"
+                );
+                // The norm in f32 over that (rounded) sum.
+                let want = candle_nn::ops::rms_norm(&cpu_f32(&want_sum), &cpu_f32(&w), eps)
+                    .expect("reference rms_norm");
+                let what = format!("add_rms_norm n={n} hidden={hidden}");
+                check(&what, dtype, &host(&normed), &host(&want));
+            }
+        }
+    }
+}
+
+#[test]
+fn silu_mul_matches_cpu_f32() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(12);
+    for inter in [8960, 13824, 100] {
+        for n in TOKENS {
+            for dtype in DTYPES {
+                let gu = upload(
+                    uniform(&mut rng, n * 2 * inter, 6.0),
+                    &[n, 2 * inter],
+                    dtype,
+                    &dev,
+                );
+                let got = silu_mul(&gu, inter).expect("silu_mul");
+                assert_eq!((got.dims2().unwrap(), got.dtype()), ((n, inter), dtype));
+                let gu = cpu_f32(&gu);
+                let gate = gu.narrow(1, 0, inter).unwrap();
+                let up = gu.narrow(1, inter, inter).unwrap();
+                let want = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
+                let what = format!("silu_mul n={n} inter={inter}");
+                check(&what, dtype, &host(&got), &host(&want));
+            }
+        }
+    }
+}
+
+/// One qkv_rope_cache case: heads, kv heads, head dim, tokens, with QKV bias.
+struct QkvCase {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    n: usize,
+    bias: bool,
+}
+
+/// cos/sin rows `[n, hd/2]` of random positions (rotary base 1e6).
+fn rotary_rows(rng: &mut StdRng, n: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let pos = rng.gen_range(0..8192) as f64;
+        for i in 0..hd / 2 {
+            let angle = pos / 1e6f64.powf(2.0 * i as f64 / hd as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// Slot per token: distinct random slots; for n > 1 token 1 is -1 and token 2 (n > 2) lies past
+/// the cache (both skipped). Returns (slots for the GPU, slots for the CPU reference: -1 for both).
+fn slot_mapping(rng: &mut StdRng, n: usize, num_slots: usize) -> (Vec<i64>, Vec<i64>) {
+    let mut all: Vec<i64> = (0..num_slots as i64).collect();
+    all.shuffle(rng);
+    let mut gpu = all[..n].to_vec();
+    if n > 1 {
+        gpu[1] = -1;
+    }
+    if n > 2 {
+        gpu[2] = num_slots as i64 + 5;
+    }
+    let cpu = gpu
+        .iter()
+        .map(|&s| if s >= num_slots as i64 { -1 } else { s })
+        .collect();
+    (gpu, cpu)
+}
+
+fn check_qkv_rope_cache(c: &QkvCase, dtype: DType, seed: u64) {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (h, kvh, hd, n) = (c.heads, c.kv_heads, c.head_dim, c.n);
+    let width = (h + 2 * kvh) * hd;
+    let num_blocks = n.div_ceil(BLOCK_SIZE) + 3;
+    let num_slots = num_blocks * BLOCK_SIZE;
+    let cache_shape = [num_blocks, BLOCK_SIZE, kvh, hd];
+
+    let qkv = upload(uniform(&mut rng, n * width, 2.0), &[n, width], dtype, &dev);
+    let bias = c
+        .bias
+        .then(|| upload(uniform(&mut rng, width, 0.5), &[width], dtype, &dev));
+    let (cos, sin) = rotary_rows(&mut rng, n, hd);
+    let cos = upload(cos, &[n, hd / 2], dtype, &dev);
+    let sin = upload(sin, &[n, hd / 2], dtype, &dev);
+    let (gpu_slots, cpu_slots) = slot_mapping(&mut rng, n, num_slots);
+    let poisoned = |d: &Device| {
+        let t = Tensor::full(SENTINEL, cache_shape.as_slice(), &Device::Cpu).unwrap();
+        let t = if d.is_cuda() {
+            t.to_dtype(dtype).unwrap()
+        } else {
+            t
+        };
+        t.to_device(d).unwrap()
+    };
+    let (kc, vc) = (poisoned(&dev), poisoned(&dev));
+    let slots = Tensor::new(gpu_slots.as_slice(), &dev).unwrap();
+    let q = qkv_rope_cache(
+        &qkv,
+        bias.as_ref(),
+        &cos,
+        &sin,
+        &kc,
+        &vc,
+        &slots,
+        h,
+        kvh,
+        hd,
+    )
+    .expect("qkv_rope_cache");
+    assert_eq!((q.dims3().unwrap(), q.dtype()), ((n, h, hd), dtype));
+    assert!(q.is_contiguous());
+
+    // Reference: the plain candle ops (bias add, rope_thd, write_kv_cache) in f32 on the CPU.
+    let (kc0, vc0) = (poisoned(&Device::Cpu), poisoned(&Device::Cpu));
+    let slots0 = Tensor::new(cpu_slots.as_slice(), &Device::Cpu).unwrap();
+    let bias0 = bias.as_ref().map(cpu_f32);
+    let q0 = qkv_rope_cache(
+        &cpu_f32(&qkv),
+        bias0.as_ref(),
+        &cpu_f32(&cos),
+        &cpu_f32(&sin),
+        &kc0,
+        &vc0,
+        &slots0,
+        h,
+        kvh,
+        hd,
+    )
+    .expect("reference");
+    let what = format!("qkv_rope_cache {h}/{kvh}x{hd} n={n} bias={}", c.bias);
+    check(&format!("{what} q"), dtype, &host(&q), &host(&q0));
+
+    // Mapped slots hold the reference k/v; every other slot keeps the sentinel bit for bit.
+    let row = kvh * hd;
+    for (name, got, want) in [("k", &kc, &kc0), ("v", &vc, &vc0)] {
+        let (got, want) = (host(got), host(want));
+        let (mut g, mut w) = (Vec::new(), Vec::new());
+        for slot in 0..num_slots {
+            let (a, b) = (&got[slot * row..][..row], &want[slot * row..][..row]);
+            if cpu_slots.contains(&(slot as i64)) {
+                g.extend_from_slice(a);
+                w.extend_from_slice(b);
+            } else {
+                assert!(
+                    a.iter().all(|x| *x == SENTINEL),
+                    "{what}: {name} cache slot {slot} (not mapped) was written"
+                );
+            }
+        }
+        let mapped = cpu_slots.iter().filter(|s| **s >= 0).count();
+        assert_eq!(g.len(), mapped * row);
+        check(&format!("{what} {name} cache"), dtype, &g, &w);
+    }
+}
+
+#[test]
+fn qkv_rope_cache_matches_cpu_f32() {
+    let mut seed = 100;
+    for (heads, kv_heads, bias) in [(12, 2, true), (8, 8, false)] {
+        for head_dim in [64, 128] {
+            for n in TOKENS {
+                for dtype in DTYPES {
+                    let c = QkvCase {
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        n,
+                        bias,
+                    };
+                    seed += 1;
+                    check_qkv_rope_cache(&c, dtype, seed);
+                }
+            }
+        }
+    }
+}
+
+/// The bias settings the main test does not cover: GQA 12/2 without bias, 8/8 with it.
+#[test]
+fn qkv_rope_cache_other_bias_settings() {
+    for (heads, kv_heads, bias) in [(12, 2, false), (8, 8, true)] {
+        for dtype in DTYPES {
+            let c = QkvCase {
+                heads,
+                kv_heads,
+                head_dim: 128,
+                n: 7,
+                bias,
+            };
+            check_qkv_rope_cache(&c, dtype, 7 + heads as u64);
+        }
+    }
+}
