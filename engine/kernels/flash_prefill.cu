@@ -2,8 +2,7 @@
 //
 // Same contract and layouts as paged_attention.cu; this kernel takes the sequences whose query
 // length is >= qlen_lo (the host sends the others to paged_attention). FlashAttention-2 scheme:
-// a CTA owns BM = 16 x W query tokens of one sequence and one query head (W = 4 warps, or 2 for
-// small prefills, where 64-row CTAs would not fill the GPU; `_w2` kernels) and walks
+// a CTA owns BM = 64 query tokens of one sequence and one query head (4 warps x 16 rows) and walks
 // the keys 0 ..= last causal key in tiles of BN = 32, gathered through the block table into shared
 // memory by cp.async, two stages (the next tile loads while this one computes). S = Q K^T and O += P V run on mma.sync m16n8k16 (16-bit inputs, f32 accumulation); the
 // online softmax (running max m, sum l) is kept in f32 registers, P is rounded to the input type
@@ -270,15 +269,12 @@ __device__ void flash_prefill_impl(T* __restrict__ out, const T* __restrict__ q,
                                     max_blocks_per_seq, qlen_lo, scale_log2);                      \
     }
 
-#define FLASH_PREFILL_ALL_D(SUFFIX, T)                                  \
-    FLASH_PREFILL(SUFFIX, T, 64, 4, flash_prefill_##SUFFIX##_d64)       \
-    FLASH_PREFILL(SUFFIX, T, 80, 4, flash_prefill_##SUFFIX##_d80)       \
-    FLASH_PREFILL(SUFFIX, T, 96, 4, flash_prefill_##SUFFIX##_d96)       \
-    FLASH_PREFILL(SUFFIX, T, 128, 4, flash_prefill_##SUFFIX##_d128)     \
-    FLASH_PREFILL(SUFFIX, T, 64, 2, flash_prefill_##SUFFIX##_d64_w2)    \
-    FLASH_PREFILL(SUFFIX, T, 80, 2, flash_prefill_##SUFFIX##_d80_w2)    \
-    FLASH_PREFILL(SUFFIX, T, 96, 2, flash_prefill_##SUFFIX##_d96_w2)    \
-    FLASH_PREFILL(SUFFIX, T, 128, 2, flash_prefill_##SUFFIX##_d128_w2)
+// (32-row CTAs, 2 warps, measured slower on an H200 even where 64-row CTAs leave SMs idle.)
+#define FLASH_PREFILL_ALL_D(SUFFIX, T)                              \
+    FLASH_PREFILL(SUFFIX, T, 64, 4, flash_prefill_##SUFFIX##_d64)   \
+    FLASH_PREFILL(SUFFIX, T, 80, 4, flash_prefill_##SUFFIX##_d80)   \
+    FLASH_PREFILL(SUFFIX, T, 96, 4, flash_prefill_##SUFFIX##_d96)   \
+    FLASH_PREFILL(SUFFIX, T, 128, 4, flash_prefill_##SUFFIX##_d128)
 
 FLASH_PREFILL_ALL_D(f16, __half)
 FLASH_PREFILL_ALL_D(bf16, __nv_bfloat16)

@@ -34,6 +34,43 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
 template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
 
+// V consecutive elements <-> f32: one 16-byte access per 8 16-bit elements (two for f32) when
+// V = 8 (the host checks sizes and alignment), element by element when V = 1.
+template <int V, typename T>
+__device__ __forceinline__ void load_v(const T* __restrict__ p, float* f) {
+    if constexpr (V == 8 && sizeof(T) == 2) {
+        const uint4 r = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&r);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] = to_f32(e[k]);
+    } else if constexpr (V == 8) {
+        const float4 a = reinterpret_cast<const float4*>(p)[0];
+        const float4 b = reinterpret_cast<const float4*>(p)[1];
+        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w;
+        f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) f[k] = to_f32(p[k]);
+    }
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_v(T* __restrict__ p, const float* f) {
+    if constexpr (V == 8 && sizeof(T) == 2) {
+        uint4 r;
+        T* e = reinterpret_cast<T*>(&r);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) e[k] = from_f32<T>(f[k]);
+        *reinterpret_cast<uint4*>(p) = r;
+    } else if constexpr (V == 8) {
+        reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+        reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) p[k] = from_f32<T>(f[k]);
+    }
+}
+
 // Sum over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
 __device__ __forceinline__ float block_sum(float v) {
     __shared__ float partial[32];
@@ -49,42 +86,57 @@ __device__ __forceinline__ float block_sum(float v) {
     return v;
 }
 
-template <typename T>
+template <typename T, int V>
 __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__ residual,
                                   const T* __restrict__ weight, T* __restrict__ normed,
                                   T* __restrict__ sum, int hidden, float eps) {
     const int64_t row = (int64_t)blockIdx.x * hidden;
     float ss = 0.f;
-    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
-        const T s = from_f32<T>(to_f32(x[row + c]) + to_f32(residual[row + c]));
-        sum[row + c] = s;
-        const float f = to_f32(s);
-        ss += f * f;
+    for (int c = threadIdx.x * V; c < hidden; c += blockDim.x * V) {
+        float a[V], b[V];
+        load_v<V>(x + row + c, a);
+        load_v<V>(residual + row + c, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            a[k] = round_to<T>(a[k] + b[k]);
+            ss += a[k] * a[k];
+        }
+        store_v<V>(sum + row + c, a);
     }
     const float scale = rsqrtf(block_sum(ss) / (float)hidden + eps);
     // Each thread reads back only the elements it wrote itself.
-    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
-        normed[row + c] = from_f32<T>(to_f32(sum[row + c]) * scale * to_f32(weight[c]));
+    for (int c = threadIdx.x * V; c < hidden; c += blockDim.x * V) {
+        float a[V], w[V];
+        load_v<V>(sum + row + c, a);
+        load_v<V>(weight + c, w);
+#pragma unroll
+        for (int k = 0; k < V; ++k) a[k] = a[k] * scale * w[k];
+        store_v<V>(normed + row + c, a);
     }
 }
 
-template <typename T>
+template <typename T, int V>
 __device__ void silu_mul_impl(const T* __restrict__ gate_up, T* __restrict__ out, int64_t n,
                               int64_t inter) {
     // Rows over grid.y, columns over grid.x: no per-element division.
     for (int64_t t = blockIdx.y; t < n; t += gridDim.y) {
         const T* gu = gate_up + t * 2 * inter;
         T* o = out + t * inter;
-        for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < inter;
-             c += (int64_t)gridDim.x * blockDim.x) {
-            const float g = to_f32(gu[c]);
-            const float u = to_f32(gu[inter + c]);
-            o[c] = from_f32<T>(g / (1.f + expf(-g)) * u);
+        for (int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V; c < inter;
+             c += (int64_t)gridDim.x * blockDim.x * V) {
+            float g[V], u[V];
+            load_v<V>(gu + c, g);
+            load_v<V>(gu + inter + c, u);
+#pragma unroll
+            for (int k = 0; k < V; ++k) g[k] = g[k] / (1.f + expf(-g[k])) * u[k];
+            store_v<V>(o + c, g);
         }
     }
 }
 
-template <typename T>
+// A work item is V consecutive rotary pairs (i .. i + V, each with its partner i + hd/2) of one
+// head; V = 8 needs hd/2 to be a multiple of 8.
+template <typename T, int V>
 __device__ void qkv_rope_cache_impl(const T* __restrict__ qkv, const T* __restrict__ bias,
                                     const T* __restrict__ cos, const T* __restrict__ sin,
                                     const int64_t* __restrict__ slot_mapping,
@@ -93,29 +145,42 @@ __device__ void qkv_rope_cache_impl(const T* __restrict__ qkv, const T* __restri
                                     int head_dim, int64_t num_slots) {
     const int64_t t = blockIdx.x;
     const int half = head_dim / 2;
+    const int per_head = half / V;
     const int heads = num_heads + 2 * num_kv_heads;
-    const int items = heads * half;
+    const int items = heads * per_head;
     const int64_t slot = slot_mapping[t];
     const bool cached = slot >= 0 && slot < num_slots;
     const T* src = qkv + t * heads * head_dim;
     for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < items; p += gridDim.y * blockDim.x) {
-        const int head = p / half, i = p - head * half;
+        const int head = p / per_head, i = (p - head * per_head) * V;
         const int c1 = head * head_dim + i, c2 = c1 + half;
-        float a = to_f32(src[c1]), b = to_f32(src[c2]);
+        float a[V], b[V];
+        load_v<V>(src + c1, a);
+        load_v<V>(src + c2, b);
         if (bias != nullptr) {
-            a = round_to<T>(a + to_f32(bias[c1]));
-            b = round_to<T>(b + to_f32(bias[c2]));
+            float ba[V], bb[V];
+            load_v<V>(bias + c1, ba);
+            load_v<V>(bias + c2, bb);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                a[k] = round_to<T>(a[k] + ba[k]);
+                b[k] = round_to<T>(b[k] + bb[k]);
+            }
         }
         if (head < num_heads + num_kv_heads) {
-            const float c = to_f32(cos[t * half + i]), s = to_f32(sin[t * half + i]);
-            const float r1 = a * c - b * s, r2 = a * s + b * c;
-            a = r1;
-            b = r2;
+            float c[V], s[V];
+            load_v<V>(cos + t * half + i, c);
+            load_v<V>(sin + t * half + i, s);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float r1 = a[k] * c[k] - b[k] * s[k], r2 = a[k] * s[k] + b[k] * c[k];
+                a[k] = r1;
+                b[k] = r2;
+            }
         }
+        T* d;
         if (head < num_heads) {
-            T* d = q_out + t * num_heads * head_dim;
-            d[c1] = from_f32<T>(a);
-            d[c2] = from_f32<T>(b);
+            d = q_out + t * num_heads * head_dim + head * head_dim;
         } else if (cached) {
             int kv = head - num_heads;
             T* cache = key_cache;
@@ -123,31 +188,37 @@ __device__ void qkv_rope_cache_impl(const T* __restrict__ qkv, const T* __restri
                 kv -= num_kv_heads;
                 cache = value_cache;
             }
-            T* d = cache + (slot * num_kv_heads + kv) * head_dim;
-            d[i] = from_f32<T>(a);
-            d[i + half] = from_f32<T>(b);
+            d = cache + (slot * num_kv_heads + kv) * head_dim;
+        } else {
+            continue;
         }
+        store_v<V>(d + i, a);
+        store_v<V>(d + i + half, b);
     }
 }
 
-#define FUSED_OPS(SUFFIX, T)                                                                    \
-    extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* residual,             \
-                                                     const T* weight, T* normed, T* sum,        \
-                                                     int hidden, float eps) {                   \
-        add_rms_norm_impl<T>(x, residual, weight, normed, sum, hidden, eps);                    \
+#define FUSED_OPS(SUFFIX, T, V, TAG)                                                            \
+    extern "C" __global__ void add_rms_norm_##SUFFIX##TAG(const T* x, const T* residual,        \
+                                                          const T* weight, T* normed, T* sum,   \
+                                                          int hidden, float eps) {              \
+        add_rms_norm_impl<T, V>(x, residual, weight, normed, sum, hidden, eps);                 \
     }                                                                                           \
-    extern "C" __global__ void silu_mul_##SUFFIX(const T* gate_up, T* out, int64_t n,           \
-                                                 int64_t inter) {                               \
-        silu_mul_impl<T>(gate_up, out, n, inter);                                               \
+    extern "C" __global__ void silu_mul_##SUFFIX##TAG(const T* gate_up, T* out, int64_t n,      \
+                                                      int64_t inter) {                          \
+        silu_mul_impl<T, V>(gate_up, out, n, inter);                                            \
     }                                                                                           \
-    extern "C" __global__ void qkv_rope_cache_##SUFFIX(                                         \
+    extern "C" __global__ void qkv_rope_cache_##SUFFIX##TAG(                                    \
         const T* qkv, const T* bias, const T* cos, const T* sin, const int64_t* slot_mapping,   \
         T* q_out, T* key_cache, T* value_cache, int num_heads, int num_kv_heads, int head_dim,  \
         int64_t num_slots) {                                                                    \
-        qkv_rope_cache_impl<T>(qkv, bias, cos, sin, slot_mapping, q_out, key_cache,             \
-                               value_cache, num_heads, num_kv_heads, head_dim, num_slots);      \
+        qkv_rope_cache_impl<T, V>(qkv, bias, cos, sin, slot_mapping, q_out, key_cache,          \
+                                  value_cache, num_heads, num_kv_heads, head_dim, num_slots);   \
     }
 
-FUSED_OPS(f32, float)
-FUSED_OPS(f16, __half)
-FUSED_OPS(bf16, __nv_bfloat16)
+// `_v8`: 8 elements per access (sizes multiples of 8, 16-byte aligned rows); plain: any size.
+FUSED_OPS(f32, float, 1, )
+FUSED_OPS(f16, __half, 1, )
+FUSED_OPS(bf16, __nv_bfloat16, 1, )
+FUSED_OPS(f32, float, 8, _v8)
+FUSED_OPS(f16, __half, 8, _v8)
+FUSED_OPS(bf16, __nv_bfloat16, 8, _v8)

@@ -270,6 +270,10 @@ if [ "$STAGE" = g ]; then
     timeout 150 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
         --dtype bfloat16 --device cuda --prefill 1024,2048,4096 --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
     tail -24 "$dir/engine-bench.log"
+    # SM clock, power and temperature every 200 ms from here on (sustained-load throttling).
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \
+        > "$dir/smi.csv" 2>/dev/null &
+    smi=$!
     echo "== 2. engine-bench, CodeLlama-34B shape ($(left) s left)"
     if [ "${BENCH_34B:-1}" = 1 ] && [ "$(left)" -gt 200 ]; then
         timeout 180 "$LAB/engine-bench" --model configs/codellama-34b.json --load-format dummy \
@@ -288,6 +292,7 @@ if [ "$STAGE" = g ]; then
         fi
         compare_runs "$DAYS/day-009-codellama34b/run4"
     fi
+    kill $smi 2>/dev/null
 fi
 if [ "$STAGE" = f ]; then
     dir=$DAYS/day-011-tensor-parallel/sigint-exit

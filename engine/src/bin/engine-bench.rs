@@ -244,7 +244,7 @@ struct PrefillRow {
 fn set_flash_prefill(on: bool) {
     use engine::model::attention_cuda::{set_prefill_kernel, PrefillKernel};
     set_prefill_kernel(if on {
-        PrefillKernel::Auto
+        PrefillKernel::TensorCore
     } else {
         PrefillKernel::Paged
     });

@@ -13,7 +13,7 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape,
     Storage, Tensor,
 };
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 #[allow(dead_code)] // the PTX of every kernel file; this module uses two
@@ -27,6 +27,8 @@ const MAX_ROWS: usize = 16;
 const THREADS: u32 = 128;
 /// Head sizes the paged-attention kernel is instantiated for.
 pub const SUPPORTED_HEAD_DIMS: [usize; 4] = [64, 80, 96, 128];
+/// Query rows per CTA of the tensor-core prefill kernel (`16 x WARPS` in flash_prefill.cu).
+const FLASH_ROWS: usize = 64;
 /// Sequences with at least this many query tokens in a step go to the tensor-core prefill kernel
 /// (bf16/f16); shorter ones (decode, short chunks) to the paged-attention kernel.
 pub const FLASH_MIN_QUERY_LEN: usize = 16;
@@ -34,31 +36,18 @@ pub const FLASH_MIN_QUERY_LEN: usize = 16;
 /// Which kernel takes the sequences of >= `FLASH_MIN_QUERY_LEN` query tokens (process-wide).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// Tensor-core kernel, 64 query rows per CTA, or 32 when 64-row CTAs would not fill the GPU.
-    Auto,
-    /// Tensor-core kernel with 64 query rows (4 warps) per CTA.
-    Rows64,
-    /// Tensor-core kernel with 32 query rows (2 warps) per CTA.
-    Rows32,
+    /// The tensor-core prefill kernel (bf16/f16; f32 always takes the paged kernel).
+    TensorCore,
     /// The paged-attention kernel for every sequence.
     Paged,
 }
 
-static PREFILL_KERNEL: AtomicU8 = AtomicU8::new(0);
+static PAGED_PREFILL: AtomicBool = AtomicBool::new(false);
 
-/// Chooses the prefill attention kernel process-wide (`Auto` by default); for tests and
+/// Chooses the prefill attention kernel process-wide (`TensorCore` by default); for tests and
 /// side-by-side benchmarks.
 pub fn set_prefill_kernel(kernel: PrefillKernel) {
-    PREFILL_KERNEL.store(kernel as u8, Ordering::Relaxed);
-}
-
-fn prefill_kernel() -> PrefillKernel {
-    match PREFILL_KERNEL.load(Ordering::Relaxed) {
-        1 => PrefillKernel::Rows64,
-        2 => PrefillKernel::Rows32,
-        3 => PrefillKernel::Paged,
-        _ => PrefillKernel::Auto,
-    }
+    PAGED_PREFILL.store(kernel == PrefillKernel::Paged, Ordering::Relaxed);
 }
 
 /// Raw device address of a storage's first element under `layout`, plus the stream-ordering guard
@@ -339,8 +328,7 @@ impl PagedAttention {
         }
 
         // Sequences of >= FLASH_MIN_QUERY_LEN query tokens go to the tensor-core prefill kernel.
-        let kernel = prefill_kernel();
-        let flash = kernel != PrefillKernel::Paged
+        let flash = !PAGED_PREFILL.load(Ordering::Relaxed)
             && dtype != DType::F32
             && self.max_query_len.min(n) >= FLASH_MIN_QUERY_LEN;
         let qlen_hi = if flash {
@@ -458,27 +446,17 @@ impl PagedAttention {
         }
         // Last: the combine above also wrote (meaningless) rows of the prefill kernel's sequences.
         if flash {
-            // 64-row CTAs unless they would not fill the GPU four times over.
-            let small = (n.div_ceil(64) + num_seqs) * num_heads < 4 * multiprocessor_count(&stream);
-            let rows = match kernel {
-                PrefillKernel::Rows32 => 32,
-                PrefillKernel::Auto if small => 32,
-                _ => 64,
-            };
             let func = dev.get_or_load_custom_func(
-                &format!(
-                    "flash_prefill_{suffix}_d{head_dim}{}",
-                    if rows == 32 { "_w2" } else { "" }
-                ),
+                &format!("flash_prefill_{suffix}_d{head_dim}"),
                 "flash_prefill",
                 ptx::FLASH_PREFILL,
             )?;
-            let tiles = n.div_ceil(rows) + num_seqs; // bound of the sum of ceil(qlen / rows)
+            let tiles = n.div_ceil(FLASH_ROWS) + num_seqs; // bound of the sum of ceil(qlen / 64)
             let qlen_lo = FLASH_MIN_QUERY_LEN as i32;
             let scale_log2 = self.scale * std::f32::consts::LOG2_E;
             let cfg = LaunchConfig {
                 grid_dim: (tiles as u32, num_heads as u32, 1),
-                block_dim: (2 * rows as u32, 1, 1), // 16 rows per warp
+                block_dim: (THREADS, 1, 1), // 4 warps of 16 query rows
                 shared_mem_bytes: 0,
             };
             let mut b = func.builder();

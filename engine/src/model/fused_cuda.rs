@@ -146,6 +146,21 @@ fn kernel(name: &str, dtype: DType) -> Result<String> {
     Ok(format!("{name}_{suffix}"))
 }
 
+/// Whether the 8-wide kernels (`_v8`) may run: every size a multiple of 8 elements and every
+/// address 16-byte aligned (rows then stay aligned too).
+fn vec8(sizes: &[usize], ptrs: &[u64]) -> bool {
+    sizes.iter().all(|s| s % 8 == 0) && ptrs.iter().all(|p| p % 16 == 0)
+}
+
+/// The name of kernel `name` for `dtype`, 8 elements per access when `wide`.
+fn wide_kernel(name: &str, dtype: DType, wide: bool) -> Result<String> {
+    Ok(format!(
+        "{}{}",
+        kernel(name, dtype)?,
+        if wide { "_v8" } else { "" }
+    ))
+}
+
 /// The common dtype of `ts`.
 fn same_dtype(what: &str, ts: &[&Tensor]) -> Result<DType> {
     let dtype = ts[0].dtype();
@@ -194,8 +209,6 @@ pub fn add_rms_norm(
         return Ok((normed, sum));
     }
     let dev = cuda_device(&x)?;
-    let func =
-        dev.get_or_load_custom_func(&kernel("add_rms_norm", dtype)?, MODULE, ptx::FUSED_OPS)?;
     // About 8 elements per thread, whole warps, one CTA per row.
     let threads = (hidden.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
     let cfg = LaunchConfig {
@@ -205,6 +218,12 @@ pub fn add_rms_norm(
     };
     let hidden_i = hidden as i32;
     with_ptrs(&[&normed, &sum], &[&x, &residual, &weight], &|out, inp| {
+        let wide = vec8(&[hidden], &[out, inp].concat());
+        let func = dev.get_or_load_custom_func(
+            &wide_kernel("add_rms_norm", dtype, wide)?,
+            MODULE,
+            ptx::FUSED_OPS,
+        )?;
         let mut b = func.builder();
         b.arg(&inp[0]).arg(&inp[1]).arg(&inp[2]);
         b.arg(&out[0]).arg(&out[1]).arg(&hidden_i).arg(&eps);
@@ -230,23 +249,26 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
         return Ok(out);
     }
     let dev = cuda_device(&gate_up)?;
-    let func = dev.get_or_load_custom_func(
-        &kernel("silu_mul", gate_up.dtype())?,
-        MODULE,
-        ptx::FUSED_OPS,
-    )?;
+    let dtype = gate_up.dtype();
     const THREADS: usize = 256;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            inter.div_ceil(THREADS).min(1 << 16) as u32,
-            n.min(65_535) as u32,
-            1,
-        ),
-        block_dim: (THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (n_i, inter_i) = (n as i64, inter as i64);
     with_ptrs(&[&out], &[&gate_up], &|out, inp| {
+        let wide = vec8(&[inter], &[out, inp].concat());
+        let func = dev.get_or_load_custom_func(
+            &wide_kernel("silu_mul", dtype, wide)?,
+            MODULE,
+            ptx::FUSED_OPS,
+        )?;
+        let per_thread = if wide { 8 } else { 1 };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                inter.div_ceil(THREADS * per_thread).min(1 << 16) as u32,
+                n.min(65_535) as u32,
+                1,
+            ),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut b = func.builder();
         b.arg(&inp[0]).arg(&out[0]).arg(&n_i).arg(&inter_i);
         unsafe { b.launch(cfg) }.w()?;
@@ -321,18 +343,23 @@ pub fn qkv_rope_cache(
     ins.extend(bias.as_ref());
 
     let dev = cuda_device(&qkv)?;
-    let func =
-        dev.get_or_load_custom_func(&kernel("qkv_rope_cache", dtype)?, MODULE, ptx::FUSED_OPS)?;
     const THREADS: usize = 128;
-    let items = heads * half;
-    let cfg = LaunchConfig {
-        grid_dim: (n as u32, items.div_ceil(THREADS) as u32, 1),
-        block_dim: (THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (h_i, kv_i, hd_i) = (num_heads as i32, num_kv_heads as i32, head_dim as i32);
     let num_slots = (num_blocks * block_size) as i64;
     with_ptrs(&[&q, key_cache, value_cache], &ins, &|out, inp| {
+        // 8-wide: hd/2 a multiple of 8 (rows of qkv, q, cos/sin and the caches stay aligned).
+        let wide = vec8(&[half], &[out, inp].concat());
+        let func = dev.get_or_load_custom_func(
+            &wide_kernel("qkv_rope_cache", dtype, wide)?,
+            MODULE,
+            ptx::FUSED_OPS,
+        )?;
+        let items = heads * half / if wide { 8 } else { 1 };
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, items.div_ceil(THREADS) as u32, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let bias_ptr = inp.get(4).copied().unwrap_or(0);
         let mut b = func.builder();
         b.arg(&inp[0])

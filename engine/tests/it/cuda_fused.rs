@@ -83,7 +83,8 @@ fn add_rms_norm_matches_cpu_f32() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(11);
     let eps = 1e-6;
-    for hidden in [1536, 5120] {
+    for hidden in [1536, 5120, 100] {
+        // 100: the element-wise (not 8-wide) kernel
         for n in TOKENS {
             for dtype in DTYPES {
                 let x = upload(
@@ -284,7 +285,8 @@ fn check_qkv_rope_cache(c: &QkvCase, dtype: DType, seed: u64) {
 fn qkv_rope_cache_matches_cpu_f32() {
     let mut seed = 100;
     for (heads, kv_heads, bias) in [(12, 2, true), (8, 8, false)] {
-        for head_dim in [64, 128] {
+        for head_dim in [64, 128, 40] {
+            // 40: hd/2 = 20, the element-wise kernel
             for n in TOKENS {
                 for dtype in DTYPES {
                     let c = QkvCase {

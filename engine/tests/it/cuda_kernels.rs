@@ -243,21 +243,17 @@ fn paged_attention_matches_reference() {
     let mut seed = 7;
     for (i, c) in cases.iter().enumerate() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
-            // 16-bit prefills run on the tensor-core kernel (both CTA sizes); also check the
-            // paged kernel on them. (The choice is process-wide: other tests may run on either
-            // kernel meanwhile, both correct.)
-            for kernel in [
-                PrefillKernel::Rows64,
-                PrefillKernel::Rows32,
-                PrefillKernel::Paged,
-            ] {
+            // 16-bit prefills run on the tensor-core kernel; also check the paged kernel on them.
+            // (The choice is process-wide: other tests may run on either kernel meanwhile, both
+            // correct.)
+            for kernel in [PrefillKernel::TensorCore, PrefillKernel::Paged] {
                 if dtype == DType::F32 && kernel != PrefillKernel::Paged {
                     continue; // f32 always runs on the paged kernel
                 }
                 set_prefill_kernel(kernel);
                 seed += 1;
                 let err = check_attention(c, dtype, seed);
-                set_prefill_kernel(PrefillKernel::Auto);
+                set_prefill_kernel(PrefillKernel::TensorCore);
                 println!("case {i} {dtype:?} {kernel:?}: rel L2 error {err:.3e}");
                 assert!(
                     err < tolerance(dtype),
