@@ -9,8 +9,9 @@
 // Token j (0-based in its sequence's chunk) of sequence s attends to keys 0 ..= ctx - qlen + j.
 //
 // Work split: a CTA takes up to QT query tokens of one sequence times GH query heads of one kv head
-// (R = QT*GH <= 16 rows sharing every K/V tile load), and one context partition of `partition`
-// keys (grid.z). Keys are read 32 at a time into shared memory as f32; scores, the online softmax
+// (R = QT*GH <= 16 rows sharing every K/V tile load), and one of grid.z context partitions (each
+// sequence's context split evenly, in whole key tiles, so one launch shape serves any lengths).
+// Keys are read 32 at a time into shared memory as f32; scores, the online softmax
 // (running max m, sum l) and the output accumulate in f32. With one partition the CTA writes `out`;
 // with several it writes (m, l, acc) partials that paged_attention_combine merges.
 // Sequences with a query length >= qlen_hi are skipped (flash_prefill.cu takes them).
@@ -48,7 +49,7 @@ __device__ void paged_attention_impl(
     const T* __restrict__ value_cache, const uint32_t* __restrict__ block_tables,
     const uint32_t* __restrict__ context_lens, const uint32_t* __restrict__ query_start,
     int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
-    int qt, int gh, int partition, int qlen_hi, float scale) {
+    int qt, int gh, int qlen_hi, float scale) {
     static_assert(D % 4 == 0 && D <= 256, "head_dim");
     constexpr int VEC = 16 / sizeof(T);         // elements per 16-byte load
     constexpr int ACC = MAX_ROWS * D / THREADS;  // output elements owned per thread
@@ -73,6 +74,7 @@ __device__ void paged_attention_impl(
     const int ctx = (int)context_lens[seq];
     const int tokens_here = min(qt, qlen - q_begin);
     const int rows = tokens_here * heads_here;
+    const int partition = max(KT, ((ctx + (int)gridDim.z - 1) / (int)gridDim.z + KT - 1) / KT * KT);
     const int key_begin = blockIdx.z * partition;
     const int last_key = min(ctx - qlen + q_begin + tokens_here - 1, ctx - 1);
     const int key_end = min(key_begin + partition, last_key + 1);
@@ -223,12 +225,11 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
         T* out, float* part_m, float* part_l, float* part_acc, const T* q, const T* key_cache,  \
         const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,       \
         const uint32_t* query_start, int num_seqs, int num_heads, int num_kv_heads,              \
-        int block_size, int max_blocks_per_seq, int qt, int gh, int partition, int qlen_hi,      \
-        float scale) {                                                                           \
+        int block_size, int max_blocks_per_seq, int qt, int gh, int qlen_hi, float scale) {       \
         paged_attention_impl<T, D>(out, part_m, part_l, part_acc, q, key_cache, value_cache,     \
                                    block_tables, context_lens, query_start, num_seqs, num_heads, \
                                    num_kv_heads, block_size, max_blocks_per_seq, qt, gh,         \
-                                   partition, qlen_hi, scale);                                   \
+                                   qlen_hi, scale);                                              \
     }                                                                                            \
     extern "C" __global__ void paged_attention_combine_##SUFFIX##_d##D(                          \
         T* out, const float* part_m, const float* part_l, const float* part_acc,                 \

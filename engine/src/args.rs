@@ -94,6 +94,10 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 4.0)]
     pub swap_space: f64,
 
+    /// Run every step eagerly: no CUDA graphs for decode steps (vLLM's flag).
+    #[arg(long)]
+    pub enforce_eager: bool,
+
     /// `fair` policy: tokens a request generates before it yields to waiting ones.
     #[arg(long, default_value_t = 16)]
     pub fair_quantum: usize,

@@ -212,13 +212,21 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
 
 /// Settings the decode forward is also timed under (beside the engine's own): each is turned on,
 /// measured and turned back off.
-const VARIANTS: [&str; 3] = ["as served", "unfused ops", "cudarc event tracking on"];
+const VARIANTS: [&str; 4] = [
+    "as served",
+    "eager (no CUDA graphs)",
+    "eager, unfused ops",
+    "eager, cudarc event tracking on",
+];
 
 #[cfg(feature = "cuda")]
 fn set_variant(device: &Device, variant: &str, on: bool) -> Result<()> {
+    if variant.starts_with("eager") {
+        engine::model::cuda_graph::set_cuda_graphs(!on);
+    }
     match variant {
-        "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
-        "unfused ops" => engine::model::fused::set_fused_kernels(!on),
+        "eager, cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
+        "eager, unfused ops" => engine::model::fused::set_fused_kernels(!on),
         _ => {}
     }
     Ok(())

@@ -345,12 +345,14 @@ impl PagedAttention {
         let base_ctas = tiles * num_kv_heads * head_groups;
         let max_ctx = self.max_context_len.clamp(1, max_blocks * block_size);
         let target = 2 * multiprocessor_count(&stream);
-        let (splits, partition) = if base_ctas >= target {
-            (1, max_ctx.div_ceil(KEY_TILE) * KEY_TILE)
+        // Context partitions (grid.z): each sequence's context is split evenly over them in the
+        // kernel; the count comes from the longest context, >= 64 keys per partition.
+        let splits = if base_ctas >= target {
+            1
         } else {
             let want = target.div_ceil(base_ctas);
             let partition = max_ctx.div_ceil(want).div_ceil(KEY_TILE).max(2) * KEY_TILE;
-            (max_ctx.div_ceil(partition), partition)
+            max_ctx.div_ceil(partition)
         };
         let parts = if splits > 1 {
             let rows = n * num_heads * splits;
@@ -397,7 +399,7 @@ impl PagedAttention {
         let (num_seqs_i, num_heads_i, kv_heads_i) =
             (num_seqs as i32, num_heads as i32, num_kv_heads as i32);
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
-        let (qt_i, gh_i, partition_i) = (qt as i32, gh as i32, partition as i32);
+        let (qt_i, gh_i) = (qt as i32, gh as i32);
         let scale = self.scale;
         let cfg = LaunchConfig {
             grid_dim: (
@@ -423,7 +425,6 @@ impl PagedAttention {
         b.arg(&max_blocks_i)
             .arg(&qt_i)
             .arg(&gh_i)
-            .arg(&partition_i)
             .arg(&qlen_hi)
             .arg(&scale);
         unsafe { b.launch(cfg) }.w()?;

@@ -162,6 +162,95 @@ fn cuda_bf16_logits_match_cpu_f32() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Decode steps replayed from CUDA graphs give the eager forward's logits: batches of 1 to 5
+/// sequences (padded to 1, 2, 4, 8 rows), several replays of one graph with other tokens,
+/// positions, contexts and block tables, f32 (tight) and bf16.
+#[test]
+fn cuda_graph_decode_matches_eager() {
+    use engine::model::cuda_graph::{graph_counts, set_cuda_graphs};
+    let dir = tiny_qwen2_dir(11);
+    let gpu = cuda();
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
+        let model = load_model(&dir, LoadFormat::Safetensors, dtype, &gpu, 0).unwrap();
+        let cfg = model.config().clone();
+        let vocab = cfg.vocab_size as u32;
+        let mut cache = KvCache::new(&cfg, 48, BLOCK_SIZE, dtype, &gpu).unwrap();
+        // Five sequences, eight blocks each (shuffled ids), prefilled eagerly.
+        let mut lens = vec![20usize, 37, 5, 64, 50];
+        let tables: Vec<Vec<u32>> = (0..5u32)
+            .map(|s| (0..8).map(|b| (b * 5 + s * 7) % 40 + 1).collect())
+            .collect();
+        let slot = |s: usize, pos: usize| {
+            tables[s][pos / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64
+        };
+        let mut pre = ForwardBatch::default();
+        for (s, &len) in lens.iter().enumerate() {
+            pre.seqs.push(SeqInput {
+                query_start: pre.token_ids.len(),
+                query_len: len,
+                context_len: len,
+                block_table: tables[s][..len.div_ceil(BLOCK_SIZE)].to_vec(),
+                compute_logits: true,
+            });
+            for p in 0..len {
+                pre.token_ids
+                    .push((p as u32 * 31 + s as u32 * 7 + 1) % vocab);
+                pre.positions.push(p as u32);
+                pre.slot_mapping.push(slot(s, p));
+            }
+        }
+        model.forward(&pre, &mut cache).unwrap();
+        let steps: [&[usize]; 7] = [
+            &[0],
+            &[1, 2, 3],
+            &[0, 1, 2, 3, 4],
+            &[4, 3],
+            &[2],
+            &[0, 4, 1],
+            &[1, 2, 3, 4, 0],
+        ];
+        for (t, seqs) in steps.iter().enumerate() {
+            let mut step = ForwardBatch::default();
+            for (i, &s) in seqs.iter().enumerate() {
+                let pos = lens[s];
+                step.seqs.push(SeqInput {
+                    query_start: i,
+                    query_len: 1,
+                    context_len: pos + 1,
+                    block_table: tables[s][..(pos + 1).div_ceil(BLOCK_SIZE)].to_vec(),
+                    compute_logits: true,
+                });
+                step.token_ids
+                    .push((t as u32 * 13 + s as u32 * 17 + 3) % vocab);
+                step.positions.push(pos as u32);
+                step.slot_mapping.push(slot(s, pos));
+            }
+            // The switch is process-wide: tests running meanwhile take either path.
+            set_cuda_graphs(false);
+            let eager = model.forward(&step, &mut cache).unwrap();
+            set_cuda_graphs(true);
+            let replays = graph_counts().0;
+            let graph = model.forward(&step, &mut cache).unwrap();
+            assert!(
+                graph_counts().0 > replays,
+                "step {t} did not run from a graph"
+            );
+            assert_eq!(graph.dims(), eager.dims());
+            let err = rel_l2(&graph, &eager);
+            eprintln!(
+                "graph step {t} ({} seqs, {dtype:?}): relative L2 to eager {err:.2e}",
+                seqs.len()
+            );
+            assert!(err < tol, "step {t} {dtype:?}: graph vs eager {err:.3e}");
+            for &s in seqs.iter() {
+                lens[s] += 1;
+            }
+        }
+    }
+    assert_eq!(graph_counts().1, 0, "a capture failed");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 const TEMPLATE_IDS: [u32; 37] = [
     1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
     19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531,
