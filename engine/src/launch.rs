@@ -419,7 +419,7 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     if device.is_cuda() {
         gpu_memory::keep_pool_memory(&device).map_err(phase("CUDA device init"))?;
         gpu_memory::set_event_tracking(&device, false).map_err(phase("CUDA device init"))?;
-        crate::model::cuda_graph::set_cuda_graphs(!args.enforce_eager);
+        crate::model::cuda_graph::set_cuda_graphs(args.cuda_graphs);
     }
     let dtype = resolve_dtype(args.dtype, &device);
     let mut phases = StartupPhases::default();
@@ -531,11 +531,13 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     if device.is_cuda() {
         if crate::model::cuda_graph::cuda_graphs_enabled() && tp == 1 {
             tracing::info!(
-                "CUDA graphs: decode steps of up to {} sequences are captured per batch size on first use (--enforce-eager: off)",
+                "CUDA graphs: decode steps of up to {} sequences are captured per batch size on first use",
                 crate::model::cuda_graph::MAX_BATCH
             );
         } else {
-            tracing::info!("CUDA graphs off: every step runs eagerly");
+            tracing::info!(
+                "CUDA graphs off: every step runs eagerly (--cuda-graphs to capture decode steps)"
+            );
         }
     }
 

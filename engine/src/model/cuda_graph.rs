@@ -6,8 +6,9 @@
 //! ... `MAX_BATCH`) and a block-table width bucket (powers of two); each (batch, width) pair is
 //! captured once over static input tensors and replayed after the step's inputs are copied in.
 //! Padding rows read block 0 and write no KV (slot -1); their logits are dropped. Everything else
-//! runs eagerly, as does every step under `--enforce-eager`. A failed capture is logged and turns
-//! graphs off for the model.
+//! runs eagerly. Graphs are opt-in (`--cuda-graphs`). A failed capture is logged and turns graphs
+//! off for the model. cuBLAS gets a workspace of its own before the first capture, so that it
+//! never allocates one inside a capture.
 //!
 //! The captured forward allocates only inside the capture (graph memory, freed inside it) and
 //! writes its logits into a tensor allocated before the capture, so replays reuse fixed addresses.
@@ -29,9 +30,9 @@ use super::{CausalLM, ForwardBatch, KvCache};
 /// Largest decode batch that is captured (larger ones are not launch-bound).
 pub const MAX_BATCH: usize = 256;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Turns decode graphs on or off process-wide (on by default; `--enforce-eager` turns them off).
+/// Turns decode graphs on or off process-wide (off by default; `--cuda-graphs` turns them on).
 pub fn set_cuda_graphs(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
 }
@@ -58,6 +59,7 @@ pub struct DecodeGraphs {
     /// The KV cache the graphs were captured against (its first key tensor).
     cache: Option<TensorId>,
     failed: bool,
+    cublas_workspace_set: bool,
 }
 
 impl std::fmt::Debug for DecodeGraphs {
@@ -111,6 +113,10 @@ impl DecodeGraphs {
             c.graph.0.launch().w()?;
             REPLAYS.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(c.logits.narrow(0, 0, batch.seqs.len())?));
+        }
+        if !self.cublas_workspace_set {
+            set_cublas_workspace(model.device())?;
+            self.cublas_workspace_set = true;
         }
         match capture(model, &step, cache, block_size) {
             Ok(c) => {
@@ -272,6 +278,35 @@ fn capture(
         logits,
         graph: Graph(graph),
     })
+}
+
+/// Bytes of the cuBLAS workspace handed to the device's handle.
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// Gives the device's cuBLAS handle a workspace of its own (kept for the life of the process).
+fn set_cublas_workspace(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let cuda = device.as_cuda_device()?;
+    let stream = cuda.cuda_stream();
+    let workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE).w()?;
+    let blas = cuda.cublas_handle();
+    let status = {
+        let (ptr, _guard) = workspace.device_ptr(&stream);
+        unsafe {
+            cublas::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ptr as *mut std::ffi::c_void,
+                CUBLAS_WORKSPACE,
+            )
+        }
+    };
+    if status != cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        bail!("cublasSetWorkspace: {status:?}")
+    }
+    // The handle keeps using it for as long as the device lives.
+    std::mem::forget(workspace);
+    Ok(())
 }
 
 /// Host data copied into a static input tensor of the same length, in place.
