@@ -86,32 +86,55 @@ __device__ __forceinline__ float block_sum(float v) {
     return v;
 }
 
+// Every thread owns chunks of 8 consecutive elements (16-byte accesses when V = 8, element by
+// element with a bounds check when V = 1) and sums their squares in the same order either way,
+// so the result does not depend on which kernel the host picked (that choice follows alignment).
 template <typename T, int V>
 __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__ residual,
                                   const T* __restrict__ weight, T* __restrict__ normed,
                                   T* __restrict__ sum, int hidden, float eps) {
     const int64_t row = (int64_t)blockIdx.x * hidden;
     float ss = 0.f;
-    for (int c = threadIdx.x * V; c < hidden; c += blockDim.x * V) {
-        float a[V], b[V];
-        load_v<V>(x + row + c, a);
-        load_v<V>(residual + row + c, b);
+    for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
+        float a[8], b[8];
+        if constexpr (V == 8) {
+            load_v<8>(x + row + c, a);
+            load_v<8>(residual + row + c, b);
+        } else {
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
+            for (int k = 0; k < 8; ++k) {
+                a[k] = c + k < hidden ? to_f32(x[row + c + k]) : 0.f;
+                b[k] = c + k < hidden ? to_f32(residual[row + c + k]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
             a[k] = round_to<T>(a[k] + b[k]);
             ss += a[k] * a[k];
         }
-        store_v<V>(sum + row + c, a);
+        if constexpr (V == 8) {
+            store_v<8>(sum + row + c, a);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (c + k < hidden) sum[row + c + k] = from_f32<T>(a[k]);
+        }
     }
     const float scale = rsqrtf(block_sum(ss) / (float)hidden + eps);
     // Each thread reads back only the elements it wrote itself.
-    for (int c = threadIdx.x * V; c < hidden; c += blockDim.x * V) {
-        float a[V], w[V];
-        load_v<V>(sum + row + c, a);
-        load_v<V>(weight + c, w);
+    for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
+        if constexpr (V == 8) {
+            float a[8], w[8];
+            load_v<8>(sum + row + c, a);
+            load_v<8>(weight + c, w);
 #pragma unroll
-        for (int k = 0; k < V; ++k) a[k] = a[k] * scale * w[k];
-        store_v<V>(normed + row + c, a);
+            for (int k = 0; k < 8; ++k) a[k] = a[k] * scale * w[k];
+            store_v<8>(normed + row + c, a);
+        } else {
+            for (int k = 0; k < 8 && c + k < hidden; ++k)
+                normed[row + c + k] =
+                    from_f32<T>(to_f32(sum[row + c + k]) * scale * to_f32(weight[c + k]));
+        }
     }
 }
 

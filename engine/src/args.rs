@@ -94,11 +94,6 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 4.0)]
     pub swap_space: f64,
 
-    /// Replay decode steps of up to 256 sequences from CUDA graphs (captured per batch size on
-    /// first use); off by default, every step runs eagerly.
-    #[arg(long)]
-    pub cuda_graphs: bool,
-
     /// `fair` policy: tokens a request generates before it yields to waiting ones.
     #[arg(long, default_value_t = 16)]
     pub fair_quantum: usize,

@@ -419,7 +419,6 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     if device.is_cuda() {
         gpu_memory::keep_pool_memory(&device).map_err(phase("CUDA device init"))?;
         gpu_memory::set_event_tracking(&device, false).map_err(phase("CUDA device init"))?;
-        crate::model::cuda_graph::set_cuda_graphs(args.cuda_graphs);
     }
     let dtype = resolve_dtype(args.dtype, &device);
     let mut phases = StartupPhases::default();
@@ -527,19 +526,6 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     );
     tracing::info!("{}", plan.size_line());
     tracing::info!("{}", plan.concurrency_line(max_model_len));
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        if crate::model::cuda_graph::cuda_graphs_enabled() && tp == 1 {
-            tracing::info!(
-                "CUDA graphs: decode steps of up to {} sequences are captured per batch size on first use",
-                crate::model::cuda_graph::MAX_BATCH
-            );
-        } else {
-            tracing::info!(
-                "CUDA graphs off: every step runs eagerly (--cuda-graphs to capture decode steps)"
-            );
-        }
-    }
 
     // Warm up on the paged path the server runs: one short sequence through block 0.
     let t = Instant::now();

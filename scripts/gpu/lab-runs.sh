@@ -27,8 +27,7 @@
 #   g (carry .lab-g: engine-it with cuda_kernels/cuda_fused/cuda_model, engine-bench, optionally
 #     engine, probe, the Llama-2 tokenizer and GGUF part ab after stage a): -> gpu-engine/run4/
 #       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model
-#          logits, and SmolLM2 logits/greedy when stage a ran first; then the CUDA-graph test
-#          alone (engine-bench decodes from graphs when it passes)
+#          logits, and SmolLM2 logits/greedy when stage a ran first
 #       1. engine-bench at the Qwen2.5-1.5B shape; 2. engine-bench at the CodeLlama-34B shape
 #       3. (engine + probe carried) fcfs vs fair, seed-001 burst, CodeLlama-34B shape -> day-009-codellama34b/
 #
@@ -267,15 +266,9 @@ if [ "$STAGE" = g ]; then
     SMOLLM2_GGUF=$LAB/smollm2.gguf timeout 200 "$LAB/engine-it" --test-threads=2 --nocapture $tests \
         > "$dir/cuda-tests.log" 2>&1
     grep -E "^test |test result|panicked" "$dir/cuda-tests.log" | tail -30
-    # CUDA graphs (opt-in) in a process of their own: the switch is process-wide.
-    graphs=
-    timeout 60 "$LAB/engine-it" --test-threads=1 --nocapture cuda_graph > "$dir/cuda-graph-test.log" 2>&1 &&
-        graphs=--cuda-graphs
-    grep -E "^test |test result|panicked|graph step|Error" "$dir/cuda-graph-test.log" | tail -20
     echo "== 1. engine-bench, Qwen2.5-1.5B shape ($(left) s left)"
-    # shellcheck disable=SC2086
     timeout 150 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
-        --dtype bfloat16 --device cuda --prefill 1024,2048,4096 $graphs --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
+        --dtype bfloat16 --device cuda --prefill 1024,2048,4096 --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
     tail -24 "$dir/engine-bench.log"
     # SM clock, power and temperature every 200 ms from here on (sustained-load throttling).
     nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \

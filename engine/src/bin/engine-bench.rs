@@ -59,9 +59,6 @@ struct Cli {
     /// Bytes copied for the bandwidth ceiling (MiB).
     #[arg(long, default_value_t = 2048)]
     copy_mib: usize,
-    /// Replay decode steps from CUDA graphs ("as served"; the eager variants turn them off).
-    #[arg(long)]
-    cuda_graphs: bool,
     /// Also write the table here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -215,28 +212,20 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
 
 /// Settings the decode forward is also timed under (beside the engine's own): each is turned on,
 /// measured and turned back off.
-const VARIANTS: [&str; 4] = [
-    "as served",
-    "eager (no CUDA graphs)",
-    "eager, unfused ops",
-    "eager, cudarc event tracking on",
-];
+const VARIANTS: [&str; 3] = ["as served", "unfused ops", "cudarc event tracking on"];
 
 #[cfg(feature = "cuda")]
-fn set_variant(device: &Device, variant: &str, on: bool, graphs_served: bool) -> Result<()> {
-    if variant.starts_with("eager") {
-        engine::model::cuda_graph::set_cuda_graphs(!on && graphs_served);
-    }
+fn set_variant(device: &Device, variant: &str, on: bool) -> Result<()> {
     match variant {
-        "eager, cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
-        "eager, unfused ops" => engine::model::fused::set_fused_kernels(!on),
+        "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
+        "unfused ops" => engine::model::fused::set_fused_kernels(!on),
         _ => {}
     }
     Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn set_variant(_: &Device, _: &str, _: bool, _: bool) -> Result<()> {
+fn set_variant(_: &Device, _: &str, _: bool) -> Result<()> {
     Ok(())
 }
 
@@ -415,7 +404,6 @@ fn main() -> Result<()> {
     if device.is_cuda() {
         engine::gpu_memory::keep_pool_memory(&device)?;
         engine::gpu_memory::set_event_tracking(&device, false)?;
-        engine::model::cuda_graph::set_cuda_graphs(cli.cuda_graphs);
     }
     let dtype = resolve_dtype(cli.dtype, &device);
     let iters = cli.iters.max(1);
@@ -522,7 +510,7 @@ fn main() -> Result<()> {
             let fb = engine::runner::build_forward_batch(&step, bs)?;
             let mut row = Vec::new();
             for v in VARIANTS {
-                set_variant(&device, v, true, cli.cuda_graphs)?;
+                set_variant(&device, v, true)?;
                 let mut times = Vec::new();
                 for i in 0..iters + 2 {
                     let (model, cache) = runner_parts(&mut runner);
@@ -534,7 +522,7 @@ fn main() -> Result<()> {
                         times.push((enqueue, gpu));
                     }
                 }
-                set_variant(&device, v, false, cli.cuda_graphs)?;
+                set_variant(&device, v, false)?;
                 let gpu = median(times.iter().map(|t| t.1).collect());
                 let enqueue = median(times.iter().map(|t| t.0).collect());
                 eprintln!("decode batch {batch}, {v}: enqueue {enqueue:.3} ms, GPU {gpu:.3} ms");

@@ -75,9 +75,6 @@ pub struct LlamaModel {
     /// Rotary tables `[max_position_embeddings, head_dim / 2]` in the compute dtype.
     cos: Tensor,
     sin: Tensor,
-    /// Captured decode steps (one CUDA device, no tensor parallelism).
-    #[cfg(feature = "cuda")]
-    graphs: Option<std::sync::Mutex<super::cuda_graph::DecodeGraphs>>,
 }
 
 fn shape_err(e: candle_core::Error) -> LoadError {
@@ -163,9 +160,6 @@ impl LlamaModel {
             (false, Some((_, len))) => src.get("lm_head.weight", &[len, h])?,
         };
         let (cos, sin) = rotary_tables(cfg, dtype, device).map_err(shape_err)?;
-        #[cfg(feature = "cuda")]
-        let graphs = (device.is_cuda() && tp.world_size() == 1)
-            .then(|| std::sync::Mutex::new(super::cuda_graph::DecodeGraphs::default()));
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
@@ -178,8 +172,6 @@ impl LlamaModel {
             lm_head_sharded: shard.is_some(),
             cos,
             sin,
-            #[cfg(feature = "cuda")]
-            graphs,
         })
     }
 
@@ -290,8 +282,7 @@ impl LlamaModel {
 
 impl LlamaModel {
     /// The paged forward over inputs already on the device (see `StepInputs`); f32 logits of the
-    /// `logit_rows`. Allocates and launches only on the device (no host copies), so a CUDA graph
-    /// can capture it.
+    /// `logit_rows`. Allocates and launches only on the device (no host copies).
     pub(crate) fn forward_inputs(&self, inputs: &StepInputs, cache: &KvCache) -> Result<Tensor> {
         let (meta, slots) = (&inputs.meta, &inputs.slot_mapping);
         let n = inputs.token_ids.dim(0)?;
@@ -404,13 +395,6 @@ impl CausalLM for LlamaModel {
                 "position {p} past max_position_embeddings {}",
                 self.cfg.max_position_embeddings
             );
-        }
-        #[cfg(feature = "cuda")]
-        if let Some(graphs) = &self.graphs {
-            let mut graphs = graphs.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(logits) = graphs.run(self, batch, cache)? {
-                return Ok(logits);
-            }
         }
         let logit_rows: Vec<u32> = batch
             .seqs

@@ -17,8 +17,6 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod attention_cuda;
 pub mod cache;
-#[cfg(feature = "cuda")]
-pub mod cuda_graph;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod fused_cuda;
