@@ -315,4 +315,9 @@ fn cuda_smollm2_greedy_matches_cpu_answer() {
         out, ANSWER_37,
         "GPU bf16 greedy answer differs from the reference"
     );
+    // The served engine runs after exactly this warm-up: its answer must not depend on it.
+    assert_eq!(
+        out_warm, ANSWER_37,
+        "GPU bf16 greedy answer after the server's warm-up differs from the reference"
+    );
 }
