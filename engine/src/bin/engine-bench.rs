@@ -536,34 +536,18 @@ fn main() -> Result<()> {
     let mut prows = Vec::new();
     for &n in &cli.prefill {
         let fb = prefill_batch(n, bs, cfg.vocab_size);
-        let mut times = Vec::new();
         let reps = iters.min(10);
-        for i in 0..reps + 2 {
-            let (model, cache) = runner_parts(&mut runner);
-            let ms = host_ms(&device, &mut || {
-                model.forward(&fb, cache)?;
-                Ok(())
-            })?;
-            if i >= 2 {
-                times.push(ms);
-            }
-        }
+        let ms = forward_ms(&device, &mut runner, &fb, reps, 2)?;
         // The same forward with every sequence on the paged-attention kernel (no tensor-core
-        // prefill kernel): the gap is what the prefill kernel saves.
-        let mut no_flash = Vec::new();
+        // prefill kernel), then with the unfused ops: the gaps are what each saves.
+        let (mut no_flash, mut unfused) = (None, None);
         if device.is_cuda() {
             set_flash_prefill(false);
-            for i in 0..reps + 1 {
-                let (model, cache) = runner_parts(&mut runner);
-                let ms = host_ms(&device, &mut || {
-                    model.forward(&fb, cache)?;
-                    Ok(())
-                })?;
-                if i >= 1 {
-                    no_flash.push(ms);
-                }
-            }
+            no_flash = Some(forward_ms(&device, &mut runner, &fb, reps, 1)?);
             set_flash_prefill(true);
+            engine::model::fused::set_fused_kernels(false);
+            unfused = Some(forward_ms(&device, &mut runner, &fb, reps, 1)?);
+            engine::model::fused::set_fused_kernels(true);
         }
         let gemm = layer_matmuls_ms(&device, dtype, &cfg, n, reps)? * cfg.num_hidden_layers as f64;
         let (attn, elementwise) = {
@@ -573,30 +557,15 @@ fn main() -> Result<()> {
                 elementwise_ms(&device, dtype, &cfg, n, cache, reps)?,
             )
         };
-        let mut unfused = Vec::new();
-        if device.is_cuda() {
-            engine::model::fused::set_fused_kernels(false);
-            for i in 0..reps + 1 {
-                let (model, cache) = runner_parts(&mut runner);
-                let ms = host_ms(&device, &mut || {
-                    model.forward(&fb, cache)?;
-                    Ok(())
-                })?;
-                if i >= 1 {
-                    unfused.push(ms);
-                }
-            }
-            engine::model::fused::set_fused_kernels(true);
-        }
         let floor = 2.0 * params as f64 * n as f64 / (tflops * 1e12) * 1e3;
         let row = PrefillRow {
             tokens: n,
-            ms: median(times),
-            no_flash_ms: (!no_flash.is_empty()).then(|| median(no_flash)),
+            ms,
+            no_flash_ms: no_flash,
             matmuls_ms: gemm,
             attention_ms: attn,
             elementwise_ms: elementwise,
-            unfused_ms: (!unfused.is_empty()).then(|| median(unfused)),
+            unfused_ms: unfused,
             floor_ms: floor,
         };
         eprintln!(
@@ -614,6 +583,28 @@ fn main() -> Result<()> {
         std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// Median milliseconds of the model's forward of `fb` over `reps` runs after `warm` untimed ones.
+fn forward_ms(
+    device: &Device,
+    runner: &mut ModelRunner,
+    fb: &ForwardBatch,
+    reps: usize,
+    warm: usize,
+) -> Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..reps + warm {
+        let (model, cache) = runner_parts(runner);
+        let ms = host_ms(device, &mut || {
+            model.forward(fb, cache)?;
+            Ok(())
+        })?;
+        if i >= warm {
+            times.push(ms);
+        }
+    }
+    Ok(median(times))
 }
 
 /// The runner's model and cache, to time the forward alone through the same objects.

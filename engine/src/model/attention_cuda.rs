@@ -16,8 +16,8 @@ use candle_core::{
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-#[allow(dead_code)] // the PTX of every kernel file; this module uses two
-mod ptx {
+/// The PTX of every kernel file (`engine/build.rs`); `fused_cuda.rs` uses it too.
+pub(super) mod ptx {
     include!(concat!(env!("OUT_DIR"), "/kernels_ptx.rs"));
 }
 
@@ -52,7 +52,7 @@ pub fn set_prefill_kernel(kernel: PrefillKernel) {
 
 /// Raw device address of a storage's first element under `layout`, plus the stream-ordering guard
 /// that must live until the kernel using it is launched.
-fn device_ptr<'a>(
+pub(super) fn device_ptr<'a>(
     s: &'a CudaStorage,
     layout: &Layout,
     stream: &'a CudaStream,
@@ -63,12 +63,13 @@ fn device_ptr<'a>(
         CudaStorageSlice::F32(x) => (x.device_ptr(stream), 4),
         CudaStorageSlice::U32(x) => (x.device_ptr(stream), 4),
         CudaStorageSlice::I64(x) => (x.device_ptr(stream), 8),
-        _ => bail!("paged attention: unsupported dtype {:?}", s.dtype()),
+        _ => bail!("CUDA op: unsupported dtype {:?}", s.dtype()),
     };
     Ok((ptr + (layout.start_offset() * elem) as u64, guard))
 }
 
-fn device_ptr_mut<'a>(
+/// [`device_ptr`] for a storage the kernel writes.
+pub(super) fn device_ptr_mut<'a>(
     s: &'a mut CudaStorage,
     layout: &Layout,
     stream: &'a CudaStream,
@@ -78,7 +79,7 @@ fn device_ptr_mut<'a>(
         CudaStorageSlice::BF16(x) => (x.device_ptr_mut(stream), 2),
         CudaStorageSlice::F16(x) => (x.device_ptr_mut(stream), 2),
         CudaStorageSlice::F32(x) => (x.device_ptr_mut(stream), 4),
-        _ => bail!("kv cache: unsupported dtype {dtype:?}"),
+        _ => bail!("CUDA op: unsupported output dtype {dtype:?}"),
     };
     Ok((ptr + (layout.start_offset() * elem) as u64, guard))
 }

@@ -3,54 +3,15 @@
 //! Same contract as the CPU references in `fused.rs`. Each op is one kernel launch on candle's
 //! stream; outputs are fresh contiguous tensors except the paged caches, written in place.
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
-};
-use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor,
 };
 
-#[allow(dead_code)] // the other kernels' PTX is used by attention_cuda.rs
-mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/kernels_ptx.rs"));
-}
+use super::attention_cuda::{device_ptr, device_ptr_mut, ptx};
 
 const MODULE: &str = "fused_ops";
-
-// ------------------------------------------------------------------------------ device addresses
-
-/// Device address of a storage's first element under `layout`, plus the stream-ordering guard.
-fn device_ptr<'a>(
-    s: &'a CudaStorage,
-    layout: &Layout,
-    stream: &'a CudaStream,
-) -> Result<(u64, SyncOnDrop<'a>)> {
-    let ((ptr, guard), elem) = match &s.slice {
-        CudaStorageSlice::BF16(x) => (x.device_ptr(stream), 2),
-        CudaStorageSlice::F16(x) => (x.device_ptr(stream), 2),
-        CudaStorageSlice::F32(x) => (x.device_ptr(stream), 4),
-        CudaStorageSlice::I64(x) => (x.device_ptr(stream), 8),
-        _ => bail!("fused op: unsupported dtype {:?}", s.dtype()),
-    };
-    Ok((ptr + (layout.start_offset() * elem) as u64, guard))
-}
-
-fn device_ptr_mut<'a>(
-    s: &'a mut CudaStorage,
-    layout: &Layout,
-    stream: &'a CudaStream,
-) -> Result<(u64, SyncOnDrop<'a>)> {
-    let dtype = s.dtype();
-    let ((ptr, guard), elem) = match &mut s.slice {
-        CudaStorageSlice::BF16(x) => (x.device_ptr_mut(stream), 2),
-        CudaStorageSlice::F16(x) => (x.device_ptr_mut(stream), 2),
-        CudaStorageSlice::F32(x) => (x.device_ptr_mut(stream), 4),
-        _ => bail!("fused op: unsupported output dtype {dtype:?}"),
-    };
-    Ok((ptr + (layout.start_offset() * elem) as u64, guard))
-}
 
 /// The kernel launch: output addresses, then input addresses, in the order they were given.
 type Launch<'a> = &'a dyn Fn(&[u64], &[u64]) -> Result<()>;
