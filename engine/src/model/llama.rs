@@ -314,6 +314,9 @@ impl LlamaModel {
                 None => x = (x + mlp)?,
             }
         }
+        if inputs.logit_rows.dim(0)? == 0 {
+            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device);
+        }
         self.logits(&x.index_select(&inputs.logit_rows, 0)?)
     }
 }
@@ -396,15 +399,13 @@ impl CausalLM for LlamaModel {
                 self.cfg.max_position_embeddings
             );
         }
+        // Every token's K/V is written even when no sequence wants logits (a mid-prompt chunk).
         let logit_rows: Vec<u32> = batch
             .seqs
             .iter()
             .filter(|s| s.compute_logits)
             .map(|s| (s.query_start + s.query_len - 1) as u32)
             .collect();
-        if logit_rows.is_empty() {
-            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device);
-        }
         let inputs = StepInputs::upload(batch, &logit_rows, &self.device)?;
         self.forward_inputs(&inputs, cache)
     }
