@@ -289,6 +289,38 @@ fn smollm2_batched_paged_decoding_matches_forward_full() {
     }
 }
 
+/// A prompt prefilled alone in three chunks: the first two steps return no logits at all, yet
+/// must write their K/V, so that the last chunk's logits equal the cache-free forward's.
+#[test]
+fn smollm2_chunks_without_logits_still_fill_the_cache() {
+    let Some(m) = model() else { return };
+    let m = m.lock().unwrap();
+    let prompt = TEMPLATE_IDS.to_vec();
+    let full = m.as_ref().forward_full(&prompt).unwrap();
+    let want: Vec<f32> = full.get(prompt.len() - 1).unwrap().to_vec1().unwrap();
+    let (mut cache, mut blocks) = new_cache(m.as_ref(), 16);
+    let mut seqs = vec![PagedSeq {
+        tokens: prompt.clone(),
+        prompt_len: prompt.len(),
+        num_computed_tokens: 0,
+        block_table: vec![],
+        last_logits: None,
+    }];
+    for chunk in [10, 15, prompt.len() - 25] {
+        paged_step(m.as_ref(), &mut cache, &mut blocks, &mut seqs, &[chunk]);
+    }
+    let got = seqs[0]
+        .last_logits
+        .take()
+        .expect("logits of the last chunk");
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "chunked prefill logits off by {worst}");
+}
+
 #[derive(serde::Deserialize)]
 struct GoldenCase {
     prompt_ids: Vec<u32>,
