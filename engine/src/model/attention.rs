@@ -31,8 +31,9 @@ pub struct AttentionMetadata {
     pub query_start_loc: Tensor,
     /// Largest `context_len` in the batch (host value, for kernel launch sizing).
     pub max_context_len: usize,
-    /// Largest `query_len` in the batch.
+    /// Largest and smallest `query_len` in the batch.
     pub max_query_len: usize,
+    pub min_query_len: usize,
     /// Host copies of the same data (the CPU reference reads these).
     pub host: HostMetadata,
 }
@@ -83,6 +84,7 @@ impl AttentionMetadata {
             query_start_loc: Tensor::new(query_start_loc.as_slice(), device)?,
             max_context_len: seqs.iter().map(|s| s.context_len).max().unwrap_or(0),
             max_query_len: seqs.iter().map(|s| s.query_len).max().unwrap_or(0),
+            min_query_len: seqs.iter().map(|s| s.query_len).min().unwrap_or(0),
             host: HostMetadata {
                 block_tables: seqs.iter().map(|s| s.block_table.clone()).collect(),
                 context_lens,

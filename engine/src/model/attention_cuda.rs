@@ -240,8 +240,10 @@ struct PagedAttention {
     query_start_loc: Tensor,
     /// Upper bound of any sequence's context length (sizes the context partitions).
     max_context_len: usize,
-    /// Upper bound of any sequence's query length (decides whether the prefill kernel runs).
+    /// Bounds of the sequences' query lengths: whether the prefill kernel runs, and whether the
+    /// paged kernel has sequences to take beside it.
     max_query_len: usize,
+    min_query_len: usize,
     scale: f32,
 }
 
@@ -337,6 +339,8 @@ impl PagedAttention {
         } else {
             i32::MAX
         };
+        // The paged kernel runs unless the prefill kernel takes every sequence.
+        let paged = !flash || self.min_query_len < FLASH_MIN_QUERY_LEN;
         // Work split (see paged_attention.cu): rows = qt tokens x gh heads of one kv head.
         let group = num_heads / num_kv_heads;
         let gh = group.min(MAX_ROWS);
@@ -355,7 +359,7 @@ impl PagedAttention {
             let partition = max_ctx.div_ceil(want).div_ceil(KEY_TILE).max(2) * KEY_TILE;
             max_ctx.div_ceil(partition)
         };
-        let parts = if splits > 1 {
+        let parts = if paged && splits > 1 {
             let rows = n * num_heads * splits;
             Some(unsafe {
                 (
@@ -392,59 +396,61 @@ impl PagedAttention {
             None => (0u64, 0u64, 0u64),
         };
 
-        let func = dev.get_or_load_custom_func(
-            &format!("paged_attention_{suffix}_d{head_dim}"),
-            "paged_attention",
-            ptx::PAGED_ATTENTION,
-        )?;
         let (num_seqs_i, num_heads_i, kv_heads_i) =
             (num_seqs as i32, num_heads as i32, num_kv_heads as i32);
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
-        let (qt_i, gh_i) = (qt as i32, gh as i32);
-        let scale = self.scale;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                tiles as u32,
-                (num_kv_heads * head_groups) as u32,
-                splits as u32,
-            ),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = func.builder();
-        b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
-        b.arg(&q_ptr)
-            .arg(&kc_ptr)
-            .arg(&vc_ptr)
-            .arg(&bt_ptr)
-            .arg(&cl_ptr)
-            .arg(&qs_ptr);
-        b.arg(&num_seqs_i)
-            .arg(&num_heads_i)
-            .arg(&kv_heads_i)
-            .arg(&block_size_i);
-        b.arg(&max_blocks_i)
-            .arg(&qt_i)
-            .arg(&gh_i)
-            .arg(&qlen_hi)
-            .arg(&scale);
-        unsafe { b.launch(cfg) }.w()?;
-
-        if splits > 1 {
+        if paged {
             let func = dev.get_or_load_custom_func(
-                &format!("paged_attention_combine_{suffix}_d{head_dim}"),
+                &format!("paged_attention_{suffix}_d{head_dim}"),
                 "paged_attention",
                 ptx::PAGED_ATTENTION,
             )?;
-            let splits_i = splits as i32;
+            let (qt_i, gh_i) = (qt as i32, gh as i32);
+            let scale = self.scale;
             let cfg = LaunchConfig {
-                grid_dim: ((n * num_heads) as u32, 1, 1),
-                block_dim: (head_dim as u32, 1, 1),
+                grid_dim: (
+                    tiles as u32,
+                    (num_kv_heads * head_groups) as u32,
+                    splits as u32,
+                ),
+                block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut b = func.builder();
-            b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa).arg(&splits_i);
+            b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
+            b.arg(&q_ptr)
+                .arg(&kc_ptr)
+                .arg(&vc_ptr)
+                .arg(&bt_ptr)
+                .arg(&cl_ptr)
+                .arg(&qs_ptr);
+            b.arg(&num_seqs_i)
+                .arg(&num_heads_i)
+                .arg(&kv_heads_i)
+                .arg(&block_size_i);
+            b.arg(&max_blocks_i)
+                .arg(&qt_i)
+                .arg(&gh_i)
+                .arg(&qlen_hi)
+                .arg(&scale);
             unsafe { b.launch(cfg) }.w()?;
+
+            if splits > 1 {
+                let func = dev.get_or_load_custom_func(
+                    &format!("paged_attention_combine_{suffix}_d{head_dim}"),
+                    "paged_attention",
+                    ptx::PAGED_ATTENTION,
+                )?;
+                let splits_i = splits as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: ((n * num_heads) as u32, 1, 1),
+                    block_dim: (head_dim as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut b = func.builder();
+                b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa).arg(&splits_i);
+                unsafe { b.launch(cfg) }.w()?;
+            }
         }
         // Last: the combine above also wrote (meaningless) rows of the prefill kernel's sequences.
         if flash {
@@ -550,6 +556,7 @@ pub fn paged_attention(
         scale,
     )?;
     op.max_query_len = meta.max_query_len;
+    op.min_query_len = meta.min_query_len;
     q.contiguous()?.apply_op1_no_bwd(&op)
 }
 
@@ -627,7 +634,9 @@ impl PagedAttention {
             context_lens: context_lens.contiguous()?,
             query_start_loc: query_start_loc.contiguous()?,
             max_context_len: max_context_len.unwrap_or(bound).min(bound),
-            max_query_len: usize::MAX, // unknown: bounded by the token count at launch
+            // Unknown: the token count bounds the longest, the shortest may be 1.
+            max_query_len: usize::MAX,
+            min_query_len: 1,
             scale,
         })
     }

@@ -109,8 +109,8 @@ fn kernel(name: &str, dtype: DType) -> Result<String> {
 
 /// Whether the 8-wide kernels (`_v8`) may run: every size a multiple of 8 elements and every
 /// address 16-byte aligned (rows then stay aligned too).
-fn vec8(sizes: &[usize], ptrs: &[u64]) -> bool {
-    sizes.iter().all(|s| s % 8 == 0) && ptrs.iter().all(|p| p % 16 == 0)
+fn vec8(sizes: &[usize], outs: &[u64], ins: &[u64]) -> bool {
+    sizes.iter().all(|s| s % 8 == 0) && outs.iter().chain(ins).all(|p| p % 16 == 0)
 }
 
 /// The name of kernel `name` for `dtype`, 8 elements per access when `wide`.
@@ -179,7 +179,7 @@ pub fn add_rms_norm(
     };
     let hidden_i = hidden as i32;
     with_ptrs(&[&normed, &sum], &[&x, &residual, &weight], &|out, inp| {
-        let wide = vec8(&[hidden], &[out, inp].concat());
+        let wide = vec8(&[hidden], out, inp);
         let func = dev.get_or_load_custom_func(
             &wide_kernel("add_rms_norm", dtype, wide)?,
             MODULE,
@@ -214,7 +214,7 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
     const THREADS: usize = 256;
     let (n_i, inter_i) = (n as i64, inter as i64);
     with_ptrs(&[&out], &[&gate_up], &|out, inp| {
-        let wide = vec8(&[inter], &[out, inp].concat());
+        let wide = vec8(&[inter], out, inp);
         let func = dev.get_or_load_custom_func(
             &wide_kernel("silu_mul", dtype, wide)?,
             MODULE,
@@ -309,7 +309,7 @@ pub fn qkv_rope_cache(
     let num_slots = (num_blocks * block_size) as i64;
     with_ptrs(&[&q, key_cache, value_cache], &ins, &|out, inp| {
         // 8-wide: hd/2 a multiple of 8 (rows of qkv, q, cos/sin and the caches stay aligned).
-        let wide = vec8(&[half], &[out, inp].concat());
+        let wide = vec8(&[half], out, inp);
         let func = dev.get_or_load_custom_func(
             &wide_kernel("qkv_rope_cache", dtype, wide)?,
             MODULE,

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Module, Result, Tensor};
 
 use super::attention::{paged_attention, AttentionMetadata};
 use super::fused;
@@ -208,20 +208,8 @@ impl LlamaModel {
         fused::split_rope(&layer.qkv_proj.forward(x)?, cos, sin, heads, kvh, hd)
     }
 
+    /// down(silu(gate) * up) through the fused SiLU-gate product (the same candle ops on the CPU).
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let inter = self.cfg.intermediate_size;
-        let gu = layer.gate_up_proj.forward(x)?;
-        let gate = gu.narrow(D::Minus1, 0, inter)?;
-        let up = gu.narrow(D::Minus1, inter, inter)?;
-        self.all_reduce(
-            layer
-                .down_proj
-                .forward(&(candle_nn::ops::silu(&gate)? * up)?)?,
-        )
-    }
-
-    /// `mlp` through the fused SiLU-gate product (the same candle ops on the CPU).
-    fn mlp_fused(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
         let gate_up = layer.gate_up_proj.forward(x)?;
         let act = fused::silu_mul(&gate_up, self.cfg.intermediate_size)?;
         self.all_reduce(layer.down_proj.forward(&act)?)
@@ -280,73 +268,6 @@ impl LlamaModel {
     }
 }
 
-impl LlamaModel {
-    /// The paged forward over inputs already on the device (see `StepInputs`); f32 logits of the
-    /// `logit_rows`. Allocates and launches only on the device (no host copies).
-    pub(crate) fn forward_inputs(&self, inputs: &StepInputs, cache: &KvCache) -> Result<Tensor> {
-        let (meta, slots) = (&inputs.meta, &inputs.slot_mapping);
-        let n = inputs.token_ids.dim(0)?;
-        let cos = self.cos.index_select(&inputs.positions, 0)?;
-        let sin = self.sin.index_select(&inputs.positions, 0)?;
-        let (heads, kvh, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let scale = 1.0 / (hd as f32).sqrt();
-        let eps = self.cfg.rms_norm_eps as f32;
-        // Fused ops (one CUDA launch each; the unfused candle ops on the CPU): the residual add
-        // runs with the next norm, the QKV bias and rotary with the cache write.
-        let mut x = self.embed_tokens.index_select(&inputs.token_ids, 0)?;
-        let mut h = match self.layers.first() {
-            Some(first) => self.rms_norm(&x, &first.input_layernorm)?,
-            None => x.clone(),
-        };
-        for (i, (layer, (kc, vc))) in self.layers.iter().zip(&cache.layers).enumerate() {
-            let (qkv, bias) = (layer.qkv_proj.matmul(&h)?, layer.qkv_proj.bias.as_ref());
-            let q = fused::qkv_rope_cache(&qkv, bias, &cos, &sin, kc, vc, slots, heads, kvh, hd)?;
-            let attn = paged_attention(&q, kc, vc, meta, scale)?.reshape((n, heads * hd))?;
-            let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
-            (h, x) = fused::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;
-            let mlp = self.mlp_fused(layer, &h)?;
-            match self.layers.get(i + 1) {
-                Some(next) => (h, x) = fused::add_rms_norm(&mlp, &x, &next.input_layernorm, eps)?,
-                None => x = (x + mlp)?,
-            }
-        }
-        if inputs.logit_rows.dim(0)? == 0 {
-            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device);
-        }
-        self.logits(&x.index_select(&inputs.logit_rows, 0)?)
-    }
-}
-
-/// One paged step's inputs on the model's device.
-pub(crate) struct StepInputs {
-    /// u32 `[n]`.
-    pub token_ids: Tensor,
-    /// u32 `[n]`.
-    pub positions: Tensor,
-    /// i64 `[n]`.
-    pub slot_mapping: Tensor,
-    pub meta: AttentionMetadata,
-    /// u32 rows of the tokens whose logits are returned.
-    pub logit_rows: Tensor,
-}
-
-impl StepInputs {
-    /// Copies a batch's host data to `device`.
-    pub fn upload(batch: &ForwardBatch, logit_rows: &[u32], device: &Device) -> Result<Self> {
-        Ok(Self {
-            token_ids: Tensor::new(batch.token_ids.as_slice(), device)?,
-            positions: Tensor::new(batch.positions.as_slice(), device)?,
-            slot_mapping: Tensor::new(batch.slot_mapping.as_slice(), device)?,
-            meta: AttentionMetadata::new(&batch.seqs, device)?,
-            logit_rows: Tensor::new(logit_rows, device)?,
-        })
-    }
-}
-
 /// cos/sin of `position * theta^(-2i/head_dim)`, `[max_position_embeddings, head_dim / 2]`.
 fn rotary_tables(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
@@ -399,15 +320,51 @@ impl CausalLM for LlamaModel {
                 self.cfg.max_position_embeddings
             );
         }
-        // Every token's K/V is written even when no sequence wants logits (a mid-prompt chunk).
-        let logit_rows: Vec<u32> = batch
+        let meta = AttentionMetadata::new(&batch.seqs, &self.device)?;
+        let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
+        let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
+        let slots = Tensor::new(batch.slot_mapping.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let (heads, kvh, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let scale = 1.0 / (hd as f32).sqrt();
+        let eps = self.cfg.rms_norm_eps as f32;
+        // Fused ops (one CUDA launch each; the unfused candle ops on the CPU): the residual add
+        // runs with the next norm, the QKV bias and rotary with the cache write.
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut h = match self.layers.first() {
+            Some(first) => self.rms_norm(&x, &first.input_layernorm)?,
+            None => x.clone(),
+        };
+        for (i, (layer, (kc, vc))) in self.layers.iter().zip(&cache.layers).enumerate() {
+            let (qkv, bias) = (layer.qkv_proj.matmul(&h)?, layer.qkv_proj.bias.as_ref());
+            let q = fused::qkv_rope_cache(&qkv, bias, &cos, &sin, kc, vc, &slots, heads, kvh, hd)?;
+            let attn = paged_attention(&q, kc, vc, &meta, scale)?.reshape((n, heads * hd))?;
+            let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
+            (h, x) = fused::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;
+            let mlp = self.mlp(layer, &h)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (h, x) = fused::add_rms_norm(&mlp, &x, &next.input_layernorm, eps)?,
+                None => x = (x + mlp)?,
+            }
+        }
+        // Every token's K/V is written above even when no sequence wants logits (a mid-prompt
+        // chunk).
+        let last: Vec<u32> = batch
             .seqs
             .iter()
             .filter(|s| s.compute_logits)
             .map(|s| (s.query_start + s.query_len - 1) as u32)
             .collect();
-        let inputs = StepInputs::upload(batch, &logit_rows, &self.device)?;
-        self.forward_inputs(&inputs, cache)
+        if last.is_empty() {
+            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device);
+        }
+        let idx = Tensor::new(last.as_slice(), &self.device)?;
+        self.logits(&x.index_select(&idx, 0)?)
     }
 
     fn forward_full(&self, tokens: &[u32]) -> Result<Tensor> {

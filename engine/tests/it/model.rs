@@ -82,6 +82,19 @@ struct PagedSeq {
     last_logits: Option<Vec<f32>>,
 }
 
+impl PagedSeq {
+    /// A sequence with `prompt` and nothing computed or cached yet.
+    fn new(prompt: &[u32]) -> Self {
+        PagedSeq {
+            tokens: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            num_computed_tokens: 0,
+            block_table: vec![],
+            last_logits: None,
+        }
+    }
+}
+
 /// Blocks handed out from the top down, so a sequence's blocks are not contiguous.
 struct Blocks {
     next: u32,
@@ -171,13 +184,7 @@ fn new_cache(m: &dyn CausalLM, num_blocks: usize) -> (KvCache, Blocks) {
 
 fn greedy_paged(m: &dyn CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
     let (mut cache, mut blocks) = new_cache(m, 64);
-    let mut seqs = vec![PagedSeq {
-        tokens: prompt.to_vec(),
-        prompt_len: prompt.len(),
-        num_computed_tokens: 0,
-        block_table: vec![],
-        last_logits: None,
-    }];
+    let mut seqs = vec![PagedSeq::new(&prompt)];
     paged_step(m, &mut cache, &mut blocks, &mut seqs, &[prompt.len()]);
     for _ in 1..n {
         paged_step(m, &mut cache, &mut blocks, &mut seqs, &[1]);
@@ -247,16 +254,7 @@ fn smollm2_batched_paged_decoding_matches_forward_full() {
         .collect();
 
     let (mut cache, mut blocks) = new_cache(m.as_ref(), 128);
-    let mut seqs: Vec<PagedSeq> = prompts
-        .iter()
-        .map(|p| PagedSeq {
-            tokens: p.clone(),
-            prompt_len: p.len(),
-            num_computed_tokens: 0,
-            block_table: vec![],
-            last_logits: None,
-        })
-        .collect();
+    let mut seqs: Vec<PagedSeq> = prompts.iter().map(|p| PagedSeq::new(p)).collect();
     // Step 1: all prefills at once, except the long template prompt (index 5), which prefills in
     // two chunks (chunked prefill), the second one batched with the others' first decode step.
     let mut chunk: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
@@ -299,13 +297,7 @@ fn smollm2_chunks_without_logits_still_fill_the_cache() {
     let full = m.as_ref().forward_full(&prompt).unwrap();
     let want: Vec<f32> = full.get(prompt.len() - 1).unwrap().to_vec1().unwrap();
     let (mut cache, mut blocks) = new_cache(m.as_ref(), 16);
-    let mut seqs = vec![PagedSeq {
-        tokens: prompt.clone(),
-        prompt_len: prompt.len(),
-        num_computed_tokens: 0,
-        block_table: vec![],
-        last_logits: None,
-    }];
+    let mut seqs = vec![PagedSeq::new(&prompt)];
     for chunk in [10, 15, prompt.len() - 25] {
         paged_step(m.as_ref(), &mut cache, &mut blocks, &mut seqs, &[chunk]);
     }
@@ -374,13 +366,7 @@ fn smollm2_matches_reference_fixture() {
         // Greedy with the suppressed ids masked, through the paged path.
         let (mut cache, mut blocks) = new_cache(m.as_ref(), 64);
         let mut tokens = case.prompt_ids.clone();
-        let mut seq = vec![PagedSeq {
-            tokens: tokens.clone(),
-            prompt_len: tokens.len(),
-            num_computed_tokens: 0,
-            block_table: vec![],
-            last_logits: None,
-        }];
+        let mut seq = vec![PagedSeq::new(&tokens)];
         for _ in 0..case.greedy_ids.len() {
             let n = seq[0].tokens.len() - seq[0].num_computed_tokens;
             let mut batch_logits = paged_logits(m.as_ref(), &mut cache, &mut blocks, &mut seq, n);
@@ -409,13 +395,7 @@ fn smollm2_decode_speed() {
     let mut rates = Vec::new();
     for _ in 0..3 {
         let (mut cache, mut blocks) = new_cache(m.as_ref(), 64);
-        let mut seqs = vec![PagedSeq {
-            tokens: TEMPLATE_IDS.to_vec(),
-            prompt_len: TEMPLATE_IDS.len(),
-            num_computed_tokens: 0,
-            block_table: vec![],
-            last_logits: None,
-        }];
+        let mut seqs = vec![PagedSeq::new(&TEMPLATE_IDS)];
         paged_step(
             m.as_ref(),
             &mut cache,
