@@ -98,6 +98,12 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 16)]
     pub fair_quantum: usize,
 
+    /// `fair` policy: tokens a running request generates before it yields to a waiting request
+    /// that has not produced its first token yet (default: --fair-quantum). 1 gives every new
+    /// arrival its prefill as soon as the running requests have one token each.
+    #[arg(long)]
+    pub fair_first_token_quantum: Option<usize>,
+
     /// Ranks the model is split over (Megatron-style: attention heads, KV heads and the MLP
     /// divided, one worker thread per rank; on CUDA rank r runs on GPU r). Also `-tp`.
     #[arg(long, default_value_t = 1)]
@@ -211,6 +217,7 @@ impl EngineArgs {
     pub fn scheduling_policy(&self) -> Box<dyn crate::sched::policy::SchedulingPolicy> {
         let opts = crate::sched::policy::PolicyOptions {
             fair_quantum: self.fair_quantum,
+            fair_first_token_quantum: self.fair_first_token_quantum.unwrap_or(self.fair_quantum),
             adaptive_max_wait: std::time::Duration::from_millis(self.adaptive_max_wait_ms),
         };
         crate::sched::policy::policy_with_options(self.scheduling_policy.name(), opts)
@@ -225,6 +232,10 @@ impl EngineArgs {
             ("max-num-seqs", self.max_num_seqs),
             ("max-num-batched-tokens", self.max_num_batched_tokens),
             ("fair-quantum", self.fair_quantum),
+            (
+                "fair-first-token-quantum",
+                self.fair_first_token_quantum.unwrap_or(1),
+            ),
             ("tensor-parallel-size", self.tensor_parallel_size),
         ] {
             if v == 0 {
@@ -446,6 +457,17 @@ mod tests {
         assert!(parse(&["m", "--port", "70000"]).is_err());
         let z = parse(&["m", "--block-size", "0"]).unwrap();
         assert_eq!(z.validate(), Err(ArgsError::Zero { flag: "block-size" }));
+        let z = parse(&["m", "--fair-first-token-quantum", "0"]).unwrap();
+        assert_eq!(
+            z.validate(),
+            Err(ArgsError::Zero {
+                flag: "fair-first-token-quantum"
+            })
+        );
+        assert!(parse(&["m", "--fair-first-token-quantum", "1"])
+            .unwrap()
+            .validate()
+            .is_ok());
         let b = parse(&["m", "--max-num-seqs", "10", "--max-num-batched-tokens", "5"]).unwrap();
         assert!(matches!(
             b.validate(),

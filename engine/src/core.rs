@@ -348,7 +348,9 @@ impl EngineCore {
 
     fn step(&mut self) {
         let swaps_before = self.scheduler.swap_counts();
+        let t0 = Instant::now();
         let out = self.scheduler.schedule();
+        let t1 = Instant::now();
         self.metrics
             .add_preemptions(out.preempted_req_ids.len() as u64);
         let swaps = self.scheduler.swap_counts();
@@ -368,8 +370,10 @@ impl EngineCore {
         }
         match self.executor.execute(&out) {
             Ok(sampled) if sampled.len() == out.scheduled.len() => {
+                let t2 = Instant::now();
                 let outputs = self.scheduler.update_from_output(&out, &sampled);
                 self.emit(outputs);
+                log_step(&out, &self.scheduler, [t0, t1, t2, Instant::now()]);
             }
             Ok(sampled) => {
                 let msg = format!(
@@ -455,6 +459,35 @@ impl EngineCore {
             .add_prefix_cache(q - self.prefix_seen.0, h - self.prefix_seen.1);
         self.prefix_seen = (q, h);
     }
+}
+
+/// One debug line per step (`RUST_LOG=engine::core=debug`): what ran and where the time went.
+fn log_step(out: &SchedulerOutput, scheduler: &Scheduler, t: [Instant; 4]) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let decode = out
+        .scheduled
+        .iter()
+        .filter(|r| r.token_ids.len() == 1 && r.num_output_tokens > 0)
+        .count();
+    let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+    tracing::debug!(
+        "step: {} seqs, {} tokens ({} prefill, {} decode rows), swap out/in {}/{} blocks, \
+         {} preempted; schedule {:.2} ms, execute {:.2} ms, emit {:.2} ms; running {}, waiting {}",
+        out.scheduled.len(),
+        out.total_num_scheduled_tokens,
+        out.total_num_scheduled_tokens - decode,
+        decode,
+        out.blocks_to_swap_out.len(),
+        out.blocks_to_swap_in.len(),
+        out.preempted_req_ids.len(),
+        ms(t[0], t[1]),
+        ms(t[1], t[2]),
+        ms(t[2], t[3]),
+        scheduler.num_running(),
+        scheduler.num_waiting(),
+    );
 }
 
 fn finished_event(req: &Request, reason: FinishReason) -> RequestEvent {

@@ -25,11 +25,13 @@
 #   f (carry .lab-f: engine, probe, Qwen2.5 and Llama-2 tokenizers): the engine's exit on SIGINT right
 #       after a burst was cut off mid-run, twice each at the CodeLlama-34B and Qwen2.5-1.5B shapes
 #   g (carry .lab-g: engine-it with cuda_kernels/cuda_fused/cuda_model, engine-bench, optionally
-#     engine, probe, the Llama-2 tokenizer and GGUF part ab after stage a): -> gpu-engine/run4/
+#     engine, probe, the Llama-2 tokenizer and GGUF part ab after stage a): -> gpu-engine/$RUN/
+#     (env: RUN (default run4), BENCH_34B=0, EB_FLAGS for the Qwen2.5 engine-bench, PER_POLICY,
+#     CL_POLICIES, FAIR2="suffix|flags", TESTS to replace the CUDA test filters, BUDGET)
 #       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model
 #          logits, and SmolLM2 logits/greedy when stage a ran first
 #       1. engine-bench at the Qwen2.5-1.5B shape; 2. engine-bench at the CodeLlama-34B shape
-#       3. (engine + probe carried) fcfs vs fair, seed-001 burst, CodeLlama-34B shape -> day-009-codellama34b/
+#       3. (engine + probe carried) fcfs vs fair, seed-001 burst, CodeLlama-34B shape -> day-009-codellama34b/$RUN/
 #
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
 # (days/ tree) beside the server logs.
@@ -73,7 +75,8 @@ bench_policies() {
         if [ "$(left)" -lt $((per + 30)) ]; then echo "skipping $label: $(left) s left"; continue; fi
         port=$((port + 1))
         # shellcheck disable=SC2086
-        "$LAB/engine" $flags --port $port --scheduling-policy "$pol" > "$dir/serve-$label.log" 2>&1 &
+        RUST_LOG=${ENGINE_RUST_LOG:-info} "$LAB/engine" $flags --port $port --scheduling-policy "$pol" \
+            > "$dir/serve-$label.log" 2>&1 &
         local pid=$!
         if wait_ready "http://127.0.0.1:$port" $pid; then
             grep -E "KV cache size|Maximum concurrency|Engine ready" "$dir/serve-$label.log" | sed 's/^.*INFO[^:]*: //'
@@ -255,20 +258,21 @@ if [ "$STAGE" = e ]; then
     [ -d "$dir/cache-off" ] && "$LAB/probe" compare "$dir/cache-on" "$dir/cache-off" --out "$dir/compare" | tail -3
 fi
 if [ "$STAGE" = g ]; then
-    dir=$DAYS/gpu-engine/run4
+    RUN=${RUN:-run4}  # results folder under gpu-engine/ and day-009-codellama34b/
+    dir=$DAYS/gpu-engine/$RUN
     mkdir -p "$dir"
     cp "$OUT/gpu.txt" "$dir/gpu.txt"
     { lscpu | grep -E "^Model name|^CPU\(s\)|^CPU max MHz"; } >> "$dir/gpu.txt" 2>/dev/null
     echo "== 0. CUDA tests: attention kernels, fused ops, model logits and greedy"
-    tests="cuda_kernels cuda_fused cuda_bf16_logits"
-    [ -f "$LAB/smollm2.gguf" ] && tests="$tests cuda_smollm2"
+    tests=${TESTS:-cuda_kernels cuda_fused cuda_bf16_logits}
+    [ -z "${TESTS:-}" ] && [ -f "$LAB/smollm2.gguf" ] && tests="$tests cuda_smollm2"
     # shellcheck disable=SC2086
     SMOLLM2_GGUF=$LAB/smollm2.gguf timeout 200 "$LAB/engine-it" --test-threads=2 --nocapture $tests \
         > "$dir/cuda-tests.log" 2>&1
     grep -E "^test |test result|panicked" "$dir/cuda-tests.log" | tail -30
     echo "== 1. engine-bench, Qwen2.5-1.5B shape ($(left) s left)"
     timeout 150 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
-        --dtype bfloat16 --device cuda --prefill 1024,2048,4096 --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
+        --dtype bfloat16 --device cuda --prefill 1024,2048,4096 ${EB_FLAGS:-} --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
     tail -24 "$dir/engine-bench.log"
     # SM clock, power and temperature every 200 ms from here on (sustained-load throttling).
     nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \
@@ -284,13 +288,15 @@ if [ "$STAGE" = g ]; then
     if [ -x "$LAB/engine" ] && [ -x "$LAB/probe" ] && [ -f "$LAB/llama2/tokenizer.json" ]; then
         echo "== 3. fcfs vs fair, seed-001 burst, CodeLlama-34B shape ($(left) s left)"
         CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
-        bench_policies "$DAYS/day-009-codellama34b/run4" "$CL" "$LAB/llama2/tokenizer.json" "${PER_POLICY:-110}" ${CL_POLICIES:-fair fcfs}
-        # Optional second fair run with other flags, e.g. FAIR2="-q8|--fair-quantum 8".
+        # One line per engine step in the serve logs (composition and milliseconds).
+        export ENGINE_RUST_LOG=${ENGINE_RUST_LOG:-info,engine::core=debug}
+        # Optional first fair run with other flags, e.g. FAIR2="-ftq1|--fair-first-token-quantum 1".
         if [ -n "${FAIR2:-}" ]; then
-            SUFFIX=${FAIR2%%|*} bench_policies "$DAYS/day-009-codellama34b/run4" "$CL ${FAIR2#*|}" \
+            SUFFIX=${FAIR2%%|*} bench_policies "$DAYS/day-009-codellama34b/$RUN" "$CL ${FAIR2#*|}" \
                 "$LAB/llama2/tokenizer.json" "${PER_POLICY:-110}" fair
         fi
-        compare_runs "$DAYS/day-009-codellama34b/run4"
+        bench_policies "$DAYS/day-009-codellama34b/$RUN" "$CL" "$LAB/llama2/tokenizer.json" "${PER_POLICY:-110}" ${CL_POLICIES:-fair fcfs}
+        compare_runs "$DAYS/day-009-codellama34b/$RUN"
     fi
     kill $smi 2>/dev/null
 fi

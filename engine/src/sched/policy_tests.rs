@@ -364,3 +364,50 @@ fn static_forms_the_whole_batch_even_when_prompts_exceed_the_step_budget() {
     }
     assert_eq!(got, expected);
 }
+
+/// A burst of 12 prompts (20..64 tokens), 4 running at most, 48 tokens a step: runs `fair` to
+/// the end and returns (decode-only steps before the last first token, steps until it).
+fn fair_burst(first_token_quantum: usize) -> (usize, usize) {
+    let policy = Fair::new(8).with_first_token_quantum(first_token_quantum);
+    let mut s = Scheduler::new(config(400, 4, 48, 4), Box::new(policy)).with_num_cpu_blocks(64);
+    let mut runner = FakeRunner::new(400, 4);
+    let mut expected = HashMap::new();
+    for i in 0..12u32 {
+        let prompt: Vec<u32> = (0..20 + 4 * i).map(|t| (t * 7 + i) % 50).collect();
+        expected.insert(format!("r{i}"), reference(&prompt, 24, &[], 256));
+        s.add_request(request(&format!("r{i}"), prompt, 24, vec![]))
+            .unwrap();
+    }
+    let mut got: HashMap<String, Vec<u32>> = HashMap::new();
+    let (mut decode_only, mut steps) = (0, 0);
+    while s.has_requests() {
+        let out = s.schedule();
+        check_invariants(&s, &out);
+        let first_tokens_left = got.len() < 12;
+        if first_tokens_left {
+            steps += 1;
+            if out.scheduled.iter().all(|r| r.num_output_tokens > 0) {
+                decode_only += 1;
+            }
+        }
+        let sampled = runner.execute(&out);
+        for o in s.update_from_output(&out, &sampled) {
+            got.entry(o.request_id).or_default().extend(o.new_token_ids);
+        }
+        assert!(steps < 1000, "did not finish");
+    }
+    assert_eq!(got, expected, "time slicing changed a greedy output");
+    assert_eq!(s.kv().num_free_blocks(), 400);
+    (decode_only, steps)
+}
+
+#[test]
+fn fair_first_token_quantum_prefills_a_burst_back_to_back() {
+    // 12 prompts of 20..64 tokens: 504 prompt tokens need at least 11 steps of 48.
+    let (decode_only, steps) = fair_burst(1);
+    assert_eq!(decode_only, 0, "a decode-only step while prompts waited");
+    assert_eq!(steps, 504usize.div_ceil(48), "steps to the last first token");
+    // With the plain quantum (8) running requests keep generating while prompts wait.
+    let (decode_only, later) = fair_burst(8);
+    assert!(decode_only > 0 && later > steps, "{decode_only} decode-only, {later} steps");
+}

@@ -1,6 +1,11 @@
 //! Fair (the CFS idea): the queue is ordered by tokens generated so far, least first; a running
 //! request that generated its quantum since it was scheduled in yields to a waiting request that
 //! has generated fewer, and is preempted by swapping its KV blocks to the CPU pool.
+//!
+//! A waiting request that has no token yet can be given a shorter quantum (like CFS's wakeup
+//! preemption): with `--fair-first-token-quantum 1` running requests step aside after one token
+//! each while new arrivals wait, so prompts are prefilled back to back and the last first token
+//! of a burst comes as early as the prefill work allows.
 
 use super::{insert_sorted, PreemptionMode, SchedulingPolicy};
 use crate::sched::request::Request;
@@ -10,13 +15,23 @@ use std::collections::VecDeque;
 pub struct Fair {
     /// Tokens a request generates before it may be made to yield (`--fair-quantum`).
     pub quantum: usize,
+    /// Tokens a request generates before it yields to a request still waiting for its first
+    /// token (`--fair-first-token-quantum`; at most `quantum`).
+    pub first_token_quantum: usize,
 }
 
 impl Fair {
     pub fn new(quantum: usize) -> Self {
+        let quantum = quantum.max(1);
         Self {
-            quantum: quantum.max(1),
+            quantum,
+            first_token_quantum: quantum,
         }
+    }
+
+    pub fn with_first_token_quantum(mut self, n: usize) -> Self {
+        self.first_token_quantum = n.clamp(1, self.quantum);
+        self
     }
 }
 
@@ -47,10 +62,16 @@ impl SchedulingPolicy for Fair {
     }
 
     fn should_yield(&self, request: &Request, waiting: &VecDeque<Request>) -> bool {
-        request.tokens_since_scheduled_in() >= self.quantum
-            && waiting
-                .front()
-                .is_some_and(|w| w.num_output_tokens() < request.num_output_tokens())
+        let Some(head) = waiting.front() else {
+            return false;
+        };
+        let quantum = if head.num_output_tokens() == 0 {
+            self.first_token_quantum
+        } else {
+            self.quantum
+        };
+        request.tokens_since_scheduled_in() >= quantum
+            && head.num_output_tokens() < request.num_output_tokens()
     }
 
     fn preemption_mode(&self) -> PreemptionMode {

@@ -104,10 +104,12 @@ pub(crate) fn insert_sorted<K: Ord>(
     waiting.insert(pos, request);
 }
 
-/// Knobs of the policies that have some (`--fair-quantum`, `--adaptive-max-wait-ms`).
+/// Knobs of the policies that have some (`--fair-quantum`, `--fair-first-token-quantum`,
+/// `--adaptive-max-wait-ms`).
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyOptions {
     pub fair_quantum: usize,
+    pub fair_first_token_quantum: usize,
     pub adaptive_max_wait: Duration,
 }
 
@@ -115,6 +117,7 @@ impl Default for PolicyOptions {
     fn default() -> Self {
         Self {
             fair_quantum: 16,
+            fair_first_token_quantum: 16,
             adaptive_max_wait: Duration::from_millis(2000),
         }
     }
@@ -137,7 +140,9 @@ pub fn policy_with_options(
     match name {
         "fcfs" => Ok(Box::new(Fcfs)),
         "priority" => Ok(Box::new(Priority)),
-        "fair" => Ok(Box::new(Fair::new(opts.fair_quantum))),
+        "fair" => Ok(Box::new(
+            Fair::new(opts.fair_quantum).with_first_token_quantum(opts.fair_first_token_quantum),
+        )),
         "static" => Ok(Box::new(StaticBatch)),
         "adaptive" => Ok(Box::new(Adaptive::new(opts.adaptive_max_wait))),
         other => Err(UnknownPolicy(other.to_string())),
