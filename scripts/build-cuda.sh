@@ -82,6 +82,12 @@ fi
 [ "${SKIP_BUILD:-0}" = 1 ] && exit 0
 
 # ---------------------------------------------------------------- 4. mirror + build
+# One build at a time: builds share the mirror and the target dir (a caller that already holds
+# the lock, e.g. to package the outputs before another build replaces them, sets BUILD_CUDA_LOCKED=1).
+if [ "${BUILD_CUDA_LOCKED:-0}" != 1 ]; then
+    exec 9>"$ROOT/.cache/build-cuda.lock"
+    flock 9
+fi
 say "mirroring the workspace into $MIRROR"
 mkdir -p "$MIRROR"
 list=$(mktemp)
