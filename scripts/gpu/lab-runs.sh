@@ -26,7 +26,7 @@
 #       after a burst was cut off mid-run, twice each at the CodeLlama-34B and Qwen2.5-1.5B shapes
 #   g (carry .lab-g: engine-it with cuda_kernels/cuda_fused/cuda_model, engine-bench, optionally
 #     engine, probe, the Llama-2 tokenizer and GGUF part ab after stage a): -> gpu-engine/$RUN/
-#     (env: RUN (default run4), BENCH_34B=0, EB_FLAGS for the Qwen2.5 engine-bench, PER_POLICY,
+#     (env: RUN (default run4), BENCH_QWEN=0, BENCH_34B=0, EB_FLAGS for the Qwen2.5 engine-bench, PER_POLICY,
 #     CL_POLICIES, FAIR2="suffix|flags", TESTS to replace the CUDA test filters, BUDGET)
 #       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model
 #          logits, and SmolLM2 logits/greedy when stage a ran first
@@ -271,9 +271,11 @@ if [ "$STAGE" = g ]; then
         > "$dir/cuda-tests.log" 2>&1
     grep -E "^test |test result|panicked" "$dir/cuda-tests.log" | tail -30
     echo "== 1. engine-bench, Qwen2.5-1.5B shape ($(left) s left)"
-    timeout 150 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
-        --dtype bfloat16 --device cuda --prefill 1024,2048,4096 ${EB_FLAGS:-} --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
-    tail -24 "$dir/engine-bench.log"
+    if [ "${BENCH_QWEN:-1}" = 1 ]; then
+        timeout 150 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
+            --dtype bfloat16 --device cuda --prefill 1024,2048,4096 ${EB_FLAGS:-} --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
+        tail -24 "$dir/engine-bench.log"
+    fi
     # SM clock, power and temperature every 200 ms from here on (sustained-load throttling).
     nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \
         > "$dir/smi.csv" 2>/dev/null &
