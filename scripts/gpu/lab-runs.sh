@@ -32,6 +32,10 @@
 #          logits, and SmolLM2 logits/greedy when stage a ran first
 #       1. engine-bench at the Qwen2.5-1.5B shape; 2. engine-bench at the CodeLlama-34B shape
 #       3. (engine + probe carried) fcfs vs fair, seed-001 burst, CodeLlama-34B shape -> day-009-codellama34b/$RUN/
+#   h (carry .lab-h: engine, probe, both tokenizers): ROUNDS rounds of fcfs, fair and fair
+#     --fair-first-token-quantum 1 at the CodeLlama-34B shape, order alternating, then QWEN_ROUNDS
+#     rounds of fcfs, fair and fair --fair-first-token-quantum 1 at the Qwen2.5-1.5B shape
+#     -> day-009-codellama34b/$RUN/, day-008-scheduling/$RUN/
 #
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
 # (days/ tree) beside the server logs.
@@ -114,7 +118,7 @@ b)
     cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
     echo "$SHA  $LAB/smollm2.gguf" | sha256sum -c - || exit 4
     ;;
-d|e|f) ;;
+d|e|f|h) ;;
 g)
     if [ -f "$LAB/smolpart.aa" ] && [ -f .lab-g/smolpart.ab ]; then
         cp .lab-g/smolpart.ab "$LAB/" && cat "$LAB"/smolpart.* > "$LAB/smollm2.gguf"
@@ -301,6 +305,38 @@ if [ "$STAGE" = g ]; then
         compare_runs "$DAYS/day-009-codellama34b/$RUN"
     fi
     kill $smi 2>/dev/null
+fi
+if [ "$STAGE" = h ]; then
+    # Side-by-side rounds, order alternating between rounds (the GPU's clock under a sustained load
+    # depends on what ran just before): fcfs, fair and fair --fair-first-token-quantum 1 at the
+    # CodeLlama-34B shape, then at the Qwen2.5-1.5B shape.
+    export ENGINE_RUST_LOG=${ENGINE_RUST_LOG:-info,engine::core=debug}
+    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    FTQ="--fair-first-token-quantum 1"
+    round() {  # DIR FLAGS TOKENIZER SECONDS ROUND VARIANT... (VARIANT = policy or policy:ftq1)
+        local dir=$1 flags=$2 tok=$3 per=$4 r=$5; shift 5
+        for v in "$@"; do
+            case $v in
+                *:ftq1) SUFFIX=-ftq1-r$r bench_policies "$dir" "$flags $FTQ" "$tok" "$per" "${v%%:*}" ;;
+                *) SUFFIX=-r$r bench_policies "$dir" "$flags" "$tok" "$per" "$v" ;;
+            esac
+        done
+        local runs=("$dir"/seed001-*-r$r)
+        [ ${#runs[@]} -ge 2 ] && "$LAB/probe" compare "${runs[@]}" --out "$dir/compare-r$r" 2>&1 | tail -3
+    }
+    for r in $(seq 1 "${ROUNDS:-2}"); do
+        if [ $((r % 2)) = 1 ]; then order="fcfs fair:ftq1 fair"; else order="fair fair:ftq1 fcfs"; fi
+        # shellcheck disable=SC2086
+        round "$DAYS/day-009-codellama34b/${RUN:-rounds}" "$CL" "$LAB/llama2/tokenizer.json" "${PER_POLICY:-100}" "$r" $order
+    done
+    if [ -f "$LAB/qwen2.5/tokenizer.json" ]; then
+        for r in $(seq 1 "${QWEN_ROUNDS:-0}"); do
+            if [ $((r % 2)) = 1 ]; then order="fcfs fair fair:ftq1"; else order="fair:ftq1 fair fcfs"; fi
+            # shellcheck disable=SC2086
+            round "$DAYS/day-008-scheduling/${RUN:-rounds}" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 60 "$r" $order
+        done
+    fi
 fi
 if [ "$STAGE" = f ]; then
     dir=$DAYS/day-011-tensor-parallel/sigint-exit

@@ -8,7 +8,7 @@
 #          .lab-c (engine, probe, engine-it, Qwen2.5 and Llama-2 tokenizers),
 #          .lab-e (engine, probe, engine-it, Qwen2.5 tokenizer), .lab-f (engine, probe, both tokenizers),
 #          .lab-g (engine, probe, engine-it, engine-bench, Llama-2 tokenizer; engine-it built with
-#          IT_MODULES="cuda_kernels cuda_model cuda_fused")
+#          IT_MODULES="cuda_kernels cuda_model cuda_fused"), .lab-h (as .lab-f)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 GGUF=${SMOLLM2_GGUF:-.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -17,7 +17,7 @@ for f in .carry/engine.xz .carry/engine-it.xz "$PROBE" "$GGUF" \
     .cache/tokenizers/qwen2.5/tokenizer.json .cache/tokenizers/llama2/tokenizer.json; do
     [ -f "$f" ] || { echo "missing $f (see the header of this script)" >&2; exit 1; }
 done
-rm -rf .lab-a .lab-b .lab-c .lab-e .lab-f .lab-g
+rm -rf .lab-a .lab-b .lab-c .lab-e .lab-f .lab-g .lab-h
 mkdir -p .lab-a .lab-b/qwen2.5 .lab-c/llama2
 split -b 60M "$GGUF" .lab-a/smolpart.
 mv .lab-a/smolpart.ab .lab-b/
@@ -36,12 +36,13 @@ cp -r .lab-b/qwen2.5 .lab-e/
 mkdir -p .lab-f
 cp .lab-b/engine.xz .lab-b/probe.xz .lab-f/
 cp -r .lab-b/qwen2.5 .lab-c/llama2 .lab-f/
+cp -r .lab-f .lab-h
 mkdir -p .lab-g
 cp .lab-b/engine.xz .lab-b/probe.xz .lab-b/engine-it.xz .lab-g/
 [ -f .carry/engine-bench.xz ] && cp .carry/engine-bench.xz .lab-g/
 cp -r .lab-c/llama2 .lab-g/
-du -sh .lab-a .lab-b .lab-c .lab-e .lab-f .lab-g
-for d in .lab-a .lab-b .lab-c .lab-e .lab-f .lab-g; do
+du -sh .lab-a .lab-b .lab-c .lab-e .lab-f .lab-g .lab-h
+for d in .lab-a .lab-b .lab-c .lab-e .lab-f .lab-g .lab-h; do
     size=$(du -sb "$d" | cut -f1)
     [ "$size" -lt $((62 << 20)) ] || { echo "$d is $size bytes: over what one call carries with the tree" >&2; exit 1; }
 done
