@@ -94,15 +94,21 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 4.0)]
     pub swap_space: f64,
 
+    /// Replay decode-only steps of up to 256 sequences from CUDA graphs (captured per batch and
+    /// block-table bucket on first use; one GPU, no tensor parallelism). Off: every step runs
+    /// eagerly.
+    #[arg(long)]
+    pub cuda_graphs: bool,
+
     /// `fair` policy: tokens a request generates before it yields to waiting ones.
     #[arg(long, default_value_t = 16)]
     pub fair_quantum: usize,
 
     /// `fair` policy: tokens a running request generates before it yields to a waiting request
-    /// that has not produced its first token yet (default: --fair-quantum). 1 gives every new
-    /// arrival its prefill as soon as the running requests have one token each.
-    #[arg(long)]
-    pub fair_first_token_quantum: Option<usize>,
+    /// that has not produced its first token yet (at most --fair-quantum). 1: new arrivals are
+    /// prefilled as soon as the running requests have one token each.
+    #[arg(long, default_value_t = 1)]
+    pub fair_first_token_quantum: usize,
 
     /// Ranks the model is split over (Megatron-style: attention heads, KV heads and the MLP
     /// divided, one worker thread per rank; on CUDA rank r runs on GPU r). Also `-tp`.
@@ -217,7 +223,7 @@ impl EngineArgs {
     pub fn scheduling_policy(&self) -> Box<dyn crate::sched::policy::SchedulingPolicy> {
         let opts = crate::sched::policy::PolicyOptions {
             fair_quantum: self.fair_quantum,
-            fair_first_token_quantum: self.fair_first_token_quantum.unwrap_or(self.fair_quantum),
+            fair_first_token_quantum: self.fair_first_token_quantum,
             adaptive_max_wait: std::time::Duration::from_millis(self.adaptive_max_wait_ms),
         };
         crate::sched::policy::policy_with_options(self.scheduling_policy.name(), opts)
@@ -232,10 +238,7 @@ impl EngineArgs {
             ("max-num-seqs", self.max_num_seqs),
             ("max-num-batched-tokens", self.max_num_batched_tokens),
             ("fair-quantum", self.fair_quantum),
-            (
-                "fair-first-token-quantum",
-                self.fair_first_token_quantum.unwrap_or(1),
-            ),
+            ("fair-first-token-quantum", self.fair_first_token_quantum),
             ("tensor-parallel-size", self.tensor_parallel_size),
         ] {
             if v == 0 {
@@ -332,6 +335,7 @@ mod tests {
         assert_eq!(a.scheduling_policy, SchedulingPolicyArg::Fcfs);
         assert!(a.prefix_caching(), "on by default, like vLLM");
         assert_eq!(a.swap_space, 4.0);
+        assert!(!a.cuda_graphs, "CUDA graphs are opt-in");
         assert_eq!(a.tensor_parallel_size, 1);
         assert_eq!(a.served_model_name().unwrap(), "m.gguf");
         a.validate().unwrap();
@@ -411,6 +415,7 @@ mod tests {
             "--enable-prefix-caching",
             "--swap-space",
             "0",
+            "--cuda-graphs",
         ])
         .unwrap();
         assert_eq!(a.served_model_name().unwrap(), "smol");
@@ -430,6 +435,7 @@ mod tests {
         assert_eq!(a.device, Some(DeviceArg::Cpu));
         assert!(a.prefix_caching());
         assert_eq!(a.swap_space, 0.0);
+        assert!(a.cuda_graphs);
         a.validate().unwrap();
     }
 

@@ -2,8 +2,8 @@
 //! request that generated its quantum since it was scheduled in yields to a waiting request that
 //! has generated fewer, and is preempted by swapping its KV blocks to the CPU pool.
 //!
-//! A waiting request that has no token yet can be given a shorter quantum (like CFS's wakeup
-//! preemption): with `--fair-first-token-quantum 1` running requests step aside after one token
+//! A waiting request that has no token yet gets a shorter quantum (like CFS's wakeup preemption):
+//! with `--fair-first-token-quantum 1` (the default) running requests step aside after one token
 //! each while new arrivals wait, so prompts are prefilled back to back and the last first token
 //! of a burst comes as early as the prefill work allows.
 
@@ -21,14 +21,16 @@ pub struct Fair {
 }
 
 impl Fair {
+    /// `quantum` tokens between yields; a request still waiting for its first token gets the
+    /// running ones to yield after one token each (`with_first_token_quantum` changes that).
     pub fn new(quantum: usize) -> Self {
-        let quantum = quantum.max(1);
         Self {
-            quantum,
-            first_token_quantum: quantum,
+            quantum: quantum.max(1),
+            first_token_quantum: 1,
         }
     }
 
+    /// `n` = the quantum gives the plain CFS rule (new arrivals wait like everyone else).
     pub fn with_first_token_quantum(mut self, n: usize) -> Self {
         self.first_token_quantum = n.clamp(1, self.quantum);
         self

@@ -117,7 +117,7 @@ impl Default for PolicyOptions {
     fn default() -> Self {
         Self {
             fair_quantum: 16,
-            fair_first_token_quantum: 16,
+            fair_first_token_quantum: 1,
             adaptive_max_wait: Duration::from_millis(2000),
         }
     }
