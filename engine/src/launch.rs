@@ -408,6 +408,19 @@ fn decode_warmup_batch(context: usize, block_size: usize, num_blocks: usize) -> 
     b
 }
 
+/// The startup line on CUDA graphs.
+#[cfg(feature = "cuda")]
+fn cuda_graphs_line(requested: bool, tp: usize) -> String {
+    match (requested, tp) {
+        (true, 1) => format!(
+            "CUDA graphs: decode-only steps of up to {} sequences are captured per batch and block-table bucket on first use",
+            crate::model::cuda_graph::MAX_BATCH
+        ),
+        (true, _) => "CUDA graphs off with tensor parallelism: every step runs eagerly".into(),
+        (false, _) => "CUDA graphs off: every step runs eagerly (--cuda-graphs to capture decode steps)".into(),
+    }
+}
+
 /// Build everything `args` asks for, timing each phase; `process_start` is the first instant of
 /// the process, so `phases.total` is cold-start time.
 pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, LaunchError> {
@@ -419,6 +432,10 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     if device.is_cuda() {
         gpu_memory::keep_pool_memory(&device).map_err(phase("CUDA device init"))?;
         gpu_memory::set_event_tracking(&device, false).map_err(phase("CUDA device init"))?;
+        crate::model::cuda_graph::set_cuda_graphs(args.cuda_graphs);
+    }
+    if args.cuda_graphs && !device.is_cuda() {
+        tracing::warn!("--cuda-graphs applies to CUDA devices only; ignored");
     }
     let dtype = resolve_dtype(args.dtype, &device);
     let mut phases = StartupPhases::default();
@@ -526,6 +543,10 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     );
     tracing::info!("{}", plan.size_line());
     tracing::info!("{}", plan.concurrency_line(max_model_len));
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        tracing::info!("{}", cuda_graphs_line(args.cuda_graphs, tp));
+    }
 
     // Warm up on the paged path the server runs: one short sequence through block 0.
     let t = Instant::now();

@@ -5,7 +5,9 @@
 //! prints each beside its floor (bytes / bandwidth for decode, 2 x params x tokens / TFLOP/s for
 //! prefill) as a markdown table. Decode is timed three ways: the runner's whole step (forward,
 //! logits to host, sampling), the forward alone (synchronized), and the forward's host enqueue
-//! time against its GPU time between CUDA events (launch-bound when the two are close).
+//! time against its GPU time between CUDA events (launch-bound when the two are close). With
+//! `--cuda-graphs`, decode-only steps replay CUDA graphs as the engine's `--cuda-graphs` does, and
+//! the side-by-side table also times the same forward eagerly, right after, in the same process.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -59,6 +61,9 @@ struct Cli {
     /// Bytes copied for the bandwidth ceiling (MiB).
     #[arg(long, default_value_t = 2048)]
     copy_mib: usize,
+    /// Replay decode steps from CUDA graphs ("as served"); the other variants run eagerly.
+    #[arg(long)]
+    cuda_graphs: bool,
     /// Also write the table here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -210,12 +215,24 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
     }
 }
 
+/// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
+const EAGER: &str = "eager (no CUDA graphs)";
+
 /// Settings the decode forward is also timed under (beside the engine's own): each is turned on,
-/// measured and turned back off.
-const VARIANTS: [&str; 3] = ["as served", "unfused ops", "cudarc event tracking on"];
+/// measured and turned back off. With CUDA graphs, every variant but "as served" runs eagerly.
+fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
+    let mut v = vec!["as served", "unfused ops", "cudarc event tracking on"];
+    if cuda_graphs {
+        v.insert(1, EAGER);
+    }
+    v
+}
 
 #[cfg(feature = "cuda")]
-fn set_variant(device: &Device, variant: &str, on: bool) -> Result<()> {
+fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> Result<()> {
+    if variant != "as served" {
+        engine::model::cuda_graph::set_cuda_graphs(cuda_graphs && !on);
+    }
     match variant {
         "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
@@ -225,8 +242,21 @@ fn set_variant(device: &Device, variant: &str, on: bool) -> Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn set_variant(_: &Device, _: &str, _: bool) -> Result<()> {
+fn set_variant(_: &Device, _: &str, _: bool, _: bool) -> Result<()> {
     Ok(())
+}
+
+/// The CUDA-graph counters: (replays, failed captures, why the last capture failed).
+#[cfg(feature = "cuda")]
+fn graph_status() -> (usize, usize, Option<String>) {
+    use engine::model::cuda_graph::{graph_counts, last_capture_error};
+    let (replays, failed) = graph_counts();
+    (replays, failed, last_capture_error())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn graph_status() -> (usize, usize, Option<String>) {
+    (0, 0, None)
 }
 
 struct PrefillRow {
@@ -404,6 +434,7 @@ fn main() -> Result<()> {
     if device.is_cuda() {
         engine::gpu_memory::keep_pool_memory(&device)?;
         engine::gpu_memory::set_event_tracking(&device, false)?;
+        engine::model::cuda_graph::set_cuda_graphs(cli.cuda_graphs);
     }
     let dtype = resolve_dtype(cli.dtype, &device);
     let iters = cli.iters.max(1);
@@ -509,8 +540,8 @@ fn main() -> Result<()> {
             let step = decode_step(batch, cli.context, bs, cfg.vocab_size);
             let fb = engine::runner::build_forward_batch(&step, bs)?;
             let mut row = Vec::new();
-            for v in VARIANTS {
-                set_variant(&device, v, true)?;
+            for v in variant_names(cli.cuda_graphs) {
+                set_variant(&device, v, true, cli.cuda_graphs)?;
                 let mut times = Vec::new();
                 for i in 0..iters + 2 {
                     let (model, cache) = runner_parts(&mut runner);
@@ -522,7 +553,7 @@ fn main() -> Result<()> {
                         times.push((enqueue, gpu));
                     }
                 }
-                set_variant(&device, v, false)?;
+                set_variant(&device, v, false, cli.cuda_graphs)?;
                 let gpu = median(times.iter().map(|t| t.1).collect());
                 let enqueue = median(times.iter().map(|t| t.0).collect());
                 eprintln!("decode batch {batch}, {v}: enqueue {enqueue:.3} ms, GPU {gpu:.3} ms");
@@ -530,6 +561,10 @@ fn main() -> Result<()> {
             }
             variants.push((batch, row));
         }
+    }
+    let graphs = (cli.cuda_graphs && device.is_cuda()).then(graph_status);
+    if let Some((replays, failed, error)) = &graphs {
+        eprintln!("CUDA graphs: {replays} replays, {failed} failed captures ({error:?})");
     }
 
     // ---- prefill
@@ -576,7 +611,7 @@ fn main() -> Result<()> {
     }
 
     let table = render(
-        &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, &prows,
+        &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, graphs, &prows,
     );
     println!("{table}");
     if let Some(p) = &cli.out {
@@ -622,6 +657,7 @@ fn render(
     tflops: f64,
     rows: &[DecodeRow],
     variants: &[(usize, Vec<(f64, f64)>)],
+    graphs: Option<(usize, usize, Option<String>)>,
     prows: &[PrefillRow],
 ) -> String {
     let mut s = String::new();
@@ -669,16 +705,36 @@ fn render(
             "### Decode forward side by side (enqueue ms / GPU ms between events; median of {})\n",
             cli.iters
         );
-        let _ = writeln!(s, "| batch | {} |", VARIANTS.join(" | "));
-        let _ = writeln!(s, "|---:|{}", "---:|".repeat(VARIANTS.len()));
+        let names = variant_names(cli.cuda_graphs);
+        // With graphs, one more column: eager GPU ms over graph-replay GPU ms.
+        let ratio = if cli.cuda_graphs {
+            " | eager / graph GPU"
+        } else {
+            ""
+        };
+        let _ = writeln!(s, "| batch | {}{ratio} |", names.join(" | "));
+        let cols = names.len() + usize::from(cli.cuda_graphs);
+        let _ = writeln!(s, "|---:|{}", "---:|".repeat(cols));
         for (batch, row) in variants {
-            let cells: Vec<String> = row
+            let mut cells: Vec<String> = row
                 .iter()
                 .map(|(e, g)| format!("{e:.3} / {g:.3}"))
                 .collect();
+            if let (true, [(_, graph), (_, eager), ..]) = (cli.cuda_graphs, row.as_slice()) {
+                cells.push(format!("{:.2}x", eager / graph));
+            }
             let _ = writeln!(s, "| {batch} | {} |", cells.join(" | "));
         }
         let _ = writeln!(s);
+    }
+    if let Some((replays, failed, error)) = graphs {
+        let fallback = error
+            .map(|e| format!(" (\"as served\" ran eagerly after the failure: {e})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "CUDA graphs (--cuda-graphs): \"as served\" decode steps replay one graph per batch and block-table bucket, every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}.\n"
+        );
     }
     let _ = writeln!(s, "## Prefill (one sequence; median)\n");
     let _ = writeln!(

@@ -75,6 +75,9 @@ pub struct LlamaModel {
     /// Rotary tables `[max_position_embeddings, head_dim / 2]` in the compute dtype.
     cos: Tensor,
     sin: Tensor,
+    /// Captured decode steps (a CUDA device without tensor parallelism).
+    #[cfg(feature = "cuda")]
+    graphs: Option<std::sync::Mutex<super::cuda_graph::DecodeGraphs>>,
 }
 
 fn shape_err(e: candle_core::Error) -> LoadError {
@@ -160,6 +163,9 @@ impl LlamaModel {
             (false, Some((_, len))) => src.get("lm_head.weight", &[len, h])?,
         };
         let (cos, sin) = rotary_tables(cfg, dtype, device).map_err(shape_err)?;
+        #[cfg(feature = "cuda")]
+        let graphs = (device.is_cuda() && tp.world_size() == 1)
+            .then(|| std::sync::Mutex::new(super::cuda_graph::DecodeGraphs::default()));
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
@@ -172,6 +178,8 @@ impl LlamaModel {
             lm_head_sharded: shard.is_some(),
             cos,
             sin,
+            #[cfg(feature = "cuda")]
+            graphs,
         })
     }
 
@@ -225,7 +233,8 @@ impl LlamaModel {
         Ok(())
     }
 
-    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+    /// f32 logits of residual-stream rows `x` (final norm, LM head).
+    pub(super) fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.rms_norm(x, &self.norm)?.to_dtype(DType::F32)?;
         let logits = self.lm_head.forward(&x)?;
         let logits = if self.lm_head_sharded {
@@ -265,6 +274,70 @@ impl LlamaModel {
             .matmul(&v)?
             .transpose(0, 1)?
             .reshape((n, heads * hd))
+    }
+}
+
+impl LlamaModel {
+    /// The paged forward's layers over inputs already on the device: writes every token's K/V
+    /// and returns the final residual stream `[n, hidden]` (before the final norm). Uploads
+    /// nothing itself, so a CUDA graph can capture it.
+    pub(super) fn hidden_states(&self, inputs: &StepInputs, cache: &KvCache) -> Result<Tensor> {
+        let (meta, slots) = (&inputs.meta, &inputs.slot_mapping);
+        let n = inputs.token_ids.dim(0)?;
+        let cos = self.cos.index_select(&inputs.positions, 0)?;
+        let sin = self.sin.index_select(&inputs.positions, 0)?;
+        let (heads, kvh, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let scale = 1.0 / (hd as f32).sqrt();
+        let eps = self.cfg.rms_norm_eps as f32;
+        // Fused ops (one CUDA launch each; the unfused candle ops on the CPU): the residual add
+        // runs with the next norm, the QKV bias and rotary with the cache write.
+        let mut x = self.embed_tokens.index_select(&inputs.token_ids, 0)?;
+        let mut h = match self.layers.first() {
+            Some(first) => self.rms_norm(&x, &first.input_layernorm)?,
+            None => x.clone(),
+        };
+        for (i, (layer, (kc, vc))) in self.layers.iter().zip(&cache.layers).enumerate() {
+            let (qkv, bias) = (layer.qkv_proj.matmul(&h)?, layer.qkv_proj.bias.as_ref());
+            let q = fused::qkv_rope_cache(&qkv, bias, &cos, &sin, kc, vc, slots, heads, kvh, hd)?;
+            let attn = paged_attention(&q, kc, vc, meta, scale)?.reshape((n, heads * hd))?;
+            let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
+            (h, x) = fused::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;
+            let mlp = self.mlp(layer, &h)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (h, x) = fused::add_rms_norm(&mlp, &x, &next.input_layernorm, eps)?,
+                None => x = (x + mlp)?,
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// One paged step's inputs on the model's device.
+#[derive(Debug)]
+pub(super) struct StepInputs {
+    /// u32 `[n]`.
+    pub token_ids: Tensor,
+    /// u32 `[n]`.
+    pub positions: Tensor,
+    /// i64 `[n]`.
+    pub slot_mapping: Tensor,
+    pub meta: AttentionMetadata,
+}
+
+impl StepInputs {
+    /// Copies a batch's host data to `device`.
+    fn upload(batch: &ForwardBatch, device: &Device) -> Result<Self> {
+        let meta = AttentionMetadata::new(&batch.seqs, device)?;
+        Ok(Self {
+            token_ids: Tensor::new(batch.token_ids.as_slice(), device)?,
+            positions: Tensor::new(batch.positions.as_slice(), device)?,
+            slot_mapping: Tensor::new(batch.slot_mapping.as_slice(), device)?,
+            meta,
+        })
     }
 }
 
@@ -320,40 +393,17 @@ impl CausalLM for LlamaModel {
                 self.cfg.max_position_embeddings
             );
         }
-        let meta = AttentionMetadata::new(&batch.seqs, &self.device)?;
-        let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
-        let positions = Tensor::new(batch.positions.as_slice(), &self.device)?;
-        let slots = Tensor::new(batch.slot_mapping.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&positions, 0)?;
-        let sin = self.sin.index_select(&positions, 0)?;
-        let (heads, kvh, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let scale = 1.0 / (hd as f32).sqrt();
-        let eps = self.cfg.rms_norm_eps as f32;
-        // Fused ops (one CUDA launch each; the unfused candle ops on the CPU): the residual add
-        // runs with the next norm, the QKV bias and rotary with the cache write.
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        let mut h = match self.layers.first() {
-            Some(first) => self.rms_norm(&x, &first.input_layernorm)?,
-            None => x.clone(),
-        };
-        for (i, (layer, (kc, vc))) in self.layers.iter().zip(&cache.layers).enumerate() {
-            let (qkv, bias) = (layer.qkv_proj.matmul(&h)?, layer.qkv_proj.bias.as_ref());
-            let q = fused::qkv_rope_cache(&qkv, bias, &cos, &sin, kc, vc, &slots, heads, kvh, hd)?;
-            let attn = paged_attention(&q, kc, vc, &meta, scale)?.reshape((n, heads * hd))?;
-            let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
-            (h, x) = fused::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;
-            let mlp = self.mlp(layer, &h)?;
-            match self.layers.get(i + 1) {
-                Some(next) => (h, x) = fused::add_rms_norm(&mlp, &x, &next.input_layernorm, eps)?,
-                None => x = (x + mlp)?,
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            let mut graphs = graphs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(logits) = graphs.run(self, batch, cache)? {
+                return Ok(logits);
             }
         }
-        // Every token's K/V is written above even when no sequence wants logits (a mid-prompt
+        let inputs = StepInputs::upload(batch, &self.device)?;
+        // Every token's K/V is written here even when no sequence wants logits (a mid-prompt
         // chunk).
+        let x = self.hidden_states(&inputs, cache)?;
         let last: Vec<u32> = batch
             .seqs
             .iter()

@@ -17,6 +17,8 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod attention_cuda;
 pub mod cache;
+#[cfg(feature = "cuda")]
+pub mod cuda_graph;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod fused_cuda;

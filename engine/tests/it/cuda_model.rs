@@ -1,5 +1,6 @@
 //! The model on the GPU (feature `cuda`, run on the GPU machine): bf16 CUDA logits against the CPU
-//! f32 reference for the same random weights, and SmolLM2's greedy answer equal to the CPU's.
+//! f32 reference for the same random weights, SmolLM2's greedy answer equal to the CPU's, and
+//! decode steps replayed from CUDA graphs against the eager forward.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -159,6 +160,141 @@ fn cuda_bf16_logits_match_cpu_f32() {
     );
     eprintln!("forward_full: CUDA bf16 vs CPU f32 logits, relative L2 {err:.2e}");
     assert!(err < 2e-2, "forward_full relative L2 {err:.3e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Decode-only steps replayed from CUDA graphs give the eager forward's logits, bf16 and f32:
+/// batches of 1, 2, 3 (padded to 4 rows) and 4 sequences; contexts that cross block boundaries
+/// (14 -> 20, 31 -> 35, 270 -> 273 tokens); block tables in the 16- and the 32-wide bucket;
+/// several replays of one graph with other tokens, positions, contexts and tables.
+///
+/// Within a bound, not bit-identical, by design: a graph sizes the attention's context
+/// partitions from its bucket's longest context (the eager launch from the step's), and a padded
+/// batch runs its matmuls with more rows, so f32 sums run in another order; in bf16 a few of the
+/// roundings after them then land one ulp apart. Relative L2 <= 1e-3 in bf16 (a stale stride,
+/// block table or slot gives O(1)), <= 1e-4 in f32. A failed capture fails the test with its
+/// error; every graph-eligible step must add exactly one replay, a chunked step none.
+#[test]
+fn cuda_graph_decode_matches_eager() {
+    use engine::model::cuda_graph::{
+        graph_counts, last_capture_error, set_cuda_graphs_on_this_thread,
+    };
+    let dir = tiny_qwen2_dir(11);
+    let gpu = cuda();
+    // As the engine runs: tensors without cudarc's per-allocation events.
+    engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
+    let counts = || {
+        let (replays, failed) = graph_counts();
+        assert_eq!(
+            failed,
+            0,
+            "CUDA graph capture failed: {:?}",
+            last_capture_error()
+        );
+        replays
+    };
+    for (dtype, tol) in [(DType::BF16, 1e-3), (DType::F32, 1e-4)] {
+        let model = load_model(&dir, LoadFormat::Safetensors, dtype, &gpu, 0).unwrap();
+        let cfg = model.config().clone();
+        let vocab = cfg.vocab_size as u32;
+        let mut cache = KvCache::new(&cfg, 96, BLOCK_SIZE, dtype, &gpu).unwrap();
+        // Four sequences, 20 distinct shuffled blocks each (never block 0, which padding rows
+        // read), prefilled eagerly in one batch.
+        let mut lens = [14usize, 31, 5, 270];
+        let tables: Vec<Vec<u32>> = (0..4u32)
+            .map(|s| (0..20u32).map(|b| ((b * 4 + s) * 7) % 95 + 1).collect())
+            .collect();
+        let slot = |s: usize, pos: usize| {
+            tables[s][pos / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64
+        };
+        let mut pre = ForwardBatch::default();
+        for (s, &len) in lens.iter().enumerate() {
+            pre.seqs.push(SeqInput {
+                query_start: pre.token_ids.len(),
+                query_len: len,
+                context_len: len,
+                block_table: tables[s][..len.div_ceil(BLOCK_SIZE)].to_vec(),
+                compute_logits: true,
+            });
+            for p in 0..len {
+                pre.token_ids
+                    .push((p as u32 * 31 + s as u32 * 7 + 1) % vocab);
+                pre.positions.push(p as u32);
+                pre.slot_mapping.push(slot(s, p));
+            }
+        }
+        set_cuda_graphs_on_this_thread(Some(true));
+        let mut replays = counts();
+        model.forward(&pre, &mut cache).unwrap();
+        assert_eq!(counts(), replays, "the prefill ran from a graph");
+        let steps: [&[usize]; 10] = [
+            &[0],
+            &[0],
+            &[1, 2],
+            &[0, 1, 2],
+            &[3],
+            &[3, 0],
+            &[0, 1, 2],
+            &[1],
+            &[2, 3, 0],
+            &[0, 1, 2, 3],
+        ];
+        for (t, seqs) in steps.iter().enumerate() {
+            let mut step = ForwardBatch::default();
+            for (i, &s) in seqs.iter().enumerate() {
+                let pos = lens[s];
+                step.seqs.push(SeqInput {
+                    query_start: i,
+                    query_len: 1,
+                    context_len: pos + 1,
+                    block_table: tables[s][..(pos + 1).div_ceil(BLOCK_SIZE)].to_vec(),
+                    compute_logits: true,
+                });
+                step.token_ids
+                    .push((t as u32 * 13 + s as u32 * 17 + 3) % vocab);
+                step.positions.push(pos as u32);
+                step.slot_mapping.push(slot(s, pos));
+            }
+            set_cuda_graphs_on_this_thread(Some(false));
+            let eager = model.forward(&step, &mut cache).unwrap();
+            assert_eq!(
+                counts(),
+                replays,
+                "step {t}: the eager forward replayed a graph"
+            );
+            set_cuda_graphs_on_this_thread(Some(true));
+            let graph = model.forward(&step, &mut cache).unwrap();
+            replays += 1;
+            assert_eq!(counts(), replays, "step {t} did not run from a graph");
+            assert_eq!(graph.dims(), eager.dims());
+            let err = rel_l2(&graph, &eager);
+            eprintln!(
+                "graph step {t} ({} seqs, {dtype:?}): relative L2 to eager {err:.2e}",
+                seqs.len()
+            );
+            assert!(err <= tol, "step {t} {dtype:?}: graph vs eager {err:.3e}");
+            for &s in seqs.iter() {
+                lens[s] += 1;
+            }
+        }
+        // A chunk of two tokens is not a decode step: eager, no replay.
+        let pos = lens[2];
+        let chunk = ForwardBatch {
+            token_ids: vec![5, 6],
+            positions: vec![pos as u32, pos as u32 + 1],
+            slot_mapping: vec![slot(2, pos), slot(2, pos + 1)],
+            seqs: vec![SeqInput {
+                query_start: 0,
+                query_len: 2,
+                context_len: pos + 2,
+                block_table: tables[2][..(pos + 2).div_ceil(BLOCK_SIZE)].to_vec(),
+                compute_logits: true,
+            }],
+        };
+        model.forward(&chunk, &mut cache).unwrap();
+        assert_eq!(counts(), replays, "a chunked step ran from a graph");
+        set_cuda_graphs_on_this_thread(None);
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

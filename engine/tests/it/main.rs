@@ -2,6 +2,8 @@
 
 mod api;
 mod common;
+#[cfg(feature = "cuda")]
+mod cuda_diag;
 mod cuda_fused;
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
