@@ -276,7 +276,7 @@ if [ "$STAGE" = g ]; then
     grep -E "^test |test result|panicked" "$dir/cuda-tests.log" | tail -30
     echo "== 1. engine-bench, Qwen2.5-1.5B shape ($(left) s left)"
     if [ "${BENCH_QWEN:-1}" = 1 ]; then
-        timeout 150 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
+        timeout 240 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
             --dtype bfloat16 --device cuda --prefill 1024,2048,4096 ${EB_FLAGS:-} --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
         tail -24 "$dir/engine-bench.log"
     fi
