@@ -383,8 +383,13 @@ fn cuda_smollm2_prompt_logits_against_cpu() {
     );
 }
 
-/// Greedy decoding of the France prompt through the paged path on `model`'s device.
-fn greedy_paged(model: &dyn engine::model::CausalLM, dtype: DType, dev: &Device) -> Vec<u32> {
+/// Greedy decoding of the France prompt through the paged path; also the first step's top-3
+/// (token, logit).
+fn greedy_paged(
+    model: &dyn engine::model::CausalLM,
+    dtype: DType,
+    dev: &Device,
+) -> (Vec<u32>, Vec<(usize, f32)>) {
     let cfg = model.config().clone();
     let mut cache = KvCache::new(&cfg, 8, BLOCK_SIZE, dtype, dev).unwrap();
     let table: Vec<u32> = vec![3, 1, 6, 0];
@@ -392,6 +397,7 @@ fn greedy_paged(model: &dyn engine::model::CausalLM, dtype: DType, dev: &Device)
         |p: usize| table[p / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (p % BLOCK_SIZE) as i64;
     let mut tokens = TEMPLATE_IDS.to_vec();
     let mut out = Vec::new();
+    let mut first = Vec::new();
     let mut new: Vec<u32> = tokens.clone();
     while out.len() < ANSWER_37.len() {
         let start = tokens.len() - new.len();
@@ -413,14 +419,21 @@ fn greedy_paged(model: &dyn engine::model::CausalLM, dtype: DType, dev: &Device)
         if out.is_empty() {
             let mut top: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
             top.sort_by(|a, b| b.1.total_cmp(&a.1));
-            eprintln!("{dtype:?} first step, top-3 logits: {:?}", &top[..3]);
+            top.truncate(3);
+            eprintln!("{dtype:?} first step, top-3 logits: {top:?}");
+            first = top;
         }
         out.push(next);
         tokens.push(next);
         new = vec![next];
     }
-    out
+    (out, first)
 }
+
+/// Largest change bf16 rounding makes to a first-step logit of SmolLM2 here: the hidden state
+/// entering the f32 LM head is bf16 (8 significant bits), so logits near 25 move by ~0.1 (measured:
+/// 0.06-0.14 against f32 over the runs in days/gpu-engine/).
+const BF16_LOGIT_TOL: f32 = 0.25;
 
 #[test]
 fn cuda_smollm2_greedy_matches_cpu_answer() {
@@ -428,32 +441,54 @@ fn cuda_smollm2_greedy_matches_cpu_answer() {
     let gpu = cuda();
     // f32 on the GPU must give the reference answer exactly (its logits match the CPU to ~1e-6).
     let m32 = load_model(&path, LoadFormat::Auto, DType::F32, &gpu, 0).unwrap();
-    let out32 = greedy_paged(m32.as_ref(), DType::F32, &gpu);
+    let (out32, top32) = greedy_paged(m32.as_ref(), DType::F32, &gpu);
     eprintln!("SmolLM2 on CUDA f32, greedy: {out32:?}");
     drop(m32);
+    assert_eq!(
+        out32, ANSWER_37,
+        "GPU f32 greedy answer differs from the reference"
+    );
     let model = load_model(&path, LoadFormat::Auto, DType::BF16, &gpu, 0).unwrap();
-    let out = greedy_paged(model.as_ref(), DType::BF16, &gpu);
+    let (out, top) = greedy_paged(model.as_ref(), DType::BF16, &gpu);
     eprintln!("SmolLM2 on CUDA bf16, greedy: {out:?}");
-    // The same after what the server does before its first request: keep freed pool memory and
-    // run a 2048-token profiling forward (the served engine answered the golden tokens).
+    // What the server does before its first request: keep freed pool memory and run a 2048-token
+    // profiling forward. The answer must not depend on it: the same logits, bit for bit.
     engine::gpu_memory::keep_pool_memory(&gpu).unwrap();
     let n = 2048u32;
     model
         .forward_full(&(0..n).map(|i| i % 49152).collect::<Vec<_>>())
         .unwrap();
-    let out_warm = greedy_paged(model.as_ref(), DType::BF16, &gpu);
+    let (out_warm, top_warm) = greedy_paged(model.as_ref(), DType::BF16, &gpu);
     eprintln!("SmolLM2 on CUDA bf16 after server-style warmup, greedy: {out_warm:?}");
     assert_eq!(
-        out32, ANSWER_37,
-        "GPU f32 greedy answer differs from the reference"
+        (&out_warm, &top_warm),
+        (&out, &top),
+        "bf16 greedy answer or logits changed after the server's warm-up"
     );
-    assert_eq!(
-        out, ANSWER_37,
-        "GPU bf16 greedy answer differs from the reference"
-    );
-    // The served engine runs after exactly this warm-up: its answer must not depend on it.
-    assert_eq!(
-        out_warm, ANSWER_37,
-        "GPU bf16 greedy answer after the server's warm-up differs from the reference"
-    );
+    // bf16: the first step's two leading tokens are the f32 ones, each logit within bf16's
+    // rounding of f32's.
+    for (t, l) in &top[..2] {
+        let f32_logit = top32
+            .iter()
+            .find(|(t32, _)| t32 == t)
+            .map(|(_, l)| *l)
+            .unwrap_or_else(|| panic!("bf16 leading token {t} not in f32's top-3 {top32:?}"));
+        assert!(
+            (l - f32_logit).abs() <= BF16_LOGIT_TOL,
+            "token {t}: bf16 logit {l} vs f32 {f32_logit}"
+        );
+    }
+    if out != ANSWER_37 {
+        // Only where f32 itself is within bf16's rounding of a tie may bf16 pick the runner-up.
+        let margin = top32[0].1 - top32[1].1;
+        assert!(
+            out[0] as usize == top32[1].0 && margin <= BF16_LOGIT_TOL,
+            "bf16 answer {out:?} differs from the reference {ANSWER_37:?} beyond a near-tie \
+             (f32 margin {margin})"
+        );
+        eprintln!(
+            "bf16 took the f32 runner-up {} (f32 margin {margin:.3} logits, inside bf16 rounding)",
+            out[0]
+        );
+    }
 }

@@ -9,6 +9,8 @@
 //! `--cuda-graphs`, decode-only steps replay CUDA graphs as the engine's `--cuda-graphs` does, and
 //! the side-by-side table also times the same forward eagerly, right after, in the same process.
 
+mod parts;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -16,7 +18,6 @@ use engine::args::{DeviceArg, DtypeArg};
 use engine::config::ModelConfig;
 use engine::core::ModelExecutor;
 use engine::launch::{resolve_dtype, select_device};
-use engine::model::attention::{paged_attention, AttentionMetadata};
 use engine::model::{CausalLM, ForwardBatch, KvCache, SeqInput};
 use engine::runner::ModelRunner;
 use engine::sampling::SamplingParams;
@@ -106,6 +107,67 @@ fn event_ms(device: &Device, f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, 
 #[cfg(not(feature = "cuda"))]
 fn event_ms(_device: &Device, _f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, f64)> {
     bail!("CUDA events need the cuda feature")
+}
+
+/// Square bf16 matmuls queued ahead of a part timed by `QueuedTimer` (~6 ms of GPU work).
+const BUSY_MATMULS: usize = 4;
+#[cfg(feature = "cuda")]
+const BUSY_N: usize = 8192;
+
+/// Times a part's kernels back to back on the GPU, without the host's launch gaps: the stream is
+/// first given a few large matmuls, so the host has enqueued the whole part before the GPU
+/// reaches it, and CUDA events around the part measure the kernels alone (as a graph replay
+/// would run them). Parts whose enqueue outlasts the queued work are counted in `late`.
+#[cfg(feature = "cuda")]
+struct QueuedTimer {
+    busy: (Tensor, Tensor),
+    busy_ms: f64,
+    late: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl QueuedTimer {
+    fn new(device: &Device) -> Result<Self> {
+        let a = Tensor::randn(0f32, 1.0, (BUSY_N, BUSY_N), device)?.to_dtype(DType::BF16)?;
+        let busy = (a.clone(), a);
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            times.push(
+                event_ms(device, &mut || {
+                    for _ in 0..BUSY_MATMULS {
+                        let _ = busy.0.matmul(&busy.1)?;
+                    }
+                    Ok(())
+                })?
+                .1,
+            );
+        }
+        Ok(Self {
+            busy,
+            busy_ms: median(times),
+            late: 0,
+        })
+    }
+
+    /// GPU milliseconds between events recorded after the queued matmuls and after `f`.
+    fn time(&mut self, device: &Device, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+        let stream = device.as_cuda_device()?.cuda_stream();
+        device.synchronize()?;
+        for _ in 0..BUSY_MATMULS {
+            let _ = self.busy.0.matmul(&self.busy.1)?;
+        }
+        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let t = Instant::now();
+        f()?;
+        let enqueue = t.elapsed().as_secs_f64() * 1e3;
+        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        if enqueue > 0.9 * self.busy_ms {
+            self.late += 1;
+        }
+        Ok(start.elapsed_ms(&end)? as f64)
+    }
+
 }
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + written), cuMemcpyDtoD of `bytes`.
@@ -283,139 +345,13 @@ fn set_flash_prefill(on: bool) {
 #[cfg(not(feature = "cuda"))]
 fn set_flash_prefill(_: bool) {}
 
-/// Milliseconds of one decoder layer's four projections (qkv, o, gate_up, down) for `n` tokens,
-/// as the model runs them (x W^T): the matmul part of a prefill, without attention or elementwise.
-fn layer_matmuls_ms(
-    device: &Device,
-    dtype: DType,
-    cfg: &ModelConfig,
-    n: usize,
-    reps: usize,
-) -> Result<f64> {
-    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let q_out = cfg.num_attention_heads * hd;
-    let qkv_out = q_out + 2 * cfg.num_key_value_heads * hd;
-    let shapes = [(h, qkv_out), (q_out, h), (h, 2 * inter), (inter, h)];
-    let mut ops = Vec::new();
-    for (k, out) in shapes {
-        let x = Tensor::randn(0f32, 1.0, (n, k), device)?.to_dtype(dtype)?;
-        let w = Tensor::randn(0f32, 0.02, (out, k), device)?.to_dtype(dtype)?;
-        ops.push((x, w));
-    }
-    let mut times = Vec::new();
-    for i in 0..reps + 2 {
-        let ms = host_ms(device, &mut || {
-            for (x, w) in &ops {
-                let _ = x.matmul(&w.t()?)?;
-            }
-            Ok(())
-        })?;
-        if i >= 2 {
-            times.push(ms);
-        }
-    }
-    Ok(median(times))
-}
-
-/// Milliseconds of the layers' fused elementwise ops alone for `n` tokens over every layer: two
-/// residual add + RMSNorm, the SiLU-gate product, and bias + rotary + KV-cache write.
-fn elementwise_ms(
-    device: &Device,
-    dtype: DType,
-    cfg: &ModelConfig,
-    n: usize,
-    cache: &KvCache,
-    reps: usize,
-) -> Result<f64> {
-    use engine::model::fused::{add_rms_norm, qkv_rope_cache, silu_mul};
-    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let rand = |shape: &[usize]| -> Result<Tensor> {
-        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
-    };
-    let (x, residual, weight) = (rand(&[n, h])?, rand(&[n, h])?, rand(&[h])?);
-    let gate_up = rand(&[n, 2 * inter])?;
-    let qkv = rand(&[n, (heads + 2 * kvh) * hd])?;
-    let bias = if cfg.attention_bias {
-        Some(rand(&[(heads + 2 * kvh) * hd])?)
-    } else {
-        None
-    };
-    let (cos, sin) = (rand(&[n, hd / 2])?, rand(&[n, hd / 2])?);
-    let slots = Tensor::arange(0i64, n as i64, device)?;
-    let eps = cfg.rms_norm_eps as f32;
-    let mut times = Vec::new();
-    for i in 0..reps + 2 {
-        let ms = host_ms(device, &mut || {
-            for (k, v) in &cache.layers {
-                let _ = add_rms_norm(&x, &residual, &weight, eps)?;
-                let _ = qkv_rope_cache(
-                    &qkv,
-                    bias.as_ref(),
-                    &cos,
-                    &sin,
-                    k,
-                    v,
-                    &slots,
-                    heads,
-                    kvh,
-                    hd,
-                )?;
-                let _ = silu_mul(&gate_up, inter)?;
-                let _ = add_rms_norm(&x, &residual, &weight, eps)?;
-            }
-            Ok(())
-        })?;
-        if i >= 2 {
-            times.push(ms);
-        }
-    }
-    Ok(median(times))
-}
-
-/// FLOPs of causal attention over a fresh `n`-token prefill, every layer: QK^T and PV, each
-/// 2 x head_dim per (query, visible key, head) pair.
-fn attention_flops(cfg: &ModelConfig, n: usize) -> f64 {
-    let pairs = n as f64 * (n as f64 + 1.0) / 2.0;
-    4.0 * cfg.head_dim as f64
-        * cfg.num_attention_heads as f64
-        * pairs
-        * cfg.num_hidden_layers as f64
-}
-
-/// Milliseconds of the attention op alone over all layers for the prefill batch `fb` (random
-/// queries over the filled cache), as the forward runs it.
-fn attention_ms(
-    device: &Device,
-    dtype: DType,
-    cfg: &ModelConfig,
-    fb: &ForwardBatch,
-    cache: &KvCache,
-    reps: usize,
-) -> Result<f64> {
-    let n = fb.token_ids.len();
-    let meta = AttentionMetadata::new(&fb.seqs, device)?;
-    let q = Tensor::randn(
-        0f32,
-        1.0,
-        (n, cfg.num_attention_heads, cfg.head_dim),
-        device,
-    )?
-    .to_dtype(dtype)?;
-    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-    let mut times = Vec::new();
-    for i in 0..reps + 2 {
-        let ms = host_ms(device, &mut || {
-            for (k, v) in &cache.layers {
-                let _ = paged_attention(&q, k, v, &meta, scale)?;
-            }
-            Ok(())
-        })?;
-        if i >= 2 {
-            times.push(ms);
-        }
-    }
-    Ok(median(times))
+/// GPU milliseconds of a decode step's parts at one batch size (`QueuedTimer`).
+struct DecodeParts {
+    batch: usize,
+    matmuls: f64,
+    lm_head: f64,
+    attention: f64,
+    elementwise: f64,
 }
 
 struct DecodeRow {
@@ -567,6 +503,17 @@ fn main() -> Result<()> {
         eprintln!("CUDA graphs: {replays} replays, {failed} failed captures ({error:?})");
     }
 
+    // ---- decode parts, each alone over every layer, kernels queued back to back
+    #[cfg(feature = "cuda")]
+    let dparts = if device.is_cuda() {
+        let (_, cache) = runner_parts(&mut runner);
+        decode_parts(&device, dtype, &cfg, &cli, cache)?
+    } else {
+        Vec::new()
+    };
+    #[cfg(not(feature = "cuda"))]
+    let dparts: Vec<DecodeParts> = Vec::new();
+
     // ---- prefill
     let mut prows = Vec::new();
     for &n in &cli.prefill {
@@ -584,12 +531,13 @@ fn main() -> Result<()> {
             unfused = Some(forward_ms(&device, &mut runner, &fb, reps, 1)?);
             engine::model::fused::set_fused_kernels(true);
         }
-        let gemm = layer_matmuls_ms(&device, dtype, &cfg, n, reps)? * cfg.num_hidden_layers as f64;
+        let mut host = parts::host_timer(&device);
+        let gemm = parts::matmuls_ms(&device, dtype, &cfg, n, reps, &mut host)?;
         let (attn, elementwise) = {
             let (_, cache) = runner_parts(&mut runner);
             (
-                attention_ms(&device, dtype, &cfg, &fb, cache, reps)?,
-                elementwise_ms(&device, dtype, &cfg, n, cache, reps)?,
+                parts::attention_ms(&device, dtype, &cfg, &fb, cache, reps, &mut host)?,
+                parts::elementwise_ms(&device, dtype, &cfg, n, cache, reps, &mut host)?,
             )
         };
         let floor = 2.0 * params as f64 * n as f64 / (tflops * 1e12) * 1e3;
@@ -611,13 +559,56 @@ fn main() -> Result<()> {
     }
 
     let table = render(
-        &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, graphs, &prows,
+        &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, graphs, &dparts, &prows,
     );
     println!("{table}");
     if let Some(p) = &cli.out {
         std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// The decode step's parts at every batch size, timed by `QueuedTimer`.
+#[cfg(feature = "cuda")]
+fn decode_parts(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    cli: &Cli,
+    cache: &KvCache,
+) -> Result<Vec<DecodeParts>> {
+    let (bs, iters) = (cli.block_size, cli.iters.max(1));
+    let mut q = QueuedTimer::new(device)?;
+    let mut out = Vec::new();
+    {
+        let mut time = |f: &mut dyn FnMut() -> Result<()>| q.time(device, f);
+        for &batch in &cli.batch_sizes {
+            let step = decode_step(batch, cli.context, bs, cfg.vocab_size);
+            let fb = engine::runner::build_forward_batch(&step, bs)?;
+            let matmuls = parts::matmuls_ms(device, dtype, cfg, batch, iters, &mut time)?;
+            let lm_head = parts::lm_head_ms(device, cfg, batch, iters, &mut time)?;
+            let attention = parts::attention_ms(device, dtype, cfg, &fb, cache, iters, &mut time)?;
+            let elementwise =
+                parts::elementwise_ms(device, dtype, cfg, batch, cache, iters, &mut time)?;
+            eprintln!(
+                "decode parts, batch {batch}: matmuls {matmuls:.3} ms, LM head {lm_head:.3} ms, attention {attention:.3} ms, elementwise {elementwise:.3} ms"
+            );
+            out.push(DecodeParts {
+                batch,
+                matmuls,
+                lm_head,
+                attention,
+                elementwise,
+            });
+        }
+    }
+    if q.late > 0 {
+        eprintln!(
+            "warning: {} decode-part timings enqueued for longer than the queued {:.1} ms of matmuls (launch gaps may be included)",
+            q.late, q.busy_ms
+        );
+    }
+    Ok(out)
 }
 
 /// Median milliseconds of the model's forward of `fb` over `reps` runs after `warm` untimed ones.
@@ -658,6 +649,7 @@ fn render(
     rows: &[DecodeRow],
     variants: &[(usize, Vec<(f64, f64)>)],
     graphs: Option<(usize, usize, Option<String>)>,
+    dparts: &[DecodeParts],
     prows: &[PrefillRow],
 ) -> String {
     let mut s = String::new();
@@ -736,6 +728,38 @@ fn render(
             "CUDA graphs (--cuda-graphs): \"as served\" decode steps replay one graph per batch and block-table bucket, every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}.\n"
         );
     }
+    if !dparts.is_empty() {
+        let _ = writeln!(
+            s,
+            "### Decode parts (GPU ms, kernels queued back to back; median of {})\n",
+            cli.iters
+        );
+        let _ = writeln!(s, "| batch | matmuls | LM head (f32) | attention | fused elementwise | sum | step GPU ms (as served) | HBM floor ms |");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for p in dparts {
+            let step = variants
+                .iter()
+                .find(|(b, _)| *b == p.batch)
+                .and_then(|(_, row)| row.first())
+                .map(|(_, g)| format!("{g:.3}"))
+                .unwrap_or_else(|| "-".into());
+            let floor = rows
+                .iter()
+                .find(|r| r.batch == p.batch)
+                .map_or("-".into(), |r| format!("{:.3}", r.floor_ms));
+            let _ = writeln!(
+                s,
+                "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {step} | {floor} |",
+                p.batch,
+                p.matmuls,
+                p.lm_head,
+                p.attention,
+                p.elementwise,
+                p.matmuls + p.lm_head + p.attention + p.elementwise
+            );
+        }
+        let _ = writeln!(s, "\nEach part alone over every layer at the step's batch: the four projections (distinct weights cycled so that they come from HBM), the f32 LM head, paged attention over the filled cache, and the fused elementwise ops. The parts' kernels are queued behind ~{BUSY_MATMULS} large matmuls, so their events time the kernels without launch gaps; the difference from the step is the embedding, the rotary tables and what a whole step adds.\n");
+    }
     let _ = writeln!(s, "## Prefill (one sequence; median)\n");
     let _ = writeln!(
         s,
@@ -755,7 +779,7 @@ fn render(
             opt2(r.unfused_ms),
             r.matmuls_ms,
             r.attention_ms,
-            attention_flops(cfg, r.tokens) / (r.attention_ms * 1e-3) / 1e12,
+            parts::attention_flops(cfg, r.tokens) / (r.attention_ms * 1e-3) / 1e12,
             r.elementwise_ms,
             r.floor_ms,
             r.ms / r.floor_ms,

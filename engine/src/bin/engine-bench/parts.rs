@@ -1,0 +1,187 @@
+//! The forward's parts timed alone over every layer: the four projections, the LM head, attention
+//! and the fused elementwise ops, for a prefill or a decode step.
+
+use super::{host_ms, median};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use engine::config::ModelConfig;
+use engine::model::attention::{paged_attention, AttentionMetadata};
+use engine::model::{ForwardBatch, KvCache};
+
+/// How a part is timed: `f` runs once per call and the timer returns its milliseconds.
+pub type Timer<'a> = &'a mut dyn FnMut(&mut dyn FnMut() -> Result<()>) -> Result<f64>;
+
+/// Distinct weight sets cycled over the layers: enough bytes that no layer's weights are still
+/// in the L2 cache when it comes round again (decode reads them from HBM, as the model does).
+const WEIGHT_BYTES_PER_PASS: usize = 512 << 20;
+
+/// Milliseconds of the four projections (qkv, o, gate_up, down: x W^T, as the model runs them)
+/// for `n` tokens over every layer.
+pub fn matmuls_ms(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    n: usize,
+    reps: usize,
+    time: Timer,
+) -> Result<f64> {
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let q_out = cfg.num_attention_heads * hd;
+    let qkv_out = q_out + 2 * cfg.num_key_value_heads * hd;
+    let shapes = [(h, qkv_out), (q_out, h), (h, 2 * inter), (inter, h)];
+    let layer_bytes: usize = shapes.iter().map(|(k, o)| k * o).sum::<usize>() * dtype.size_in_bytes();
+    let sets = WEIGHT_BYTES_PER_PASS
+        .div_ceil(layer_bytes)
+        .clamp(1, cfg.num_hidden_layers);
+    let xs = shapes
+        .iter()
+        .map(|&(k, _)| Ok(Tensor::randn(0f32, 1.0, (n, k), device)?.to_dtype(dtype)?))
+        .collect::<Result<Vec<_>>>()?;
+    let mut ws = Vec::new();
+    for _ in 0..sets {
+        let layer = shapes
+            .iter()
+            .map(|&(k, out)| Ok(Tensor::randn(0f32, 0.02, (out, k), device)?.to_dtype(dtype)?))
+            .collect::<Result<Vec<_>>>()?;
+        ws.push(layer);
+    }
+    repeat(reps, || {
+        time(&mut || {
+            for l in 0..cfg.num_hidden_layers {
+                for (x, w) in xs.iter().zip(&ws[l % sets]) {
+                    let _ = x.matmul(&w.t()?)?;
+                }
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Milliseconds of the LM head for `n` rows as the model runs it (f32 rows times the f32 head).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn lm_head_ms(
+    device: &Device,
+    cfg: &ModelConfig,
+    n: usize,
+    reps: usize,
+    time: Timer,
+) -> Result<f64> {
+    let x = Tensor::randn(0f32, 1.0, (n, cfg.hidden_size), device)?;
+    let w = Tensor::randn(0f32, 0.02, (cfg.vocab_size, cfg.hidden_size), device)?;
+    repeat(reps, || {
+        time(&mut || {
+            let _ = x.matmul(&w.t()?)?;
+            Ok(())
+        })
+    })
+}
+
+/// Milliseconds of the layers' fused elementwise ops alone for `n` tokens over every layer: two
+/// residual add + RMSNorm, the SiLU-gate product, and bias + rotary + KV-cache write.
+pub fn elementwise_ms(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    n: usize,
+    cache: &KvCache,
+    reps: usize,
+    time: Timer,
+) -> Result<f64> {
+    use engine::model::fused::{add_rms_norm, qkv_rope_cache, silu_mul};
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let rand = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
+    };
+    let (x, residual, weight) = (rand(&[n, h])?, rand(&[n, h])?, rand(&[h])?);
+    let gate_up = rand(&[n, 2 * inter])?;
+    let qkv = rand(&[n, (heads + 2 * kvh) * hd])?;
+    let bias = if cfg.attention_bias {
+        Some(rand(&[(heads + 2 * kvh) * hd])?)
+    } else {
+        None
+    };
+    let (cos, sin) = (rand(&[n, hd / 2])?, rand(&[n, hd / 2])?);
+    let slots = Tensor::arange(0i64, n as i64, device)?;
+    let eps = cfg.rms_norm_eps as f32;
+    repeat(reps, || {
+        time(&mut || {
+            for (k, v) in &cache.layers {
+                let _ = add_rms_norm(&x, &residual, &weight, eps)?;
+                let _ = qkv_rope_cache(
+                    &qkv,
+                    bias.as_ref(),
+                    &cos,
+                    &sin,
+                    k,
+                    v,
+                    &slots,
+                    heads,
+                    kvh,
+                    hd,
+                )?;
+                let _ = silu_mul(&gate_up, inter)?;
+                let _ = add_rms_norm(&x, &residual, &weight, eps)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// FLOPs of causal attention over a fresh `n`-token prefill, every layer: QK^T and PV, each
+/// 2 x head_dim per (query, visible key, head) pair.
+pub fn attention_flops(cfg: &ModelConfig, n: usize) -> f64 {
+    let pairs = n as f64 * (n as f64 + 1.0) / 2.0;
+    4.0 * cfg.head_dim as f64
+        * cfg.num_attention_heads as f64
+        * pairs
+        * cfg.num_hidden_layers as f64
+}
+
+/// Milliseconds of the attention op alone over all layers for the batch `fb` (random queries over
+/// the filled cache), as the forward runs it.
+pub fn attention_ms(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    fb: &ForwardBatch,
+    cache: &KvCache,
+    reps: usize,
+    time: Timer,
+) -> Result<f64> {
+    let n = fb.token_ids.len();
+    let meta = AttentionMetadata::new(&fb.seqs, device)?;
+    let q = Tensor::randn(
+        0f32,
+        1.0,
+        (n, cfg.num_attention_heads, cfg.head_dim),
+        device,
+    )?
+    .to_dtype(dtype)?;
+    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+    repeat(reps, || {
+        time(&mut || {
+            for (k, v) in &cache.layers {
+                let _ = paged_attention(&q, k, v, &meta, scale)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Median of `reps` timings after two untimed ones.
+fn repeat(reps: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..reps + 2 {
+        let ms = f()?;
+        if i >= 2 {
+            times.push(ms);
+        }
+    }
+    Ok(median(times))
+}
+
+/// Host timer: synchronized before and after (parts long enough not to be launch-bound).
+pub fn host_timer(device: &Device) -> impl FnMut(&mut dyn FnMut() -> Result<()>) -> Result<f64> + '_ {
+    move |f| host_ms(device, f)
+}
