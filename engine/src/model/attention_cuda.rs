@@ -13,7 +13,7 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape,
     Storage, Tensor,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// The PTX of every kernel file (`engine/build.rs`); `fused_cuda.rs` uses it too.
@@ -43,6 +43,26 @@ pub enum PrefillKernel {
 }
 
 static PAGED_PREFILL: AtomicBool = AtomicBool::new(false);
+
+/// How the paged kernel splits contexts (grid.z): enough partitions that a launch has at least
+/// `SPLIT_CTAS_PER_SM` CTAs per SM, each partition at least `SPLIT_MIN_TILES` key tiles long.
+static SPLIT_CTAS_PER_SM: AtomicUsize = AtomicUsize::new(2);
+static SPLIT_MIN_TILES: AtomicUsize = AtomicUsize::new(2);
+
+/// Sets the paged kernel's context split (defaults 2 CTAs per SM, 2 key tiles per partition);
+/// for side-by-side benchmarks.
+pub fn set_paged_split(ctas_per_sm: usize, min_tiles: usize) {
+    SPLIT_CTAS_PER_SM.store(ctas_per_sm.max(1), Ordering::Relaxed);
+    SPLIT_MIN_TILES.store(min_tiles.max(1), Ordering::Relaxed);
+}
+
+/// The current context split: (CTAs per SM, key tiles per partition at least).
+pub fn paged_split() -> (usize, usize) {
+    (
+        SPLIT_CTAS_PER_SM.load(Ordering::Relaxed),
+        SPLIT_MIN_TILES.load(Ordering::Relaxed),
+    )
+}
 
 /// Chooses the prefill attention kernel process-wide (`TensorCore` by default); for tests and
 /// side-by-side benchmarks.
@@ -349,14 +369,15 @@ impl PagedAttention {
         let tiles = n.div_ceil(qt) + num_seqs; // upper bound of sum over seqs of ceil(qlen/qt)
         let base_ctas = tiles * num_kv_heads * head_groups;
         let max_ctx = self.max_context_len.clamp(1, max_blocks * block_size);
-        let target = 2 * multiprocessor_count(&stream);
+        let (ctas_per_sm, min_tiles) = paged_split();
+        let target = ctas_per_sm * multiprocessor_count(&stream);
         // Context partitions (grid.z): each sequence's context is split evenly over them in the
-        // kernel; the count comes from the longest context, >= 64 keys per partition.
+        // kernel; the count comes from the longest context, >= min_tiles key tiles per partition.
         let splits = if base_ctas >= target {
             1
         } else {
             let want = target.div_ceil(base_ctas);
-            let partition = max_ctx.div_ceil(want).div_ceil(KEY_TILE).max(2) * KEY_TILE;
+            let partition = max_ctx.div_ceil(want).div_ceil(KEY_TILE).max(min_tiles) * KEY_TILE;
             max_ctx.div_ceil(partition)
         };
         let parts = if paged && splits > 1 {

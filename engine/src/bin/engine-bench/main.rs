@@ -65,6 +65,10 @@ struct Cli {
     /// Replay decode steps from CUDA graphs ("as served"); the other variants run eagerly.
     #[arg(long)]
     cuda_graphs: bool,
+    /// Also time decode attention under these context splits of the paged kernel, each
+    /// `CTAS_PER_SM:MIN_TILES` (e.g. `2:2,8:1,32:1`; the engine's default is 2:2).
+    #[arg(long, value_delimiter = ',')]
+    attn_splits: Vec<String>,
     /// Also write the table here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -167,7 +171,6 @@ impl QueuedTimer {
         }
         Ok(start.elapsed_ms(&end)? as f64)
     }
-
 }
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + written), cuMemcpyDtoD of `bytes`.
@@ -513,6 +516,15 @@ fn main() -> Result<()> {
     };
     #[cfg(not(feature = "cuda"))]
     let dparts: Vec<DecodeParts> = Vec::new();
+    #[cfg(feature = "cuda")]
+    let sweep = if device.is_cuda() && !cli.attn_splits.is_empty() {
+        let (_, cache) = runner_parts(&mut runner);
+        split_sweep(&device, dtype, &cfg, &cli, cache)?
+    } else {
+        Vec::new()
+    };
+    #[cfg(not(feature = "cuda"))]
+    let sweep: Vec<(String, Vec<(usize, f64)>)> = Vec::new();
 
     // ---- prefill
     let mut prows = Vec::new();
@@ -559,7 +571,8 @@ fn main() -> Result<()> {
     }
 
     let table = render(
-        &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, graphs, &dparts, &prows,
+        &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, graphs, &dparts, &sweep,
+        &prows,
     );
     println!("{table}");
     if let Some(p) = &cli.out {
@@ -611,6 +624,41 @@ fn decode_parts(
     Ok(out)
 }
 
+/// Decode attention (every layer, queued GPU ms) at each batch size under each `--attn-splits`
+/// setting: rows of (setting, [(batch, ms)]).
+#[cfg(feature = "cuda")]
+fn split_sweep(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    cli: &Cli,
+    cache: &KvCache,
+) -> Result<Vec<(String, Vec<(usize, f64)>)>> {
+    use engine::model::attention_cuda::{paged_split, set_paged_split};
+    let default = paged_split();
+    let mut q = QueuedTimer::new(device)?;
+    let mut rows = Vec::new();
+    for setting in &cli.attn_splits {
+        let (a, b) = setting
+            .split_once(':')
+            .with_context(|| format!("--attn-splits {setting:?}: want CTAS_PER_SM:MIN_TILES"))?;
+        set_paged_split(a.trim().parse()?, b.trim().parse()?);
+        let mut row = Vec::new();
+        let mut time = |f: &mut dyn FnMut() -> Result<()>| q.time(device, f);
+        for &batch in &cli.batch_sizes {
+            let step = decode_step(batch, cli.context, cli.block_size, cfg.vocab_size);
+            let fb = engine::runner::build_forward_batch(&step, cli.block_size)?;
+            let ms =
+                parts::attention_ms(device, dtype, cfg, &fb, cache, cli.iters.max(1), &mut time)?;
+            eprintln!("attention split {setting}, batch {batch}: {ms:.3} ms");
+            row.push((batch, ms));
+        }
+        rows.push((setting.clone(), row));
+    }
+    set_paged_split(default.0, default.1);
+    Ok(rows)
+}
+
 /// Median milliseconds of the model's forward of `fb` over `reps` runs after `warm` untimed ones.
 fn forward_ms(
     device: &Device,
@@ -650,6 +698,7 @@ fn render(
     variants: &[(usize, Vec<(f64, f64)>)],
     graphs: Option<(usize, usize, Option<String>)>,
     dparts: &[DecodeParts],
+    sweep: &[(String, Vec<(usize, f64)>)],
     prows: &[PrefillRow],
 ) -> String {
     let mut s = String::new();
@@ -759,6 +808,24 @@ fn render(
             );
         }
         let _ = writeln!(s, "\nEach part alone over every layer at the step's batch: the four projections (distinct weights cycled so that they come from HBM), the f32 LM head, paged attention over the filled cache, and the fused elementwise ops. The parts' kernels are queued behind ~{BUSY_MATMULS} large matmuls, so their events time the kernels without launch gaps; the difference from the step is the embedding, the rotary tables and what a whole step adds.\n");
+    }
+    if !sweep.is_empty() {
+        let _ = writeln!(s, "### Decode attention by context split (GPU ms over every layer, queued; CTAs per SM : key tiles per partition)\n");
+        let _ = writeln!(
+            s,
+            "| split | {} |",
+            cli.batch_sizes
+                .iter()
+                .map(|b| format!("batch {b}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(s, "|---|{}", "---:|".repeat(cli.batch_sizes.len()));
+        for (setting, row) in sweep {
+            let cells: Vec<String> = row.iter().map(|(_, ms)| format!("{ms:.3}")).collect();
+            let _ = writeln!(s, "| {setting} | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(s);
     }
     let _ = writeln!(s, "## Prefill (one sequence; median)\n");
     let _ = writeln!(

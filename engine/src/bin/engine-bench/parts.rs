@@ -29,7 +29,8 @@ pub fn matmuls_ms(
     let q_out = cfg.num_attention_heads * hd;
     let qkv_out = q_out + 2 * cfg.num_key_value_heads * hd;
     let shapes = [(h, qkv_out), (q_out, h), (h, 2 * inter), (inter, h)];
-    let layer_bytes: usize = shapes.iter().map(|(k, o)| k * o).sum::<usize>() * dtype.size_in_bytes();
+    let layer_bytes: usize =
+        shapes.iter().map(|(k, o)| k * o).sum::<usize>() * dtype.size_in_bytes();
     let sets = WEIGHT_BYTES_PER_PASS
         .div_ceil(layer_bytes)
         .clamp(1, cfg.num_hidden_layers);
@@ -182,6 +183,8 @@ fn repeat(reps: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
 }
 
 /// Host timer: synchronized before and after (parts long enough not to be launch-bound).
-pub fn host_timer(device: &Device) -> impl FnMut(&mut dyn FnMut() -> Result<()>) -> Result<f64> + '_ {
+pub fn host_timer(
+    device: &Device,
+) -> impl FnMut(&mut dyn FnMut() -> Result<()>) -> Result<f64> + '_ {
     move |f| host_ms(device, f)
 }
