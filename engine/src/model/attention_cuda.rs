@@ -46,10 +46,12 @@ static PAGED_PREFILL: AtomicBool = AtomicBool::new(false);
 
 /// How the paged kernel splits contexts (grid.z): enough partitions that a launch has at least
 /// `SPLIT_CTAS_PER_SM` CTAs per SM, each partition at least `SPLIT_MIN_TILES` key tiles long.
-static SPLIT_CTAS_PER_SM: AtomicUsize = AtomicUsize::new(2);
-static SPLIT_MIN_TILES: AtomicUsize = AtomicUsize::new(2);
+/// 16:1 measured fastest or within 3% of it at batches 1-128 on an H200 (decode, context 1k,
+/// `engine-bench --attn-splits`; days/gpu-engine/run9); the first default was 2:2.
+static SPLIT_CTAS_PER_SM: AtomicUsize = AtomicUsize::new(16);
+static SPLIT_MIN_TILES: AtomicUsize = AtomicUsize::new(1);
 
-/// Sets the paged kernel's context split (defaults 2 CTAs per SM, 2 key tiles per partition);
+/// Sets the paged kernel's context split (defaults 16 CTAs per SM, 1 key tile per partition);
 /// for side-by-side benchmarks.
 pub fn set_paged_split(ctas_per_sm: usize, min_tiles: usize) {
     SPLIT_CTAS_PER_SM.store(ctas_per_sm.max(1), Ordering::Relaxed);
