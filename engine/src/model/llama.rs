@@ -12,6 +12,7 @@ use candle_core::{bail, DType, Device, Module, Result, Tensor};
 
 use super::attention::{paged_attention, AttentionMetadata};
 use super::fused;
+use super::gemv;
 use super::tp::{vocab_shard, Collective, SingleRank};
 use super::{CausalLM, ForwardBatch, KvCache};
 use crate::config::{Architecture, ModelConfig};
@@ -29,9 +30,10 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// x W^T without the bias.
+    /// x W^T without the bias: the skinny-matmul kernel for a few rows on CUDA, else (and
+    /// always on the CPU) candle's matmul.
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)
+        gemv::matmul_t(x, &self.weight)
     }
 }
 
@@ -173,7 +175,12 @@ impl LlamaModel {
             embed_tokens,
             layers,
             norm,
-            lm_head: Linear::new(lm_head.to_dtype(DType::F32).map_err(shape_err)?, None),
+            lm_head: Linear::new(
+                lm_head
+                    .to_dtype(super::lm_head::storage_dtype(dtype, device.is_cuda()))
+                    .map_err(shape_err)?,
+                None,
+            ),
             tp,
             lm_head_sharded: shard.is_some(),
             cos,
@@ -235,8 +242,8 @@ impl LlamaModel {
 
     /// f32 logits of residual-stream rows `x` (final norm, LM head).
     pub(super) fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.rms_norm(x, &self.norm)?.to_dtype(DType::F32)?;
-        let logits = self.lm_head.forward(&x)?;
+        let x = self.rms_norm(x, &self.norm)?;
+        let logits = super::lm_head::logits(&x, &self.lm_head.weight)?;
         let logits = if self.lm_head_sharded {
             self.tp.all_gather_last_dim(&logits)?
         } else {

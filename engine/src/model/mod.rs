@@ -22,7 +22,11 @@ pub mod cuda_graph;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod fused_cuda;
+pub mod gemv;
+#[cfg(feature = "cuda")]
+pub mod gemv_cuda;
 pub mod llama;
+pub mod lm_head;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod tp;

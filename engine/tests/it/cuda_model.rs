@@ -492,3 +492,38 @@ fn cuda_smollm2_greedy_matches_cpu_answer() {
         );
     }
 }
+
+/// The 16-bit LM head on CUDA (f32 accumulation into f32 logits) against the same 16-bit values
+/// multiplied in f32 on the CPU.
+#[test]
+fn lm_head_16bit_gives_f32_logits_of_its_values() {
+    let gpu = cuda();
+    let cpu = Device::Cpu;
+    for dtype in [DType::BF16, DType::F16] {
+        for (n, vocab, hidden) in [(1, 1007, 256), (5, 4096, 576), (64, 1003, 96)] {
+            let x = Tensor::randn(0f32, 1.0, (n, hidden), &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Tensor::randn(0f32, 0.05, (vocab, hidden), &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let want = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+                .unwrap();
+            let got = engine::model::lm_head::logits(
+                &x.to_device(&gpu).unwrap(),
+                &w.to_device(&gpu).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(got.dims(), &[n, vocab]);
+            let err = rel_l2(&got.to_device(&cpu).unwrap(), &want);
+            eprintln!("LM head {dtype:?} n {n} vocab {vocab} hidden {hidden}: relative L2 {err:.2e}");
+            assert!(err < 1e-5, "{dtype:?} ({n}, {vocab}, {hidden}): {err:.3e}");
+        }
+    }
+}

@@ -5,6 +5,8 @@ mod common;
 #[cfg(feature = "cuda")]
 mod cuda_diag;
 mod cuda_fused;
+#[cfg(feature = "cuda")]
+mod cuda_gemv;
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_model;

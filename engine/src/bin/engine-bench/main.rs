@@ -286,7 +286,12 @@ const EAGER: &str = "eager (no CUDA graphs)";
 /// Settings the decode forward is also timed under (beside the engine's own): each is turned on,
 /// measured and turned back off. With CUDA graphs, every variant but "as served" runs eagerly.
 fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
-    let mut v = vec!["as served", "unfused ops", "cudarc event tracking on"];
+    let mut v = vec![
+        "as served",
+        "cuBLAS for 1-8 rows",
+        "unfused ops",
+        "cudarc event tracking on",
+    ];
     if cuda_graphs {
         v.insert(1, EAGER);
     }
@@ -301,6 +306,7 @@ fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> R
     match variant {
         "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
+        "cuBLAS for 1-8 rows" => engine::model::gemv::set_gemv_kernel(!on),
         _ => {}
     }
     Ok(())
@@ -599,7 +605,7 @@ fn decode_parts(
             let step = decode_step(batch, cli.context, bs, cfg.vocab_size);
             let fb = engine::runner::build_forward_batch(&step, bs)?;
             let matmuls = parts::matmuls_ms(device, dtype, cfg, batch, iters, &mut time)?;
-            let lm_head = parts::lm_head_ms(device, cfg, batch, iters, &mut time)?;
+            let lm_head = parts::lm_head_ms(device, dtype, cfg, batch, iters, &mut time)?;
             let attention = parts::attention_ms(device, dtype, cfg, &fb, cache, iters, &mut time)?;
             let elementwise =
                 parts::elementwise_ms(device, dtype, cfg, batch, cache, iters, &mut time)?;
@@ -783,7 +789,7 @@ fn render(
             "### Decode parts (GPU ms, kernels queued back to back; median of {})\n",
             cli.iters
         );
-        let _ = writeln!(s, "| batch | matmuls | LM head (f32) | attention | fused elementwise | sum | step GPU ms (as served) | HBM floor ms |");
+        let _ = writeln!(s, "| batch | matmuls | LM head | attention | fused elementwise | sum | step GPU ms (as served) | HBM floor ms |");
         let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
         for p in dparts {
             let step = variants
@@ -807,7 +813,7 @@ fn render(
                 p.matmuls + p.lm_head + p.attention + p.elementwise
             );
         }
-        let _ = writeln!(s, "\nEach part alone over every layer at the step's batch: the four projections (distinct weights cycled so that they come from HBM), the f32 LM head, paged attention over the filled cache, and the fused elementwise ops. The parts' kernels are queued behind ~{BUSY_MATMULS} large matmuls, so their events time the kernels without launch gaps; the difference from the step is the embedding, the rotary tables and what a whole step adds.\n");
+        let _ = writeln!(s, "\nEach part alone over every layer at the step's batch: the four projections (distinct weights cycled so that they come from HBM), the LM head (16-bit head, f32 logits), paged attention over the filled cache, and the fused elementwise ops. The parts' kernels are queued behind ~{BUSY_MATMULS} large matmuls, so their events time the kernels without launch gaps; the difference from the step is the embedding, the rotary tables and what a whole step adds.\n");
     }
     if !sweep.is_empty() {
         let _ = writeln!(s, "### Decode attention by context split (GPU ms over every layer, queued; CTAs per SM : key tiles per partition)\n");

@@ -58,20 +58,24 @@ pub fn matmuls_ms(
     })
 }
 
-/// Milliseconds of the LM head for `n` rows as the model runs it (f32 rows times the f32 head).
+/// Milliseconds of the LM head for `n` rows as the model runs it (`engine::model::lm_head`: a
+/// 16-bit head into f32 logits on CUDA, f32 elsewhere).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub fn lm_head_ms(
     device: &Device,
+    dtype: DType,
     cfg: &ModelConfig,
     n: usize,
     reps: usize,
     time: Timer,
 ) -> Result<f64> {
-    let x = Tensor::randn(0f32, 1.0, (n, cfg.hidden_size), device)?;
-    let w = Tensor::randn(0f32, 0.02, (cfg.vocab_size, cfg.hidden_size), device)?;
+    use engine::model::lm_head::{logits, storage_dtype};
+    let x = Tensor::randn(0f32, 1.0, (n, cfg.hidden_size), device)?.to_dtype(dtype)?;
+    let w = Tensor::randn(0f32, 0.02, (cfg.vocab_size, cfg.hidden_size), device)?
+        .to_dtype(storage_dtype(dtype, device.is_cuda()))?;
     repeat(reps, || {
         time(&mut || {
-            let _ = x.matmul(&w.t()?)?;
+            let _ = logits(&x, &w)?;
             Ok(())
         })
     })

@@ -1,0 +1,224 @@
+// Skinny matmul for decode: y[M, N] = x[M, K] . W[N, K]^T with M = 1..8 rows, W row-major (the
+// layout of a Linear weight), x, W and y of one dtype T (f32, f16, bf16), f32 accumulation, one
+// rounding to T per output element. Bound by the read of W, which every output row shares.
+//
+// gemv_<T>_m<M>_v: one CTA of WARPS warps owns ROWS consecutive rows of W; its threads stride
+//                  over K in 16-byte chunks (8 16-bit or 4 f32 elements), issue every W load of an
+//                  unrolled step before using any (streamed past L1), take x chunks through the
+//                  read-only cache (x is tiny and read by every CTA), reduce over the warp with
+//                  shuffles and over the CTA through shared memory. Needs K a multiple of the
+//                  chunk and 16-byte aligned x and W (the host checks).
+// gemv_<T>_m<M>:   the same work split element by element: any K, any alignment.
+// Grid: ceil(N / ROWS) CTAs; rows past N re-read row N - 1 and store nothing. Each output's sum
+// runs in an order that depends on its row of W only, not on M.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+
+// Rows of W per CTA: more at larger M, where x (read M times per W chunk) costs L1 bandwidth.
+template <int M>
+__host__ __device__ constexpr int rows_per_cta() { return M >= 4 ? 4 : 2; }
+// Chunks per thread and row kept in flight per step.
+template <int M>
+__host__ __device__ constexpr int unroll() { return M <= 2 ? 4 : 2; }
+// CTAs per SM promised to the compiler: it bounds the registers (128 at 4), and with a bound
+// the compiler issues a step's loads together instead of interleaving them with the math to
+// save registers (which serialises the memory latency).
+template <int M>
+__host__ __device__ constexpr int min_ctas() { return M >= 5 ? 3 : 4; }
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// A 16-byte chunk of T as f32 (element 0 in the low bits of word 0).
+template <typename T>
+struct Chunk {
+    static constexpr int E = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ void unpack(const uint4& r, float (&f)[8], __nv_bfloat16) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void unpack(const uint4& r, float (&f)[8], __half) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        __half2 h;
+        memcpy(&h, &w[i], sizeof(h));
+        const float2 v = __half22float2(h);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ void unpack(const uint4& r, float (&f)[4], float) {
+    f[0] = __uint_as_float(r.x);
+    f[1] = __uint_as_float(r.y);
+    f[2] = __uint_as_float(r.z);
+    f[3] = __uint_as_float(r.w);
+}
+
+// Row r of W, rows past the last one clamped to it (read, never stored).
+__device__ __forceinline__ int64_t last_row(int64_t r, int n) {
+    return r < n ? r : (int64_t)n - 1;
+}
+
+// A W chunk: read once, so it bypasses L1 and leaves it to x.
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+// Sums acc over the CTA and stores y[m, row0 + r] (threads 0 .. M * R - 1, one output each).
+template <typename T, int M, int R>
+__device__ __forceinline__ void reduce_store(float (&acc)[M][R], T* __restrict__ y, int n,
+                                             int64_t row0) {
+    __shared__ float part[WARPS][M * R];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float v = acc[m][r];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) part[warp][m * R + r] = v;
+        }
+    __syncthreads();
+    const int i = threadIdx.x;
+    if (i < M * R) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) s += part[w][i];
+        const int m = i / R;
+        const int64_t row = row0 + i % R;
+        if (row < n) y[(int64_t)m * n + row] = from_f32<T>(s);
+    }
+}
+
+template <typename T, int M>
+__device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                            int n, int k) {
+    constexpr int R = rows_per_cta<M>(), U = unroll<M>(), E = Chunk<T>::E;
+    const int chunks = k / E;
+    const int64_t row0 = (int64_t)blockIdx.x * R;
+    const uint4* wr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+        wr[r] = reinterpret_cast<const uint4*>(w + last_row(row0 + r, n) * k);
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    float acc[M][R];
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+
+    // Every load of a step is issued before any is used; chunks past the end (last step only)
+    // load the last chunk again and count as zeros, without a branch that would let the compiler
+    // sink the loads behind it.
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += THREADS * U) {
+        uint4 wt[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = min(c0 + u * THREADS, chunks - 1);
+#pragma unroll
+            for (int r = 0; r < R; ++r) wt[u][r] = load_stream(wr[r] + c);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const bool valid = c0 + u * THREADS < chunks;
+            const int c = min(c0 + u * THREADS, chunks - 1);
+            const uint4 zero = make_uint4(0, 0, 0, 0);
+            float xf[M][E];
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+                unpack(valid ? __ldg(xr + (int64_t)m * chunks + c) : zero, xf[m], T());
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                float wf[E];
+                unpack(valid ? wt[u][r] : zero, wf, T());
+#pragma unroll
+                for (int m = 0; m < M; ++m)
+#pragma unroll
+                    for (int e = 0; e < E; ++e) acc[m][r] = fmaf(xf[m][e], wf[e], acc[m][r]);
+            }
+        }
+    }
+    reduce_store<T, M, R>(acc, y, n, row0);
+}
+
+template <typename T, int M>
+__device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                          int n, int k) {
+    constexpr int R = rows_per_cta<M>();
+    const int64_t row0 = (int64_t)blockIdx.x * R;
+    const T* wr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wr[r] = w + last_row(row0 + r, n) * k;
+    float acc[M][R];
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+
+    for (int c = threadIdx.x; c < k; c += THREADS) {
+        float wf[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) wf[r] = to_f32(wr[r][c]);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const float xv = to_f32(x[(int64_t)m * k + c]);
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[m][r] = fmaf(xv, wf[r], acc[m][r]);
+        }
+    }
+    reduce_store<T, M, R>(acc, y, n, row0);
+}
+
+#define GEMV_M(SUFFIX, T, M)                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS, min_ctas<M>())                                       \
+        gemv_##SUFFIX##_m##M##_v(const T* x, const T* w, T* y, int n, int k) {                  \
+        gemv_v_impl<T, M>(x, w, y, n, k);                                                       \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, min_ctas<M>())                                       \
+        gemv_##SUFFIX##_m##M(const T* x, const T* w, T* y, int n, int k) {                      \
+        gemv_impl<T, M>(x, w, y, n, k);                                                         \
+    }
+
+#define GEMV(SUFFIX, T)   \
+    GEMV_M(SUFFIX, T, 1)  \
+    GEMV_M(SUFFIX, T, 2)  \
+    GEMV_M(SUFFIX, T, 3)  \
+    GEMV_M(SUFFIX, T, 4)  \
+    GEMV_M(SUFFIX, T, 5)  \
+    GEMV_M(SUFFIX, T, 6)  \
+    GEMV_M(SUFFIX, T, 7)  \
+    GEMV_M(SUFFIX, T, 8)
+
+GEMV(f32, float)
+GEMV(f16, __half)
+GEMV(bf16, __nv_bfloat16)

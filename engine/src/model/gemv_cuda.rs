@@ -1,0 +1,184 @@
+//! CUDA launch of the skinny matmul `y = x W^T` (kernels in `engine/kernels/gemv.cu`).
+//!
+//! Same contract as `gemv::matmul_t` on CUDA tensors. One launch on candle's stream with the sizes
+//! as scalar arguments (nothing is uploaded), the output allocated on that stream, so that a CUDA
+//! graph can capture it.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp2, DType, InplaceOp1, Layout, Result, Shape, Storage,
+    Tensor,
+};
+
+use super::attention_cuda::{device_ptr, device_ptr_mut, ptx};
+use super::gemv::MAX_ROWS;
+
+const MODULE: &str = "gemv";
+/// Threads per CTA (`THREADS` in gemv.cu).
+const THREADS: u32 = 128;
+
+/// Rows of W per CTA for `m` rows of x (`rows_per_cta` in gemv.cu).
+fn rows_per_cta(m: usize) -> usize {
+    if m >= 4 {
+        4
+    } else {
+        2
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("gemv: unsupported dtype {other:?}"),
+    })
+}
+
+/// Checks x `[m, k]`, W `[n, k]` and the output `[m, n]` and returns `(m, n, k)`.
+fn check(x_l: &Layout, w_l: &Layout, out_l: &Layout, dtypes: [DType; 3]) -> Result<[usize; 3]> {
+    let (m, k) = x_l.shape().dims2()?;
+    let (n, k2) = w_l.shape().dims2()?;
+    if k != k2 || out_l.shape().dims2()? != (m, n) {
+        bail!(
+            "gemv: x {:?}, w {:?}, out {:?} are not [m, k], [n, k], [m, n]",
+            x_l.shape(),
+            w_l.shape(),
+            out_l.shape()
+        )
+    }
+    if !(1..=MAX_ROWS).contains(&m) || k == 0 || n == 0 {
+        bail!("gemv: {m} rows (1..={MAX_ROWS}), n {n} and k {k} must be positive")
+    }
+    if k > i32::MAX as usize || n > i32::MAX as usize {
+        bail!("gemv: n {n} or k {k} past i32")
+    }
+    if dtypes.iter().any(|d| *d != dtypes[0]) {
+        bail!("gemv: mixed dtypes {dtypes:?}")
+    }
+    if !x_l.is_contiguous() || !w_l.is_contiguous() || !out_l.is_contiguous() {
+        bail!("gemv: x, w and out must be contiguous")
+    }
+    Ok([m, n, k])
+}
+
+/// Launches `gemv_<dtype>_m<m>[_v]` writing `out`.
+fn launch(
+    x: &CudaStorage,
+    x_l: &Layout,
+    w: &CudaStorage,
+    w_l: &Layout,
+    out: &mut CudaStorage,
+    out_l: &Layout,
+) -> Result<()> {
+    let [m, n, k] = check(x_l, w_l, out_l, [x.dtype(), w.dtype(), out.dtype()])?;
+    let dtype = x.dtype();
+    let dev: CudaDevice = x.device.clone();
+    let stream = dev.cuda_stream();
+    let (x_ptr, _g1) = device_ptr(x, x_l, &stream)?;
+    let (w_ptr, _g2) = device_ptr(w, w_l, &stream)?;
+    let (y_ptr, _g3) = device_ptr_mut(out, out_l, &stream)?;
+    // 16-byte chunks: k a multiple of a chunk, x and W 16-byte aligned (rows then are too).
+    let chunk = 16 / dtype.size_in_bytes();
+    let wide = k.is_multiple_of(chunk) && x_ptr % 16 == 0 && w_ptr % 16 == 0;
+    let name = format!(
+        "gemv_{}_m{m}{}",
+        suffix(dtype)?,
+        if wide { "_v" } else { "" }
+    );
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx::GEMV)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(rows_per_cta(m)) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n_i, k_i) = (n as i32, k as i32);
+    let mut b = func.builder();
+    b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// `x W^T` into a fresh tensor.
+struct Gemv;
+
+impl CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("gemv (CUDA) called with CPU tensors; use gemv::matmul_t")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        w: &CudaStorage,
+        w_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (m, _) = x_l.shape().dims2()?;
+        let (n, _) = w_l.shape().dims2()?;
+        let dev = x.device.clone();
+        let numel = m * n;
+        // SAFETY (all three): the kernel writes every element before anything reads it.
+        let mut out = match x.dtype() {
+            DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(numel)? }, dev),
+            DType::F16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(numel)? }, dev)
+            }
+            DType::BF16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(numel)? }, dev)
+            }
+            other => bail!("gemv: unsupported dtype {other:?}"),
+        };
+        let shape = Shape::from((m, n));
+        launch(x, x_l, w, w_l, &mut out, &Layout::contiguous(&shape))?;
+        Ok((out, shape))
+    }
+}
+
+/// CUDA `x W^T` for x `[m, k]` (1..=`MAX_ROWS` rows) and W `[n, k]`, contiguous, one dtype
+/// (f32, f16, bf16): `[m, n]` in that dtype.
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &Gemv)
+}
+
+/// [`gemv`] writing into `out` (`[m, n]`, contiguous, the same dtype; sharing storage with neither
+/// input): lets tests poison the output to prove that every element is written.
+pub fn gemv_into(out: &Tensor, x: &Tensor, w: &Tensor) -> Result<()> {
+    out.inplace_op1(&GemvInto { x, w })
+}
+
+struct GemvInto<'a> {
+    x: &'a Tensor,
+    w: &'a Tensor,
+}
+
+impl InplaceOp1 for GemvInto<'_> {
+    fn name(&self) -> &'static str {
+        "gemv_into"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        bail!("gemv (CUDA) called with CPU tensors; use gemv::matmul_t")
+    }
+
+    fn cuda_fwd(&self, out: &mut CudaStorage, out_l: &Layout) -> Result<()> {
+        let (x_s, x_l) = self.x.storage_and_layout();
+        let (w_s, w_l) = self.w.storage_and_layout();
+        match (&*x_s, &*w_s) {
+            (Storage::Cuda(x), Storage::Cuda(w)) => launch(x, x_l, w, w_l, out, out_l),
+            _ => bail!("gemv_into: x and w must live on the CUDA device"),
+        }
+    }
+}

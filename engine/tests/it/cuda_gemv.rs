@@ -1,0 +1,421 @@
+//! The skinny-matmul kernel (`model::gemv`) on the GPU against an f64 CPU reference, the model's
+//! logits with it on and off, and (ignored) its bandwidth next to candle's matmul.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+use candle_core::{DType, Device, Tensor};
+use engine::model::gemv::{matmul_t, set_gemv_kernel_on_this_thread};
+use engine::model::gemv_cuda::{gemv, gemv_into};
+use engine::model::{ForwardBatch, KvCache, SeqInput};
+use engine::weights::{load_model, LoadFormat};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
+const BLOCK_SIZE: usize = 16;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+fn uniform(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// `v` as a `dtype` tensor `[rows, cols]` on `dev`, rounded on the CPU.
+fn upload(v: Vec<f32>, rows: usize, cols: usize, dtype: DType, dev: &Device) -> Tensor {
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .and_then(|t| t.to_device(dev))
+        .expect("upload")
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("copy to host")
+}
+
+/// Relative error allowed per output element beyond the f32 accumulation: the final rounding.
+fn output_rounding(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 2f64.powi(-7),
+        DType::F16 => 2f64.powi(-10),
+        _ => 1e-6,
+    }
+}
+
+/// Relative L2 allowed over a whole output.
+fn rel_l2_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        _ => 1e-5,
+    }
+}
+
+/// `got` against `x W^T` in f64 over the same (rounded) values: every element finite and within
+/// its own bound (output rounding of |y|, f32 accumulation of sum |x w|, f16 subnormal spacing),
+/// and the relative L2.
+fn check(what: &str, dtype: DType, got: &[f32], x: &[f32], w: &[f32], [m, n, k]: [usize; 3]) {
+    assert_eq!(got.len(), m * n, "{what}: output size");
+    let (mut err2, mut norm2) = (0f64, 0f64);
+    for i in 0..m {
+        for j in 0..n {
+            let (xr, wr) = (&x[i * k..][..k], &w[j * k..][..k]);
+            let want: f64 = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let mag: f64 = xr
+                .iter()
+                .zip(wr)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            let g = got[i * n + j] as f64;
+            assert!(g.is_finite(), "{what}: y[{i}, {j}] = {g} (not written?)");
+            let bound = output_rounding(dtype) * want.abs() + 1e-5 * mag + 1e-7;
+            assert!(
+                (g - want).abs() <= bound,
+                "{what}: y[{i}, {j}] = {g}, want {want} (bound {bound:.3e})"
+            );
+            err2 += (g - want).powi(2);
+            norm2 += want.powi(2);
+        }
+    }
+    let rel = (err2 / norm2.max(1e-30)).sqrt();
+    assert!(
+        rel < rel_l2_tolerance(dtype),
+        "{what}: relative L2 {rel:.3e}"
+    );
+}
+
+/// One case: x `[m, k]`, W `[n, k]`, each optionally a view that starts `offset` rows into a
+/// larger tensor (a start that is not 16-byte aligned when `k * elem` is not).
+fn run_case(rng: &mut StdRng, dtype: DType, [m, n, k]: [usize; 3], offset: usize) {
+    let dev = gpu();
+    let (xv, wv) = (
+        uniform(rng, (m + offset) * k),
+        uniform(rng, (n + offset) * k),
+    );
+    let x = upload(xv, m + offset, k, dtype, &dev)
+        .narrow(0, offset, m)
+        .unwrap();
+    let w = upload(wv, n + offset, k, dtype, &dev)
+        .narrow(0, offset, n)
+        .unwrap();
+    assert!(x.is_contiguous() && w.is_contiguous());
+    let (xh, wh) = (host(&x), host(&w));
+    let what = format!("gemv {dtype:?} m={m} n={n} k={k} offset={offset}");
+
+    // Into a NaN-filled output: every element must be written.
+    let out = Tensor::full(f32::NAN, (m, n), &dev)
+        .and_then(|t| t.to_dtype(dtype))
+        .unwrap();
+    gemv_into(&out, &x, &w).expect("gemv_into");
+    let poisoned = host(&out);
+    check(
+        &format!("{what} (into NaN)"),
+        dtype,
+        &poisoned,
+        &xh,
+        &wh,
+        [m, n, k],
+    );
+
+    // A fresh output, and the dispatch: the same kernel, bit for bit.
+    let y = gemv(&x, &w).expect("gemv");
+    assert_eq!((y.dims2().unwrap(), y.dtype()), ((m, n), dtype));
+    assert_eq!(host(&y), poisoned, "{what}: gemv vs gemv_into");
+    set_gemv_kernel_on_this_thread(Some(true));
+    let dispatched = matmul_t(&x, &w).expect("matmul_t");
+    set_gemv_kernel_on_this_thread(None);
+    assert_eq!(
+        host(&dispatched),
+        poisoned,
+        "{what}: matmul_t did not take the kernel"
+    );
+}
+
+#[test]
+fn gemv_matches_f64_reference() {
+    let mut rng = StdRng::seed_from_u64(21);
+    // (n, k): model-like sizes; n not a multiple of the CTA's 2 or 4 rows; k not a multiple of 8
+    // (element-wise kernel for f16/bf16) or of 4 (f32 too); a single row and a tiny k.
+    let shapes = [
+        (2048, 1536),
+        (1001, 1536),
+        (37, 8960),
+        (130, 1000),
+        (67, 100),
+        (33, 13),
+        (5, 7),
+        (1, 1),
+        (3, 4100),
+    ];
+    for dtype in DTYPES {
+        for m in [1, 2, 3, 4, 5, 8] {
+            for (n, k) in shapes {
+                run_case(&mut rng, dtype, [m, n, k], 0);
+            }
+        }
+        // Views whose start breaks 16-byte alignment (k = 1004: rows of 2008 / 4016 bytes): the
+        // element-wise kernel; k = 1536 stays aligned: the 16-byte kernel.
+        for m in [1, 3, 8] {
+            run_case(&mut rng, dtype, [m, 77, 1004], 1);
+            run_case(&mut rng, dtype, [m, 77, 1536], 1);
+        }
+    }
+}
+
+#[test]
+fn gemv_off_or_out_of_range_is_candle_matmul() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(22);
+    for dtype in DTYPES {
+        let w = upload(uniform(&mut rng, 96 * 64), 96, 64, dtype, &dev);
+        for (m, on) in [(9, true), (3, false)] {
+            let x = upload(uniform(&mut rng, m * 64), m, 64, dtype, &dev);
+            set_gemv_kernel_on_this_thread(Some(on));
+            let got = matmul_t(&x, &w).unwrap();
+            set_gemv_kernel_on_this_thread(None);
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            assert_eq!(host(&got), host(&want), "{dtype:?} m={m} kernel {on}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ the model
+
+/// A tiny Qwen2-shaped model (QKV bias, GQA 4/2, head_dim 64) with random weights drawn on the
+/// CPU, written as safetensors (as in `cuda_model.rs`).
+fn tiny_qwen2_dir(seed: u64) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cuda-gemv-tiny-{}-{seed}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (h, heads, kvh, hd, inter, layers, vocab) = (256, 4, 2, 64, 512, 2, 1000);
+    let config = serde_json::json!({
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kvh, "vocab_size": vocab,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "use_sliding_window": false,
+        "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let cpu = Device::Cpu;
+    cpu.set_seed(seed).ok();
+    let rand = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &cpu).unwrap();
+    let mut w: HashMap<String, Tensor> = HashMap::new();
+    w.insert("model.embed_tokens.weight".into(), rand(&[vocab, h], 1.0));
+    w.insert("lm_head.weight".into(), rand(&[vocab, h], 0.05));
+    w.insert("model.norm.weight".into(), (rand(&[h], 0.1) + 1.0).unwrap());
+    let (q, kv) = (heads * hd, kvh * hd);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        let mut put = |name: &str, t: Tensor| {
+            w.insert(format!("{p}.{name}"), t);
+        };
+        put("self_attn.q_proj.weight", rand(&[q, h], 0.08));
+        put("self_attn.k_proj.weight", rand(&[kv, h], 0.08));
+        put("self_attn.v_proj.weight", rand(&[kv, h], 0.08));
+        put("self_attn.q_proj.bias", rand(&[q], 0.1));
+        put("self_attn.k_proj.bias", rand(&[kv], 0.1));
+        put("self_attn.v_proj.bias", rand(&[kv], 0.1));
+        put("self_attn.o_proj.weight", rand(&[h, q], 0.06));
+        put("mlp.gate_proj.weight", rand(&[inter, h], 0.06));
+        put("mlp.up_proj.weight", rand(&[inter, h], 0.06));
+        put("mlp.down_proj.weight", rand(&[h, inter], 0.05));
+        put("input_layernorm.weight", (rand(&[h], 0.1) + 1.0).unwrap());
+        put(
+            "post_attention_layernorm.weight",
+            (rand(&[h], 0.1) + 1.0).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (host(a), host(b));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().all(|x| x.is_finite()), "non-finite logits");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+/// A prefill of two prompts (20 and 37 tokens) and a decode step of both (2 rows).
+fn two_steps(vocab: u32) -> [ForwardBatch; 2] {
+    let tables: [Vec<u32>; 2] = [vec![5, 2], vec![0, 7, 3]];
+    let (mut pre, mut dec) = (ForwardBatch::default(), ForwardBatch::default());
+    for (s, len) in [20usize, 37].into_iter().enumerate() {
+        let slot = |pos: usize| {
+            tables[s][pos / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64
+        };
+        pre.seqs.push(SeqInput {
+            query_start: pre.token_ids.len(),
+            query_len: len,
+            context_len: len,
+            block_table: tables[s][..len.div_ceil(BLOCK_SIZE)].to_vec(),
+            compute_logits: true,
+        });
+        for p in 0..len {
+            pre.token_ids
+                .push((p as u32 * 37 + s as u32 * 11 + 3) % vocab);
+            pre.positions.push(p as u32);
+            pre.slot_mapping.push(slot(p));
+        }
+        dec.seqs.push(SeqInput {
+            query_start: s,
+            query_len: 1,
+            context_len: len + 1,
+            block_table: tables[s][..(len + 1).div_ceil(BLOCK_SIZE)].to_vec(),
+            compute_logits: true,
+        });
+        dec.token_ids.push((s as u32 * 101 + 17) % vocab);
+        dec.positions.push(len as u32);
+        dec.slot_mapping.push(slot(len));
+    }
+    [pre, dec]
+}
+
+/// Paged logits of both steps, dense logits of a 6-token prompt, and the decode step replayed
+/// from a CUDA graph (the kernel captured), with the kernel `on` or off on this thread.
+fn model_logits(model: &dyn engine::model::CausalLM, dtype: DType, on: bool) -> Vec<Tensor> {
+    use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
+    set_gemv_kernel_on_this_thread(Some(on));
+    let cfg = model.config().clone();
+    let dev = model.device().clone();
+    let mut cache = KvCache::new(&cfg, 8, BLOCK_SIZE, dtype, &dev).unwrap();
+    let mut out = Vec::new();
+    set_cuda_graphs_on_this_thread(Some(false));
+    for batch in two_steps(cfg.vocab_size as u32) {
+        out.push(model.forward(&batch, &mut cache).unwrap());
+    }
+    out.push(model.forward_full(&[3, 14, 15, 92, 65, 35]).unwrap());
+    if dev.is_cuda() {
+        // The same decode step again (same K/V written), from a graph.
+        set_cuda_graphs_on_this_thread(Some(true));
+        let dec = &two_steps(cfg.vocab_size as u32)[1];
+        out.push(model.forward(dec, &mut cache).unwrap());
+    }
+    set_cuda_graphs_on_this_thread(None);
+    set_gemv_kernel_on_this_thread(None);
+    out
+}
+
+/// bf16 logits with the kernel on against off (cuBLAS) and against the CPU f32 model; f32 on
+/// against off. The projections of the decode rows (eager and captured in a graph) and of the
+/// 6-token dense prompt take the kernel when it is on; those of the 57-token prefill do not.
+#[test]
+fn model_logits_with_gemv_on_and_off() {
+    use engine::model::cuda_graph::{graph_counts, last_capture_error};
+    let dir = tiny_qwen2_dir(5);
+    let gpu = gpu();
+    engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
+    let cpu_model = load_model(&dir, LoadFormat::Safetensors, DType::F32, &Device::Cpu, 0).unwrap();
+    let reference = model_logits(cpu_model.as_ref(), DType::F32, false);
+    let names = ["prefill", "decode", "dense 6 tokens", "decode from graph"];
+    for (dtype, on_off_tol, cpu_tol) in [(DType::BF16, 1e-2, 2e-2), (DType::F32, 1e-4, 1e-3)] {
+        let model = load_model(&dir, LoadFormat::Safetensors, dtype, &gpu, 0).unwrap();
+        let on = model_logits(model.as_ref(), dtype, true);
+        let off = model_logits(model.as_ref(), dtype, false);
+        let (_, failed) = graph_counts();
+        assert_eq!(
+            failed,
+            0,
+            "graph capture failed: {:?}",
+            last_capture_error()
+        );
+        for (i, name) in names.iter().enumerate() {
+            let cpu = &reference[[0, 1, 2, 1][i]];
+            let (e_off, e_cpu) = (rel_l2(&on[i], &off[i]), rel_l2(&on[i], cpu));
+            eprintln!("{dtype:?} {name}: gemv on vs off {e_off:.2e}, on vs CPU f32 {e_cpu:.2e}");
+            assert!(
+                e_off < on_off_tol,
+                "{dtype:?} {name}: on vs off {e_off:.3e}"
+            );
+            assert!(
+                e_cpu < cpu_tol,
+                "{dtype:?} {name}: on vs CPU f32 {e_cpu:.3e}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ------------------------------------------------------------------------------ bandwidth
+
+/// Runs timed back to back per sample (the host queues them while the GPU works on `busy`).
+const BATCH: usize = 10;
+
+/// Median GPU time in µs of one `f` over 50 samples, each the time between two CUDA events around
+/// `BATCH` runs divided by `BATCH`. A large matmul queued before each sample keeps the GPU busy
+/// while the host queues the runs, so that host-side launch cost does not count.
+fn median_us(dev: &Device, busy: &Tensor, mut f: impl FnMut(usize)) -> f64 {
+    const SAMPLES: usize = 50;
+    let stream = dev.as_cuda_device().unwrap().cuda_stream();
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    (0..BATCH).for_each(&mut f);
+    let mut times: Vec<f64> = (0..SAMPLES)
+        .map(|s| {
+            drop(busy.matmul(busy).unwrap());
+            let start = stream.record_event(flags).unwrap();
+            (0..BATCH).for_each(|j| f(s * BATCH + j));
+            let end = stream.record_event(flags).unwrap();
+            start.elapsed_ms(&end).unwrap() as f64 * 1e3 / BATCH as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[SAMPLES / 2]
+}
+
+/// GB/s of the kernel and of candle's matmul (cuBLAS) at Qwen2.5-1.5B's projection shapes, bf16,
+/// and its LM head in f32 and in bf16, 1 and 8 rows. Weights rotate over copies totalling past the L2 cache so
+/// that each run reads from HBM.
+#[test]
+#[ignore = "benchmark: ./engine-it --ignored --nocapture gemv_bandwidth"]
+fn gemv_bandwidth_qwen2_5_1_5b() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(23);
+    let busy = Tensor::ones((8192, 8192), DType::BF16, &dev).unwrap();
+    let shapes = [
+        ("qkv_proj", 2048, 1536, DType::BF16),
+        ("o_proj", 1536, 1536, DType::BF16),
+        ("gate_up_proj", 17920, 1536, DType::BF16),
+        ("down_proj", 1536, 8960, DType::BF16),
+        ("lm_head", 151936, 1536, DType::F32),
+        ("lm_head", 151936, 1536, DType::BF16),
+    ];
+    eprintln!("shape          dtype  m  weight MB | gemv us   GB/s | candle us   GB/s | speedup");
+    for (name, n, k, dtype) in shapes {
+        let bytes = n * k * dtype.size_in_bytes();
+        let copies = (512usize << 20).div_ceil(bytes).min(64);
+        let ws: Vec<Tensor> = (0..copies)
+            .map(|_| {
+                Tensor::rand(-1f32, 1f32, (n, k), &dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap()
+            })
+            .collect();
+        for m in [1, 8] {
+            let x = upload(uniform(&mut rng, m * k), m, k, dtype, &dev);
+            let ours = median_us(&dev, &busy, |i| drop(gemv(&x, &ws[i % copies]).unwrap()));
+            let theirs = median_us(&dev, &busy, |i| {
+                drop(x.matmul(&ws[i % copies].t().unwrap()).unwrap())
+            });
+            let gbs = |us: f64| bytes as f64 / us / 1e3;
+            eprintln!(
+                "{name:<14} {dtype:<5?} {m}  {:>9.1} | {ours:>7.1} {:>6.0} | {theirs:>9.1} {:>6.0} | {:.2}x",
+                bytes as f64 / 1e6,
+                gbs(ours),
+                gbs(theirs),
+                theirs / ours
+            );
+        }
+    }
+}
