@@ -1,7 +1,10 @@
 //! CUDA versions of the paged-attention ops (kernels in `engine/kernels/*.cu`, loaded through cudarc).
 //!
 //! Same contract as the CPU reference ops in `attention.rs`. Kernels are compiled to PTX by
-//! `engine/build.rs` and JIT-loaded once per device through candle's module cache.
+//! `engine/build.rs` and JIT-loaded once per device through candle's module cache. Attention
+//! steps in which every sequence has one query token run on the decode kernel (`paged_decode.cu`,
+//! switch: `set_decode_kernel`); other steps on the general paged kernel (`paged_attention.cu`)
+//! and the tensor-core prefill kernel (`flash_prefill.cu`).
 
 use super::attention::AttentionMetadata;
 use candle_core::backend::BackendStorage;
@@ -70,6 +73,78 @@ pub fn paged_split() -> (usize, usize) {
 /// side-by-side benchmarks.
 pub fn set_prefill_kernel(kernel: PrefillKernel) {
     PAGED_PREFILL.store(kernel == PrefillKernel::Paged, Ordering::Relaxed);
+}
+
+static DECODE_KERNEL: AtomicBool = AtomicBool::new(true);
+
+/// Turns the decode kernel (`paged_decode.cu`, for steps in which every sequence has one query
+/// token) on or off process-wide (on by default); off, such steps take the general paged kernel.
+/// For tests and side-by-side benchmarks.
+pub fn set_decode_kernel(on: bool) {
+    DECODE_KERNEL.store(on, Ordering::Relaxed);
+}
+
+/// Whether decode-only steps run on the decode kernel.
+pub fn decode_kernel() -> bool {
+    DECODE_KERNEL.load(Ordering::Relaxed)
+}
+
+/// How the decode kernel splits contexts (grid.z): enough partitions that a launch has at least
+/// `DECODE_CTAS_PER_SM` CTAs per SM, each partition at least `DECODE_MIN_PARTITION` keys long
+/// (one 32-key chunk per warp of the CTA).
+static DECODE_CTAS_PER_SM: AtomicUsize = AtomicUsize::new(4);
+static DECODE_MIN_PARTITION: AtomicUsize = AtomicUsize::new(128);
+
+/// Sets the decode kernel's context split (defaults 4 CTAs per SM, partitions of >= 128 keys);
+/// for side-by-side benchmarks.
+pub fn set_decode_split(ctas_per_sm: usize, min_partition_keys: usize) {
+    DECODE_CTAS_PER_SM.store(ctas_per_sm.max(1), Ordering::Relaxed);
+    DECODE_MIN_PARTITION.store(min_partition_keys.max(1), Ordering::Relaxed);
+}
+
+/// The decode kernel's current context split: (CTAs per SM, keys per partition at least).
+pub fn decode_split() -> (usize, usize) {
+    (
+        DECODE_CTAS_PER_SM.load(Ordering::Relaxed),
+        DECODE_MIN_PARTITION.load(Ordering::Relaxed),
+    )
+}
+
+/// Threads per CTA of the decode kernel (`DEC_THREADS` in paged_decode.cu).
+const DECODE_THREADS: u32 = 128;
+/// Keys per warp step of the decode kernel (`DEC_CHUNK`): partitions are whole chunks.
+const DECODE_CHUNK: usize = 32;
+/// Query heads per CTA the decode kernel is instantiated for (`_g<G>` suffix); a GQA group takes
+/// the smallest that holds it, groups above the largest are tiled.
+const DECODE_HEAD_TILES: [usize; 3] = [1, 4, 8];
+
+/// Query heads per decode CTA for a GQA group of `group` heads.
+fn decode_head_tile(group: usize) -> usize {
+    let max = DECODE_HEAD_TILES[DECODE_HEAD_TILES.len() - 1];
+    DECODE_HEAD_TILES
+        .into_iter()
+        .find(|&g| g >= group)
+        .unwrap_or(max)
+}
+
+/// Context partitions of a decode launch of `base_ctas` CTAs before splitting, for contexts up to
+/// `max_ctx` keys: enough to reach `target_ctas`, partitions of at least `min_partition` keys.
+/// Each sequence's own context is split evenly over them in the kernel (whole 32-key chunks).
+fn decode_splits(
+    base_ctas: usize,
+    max_ctx: usize,
+    target_ctas: usize,
+    min_partition: usize,
+) -> usize {
+    if base_ctas >= target_ctas {
+        return 1;
+    }
+    let want = target_ctas.div_ceil(base_ctas.max(1));
+    let partition = max_ctx
+        .div_ceil(want)
+        .max(min_partition)
+        .next_multiple_of(DECODE_CHUNK);
+    max_ctx.div_ceil(partition).max(1)
 }
 
 /// Raw device address of a storage's first element under `layout`, plus the stream-ordering guard
@@ -351,6 +426,20 @@ impl PagedAttention {
         if n == 0 || num_seqs == 0 {
             return Ok(());
         }
+        // Decode-only step: one query token per sequence (query lengths are >= 1, so n tokens
+        // over n sequences; an unknown max_query_len is usize::MAX).
+        let decode_only =
+            n == num_seqs && (self.max_query_len == 1 || self.max_query_len == usize::MAX);
+        if decode_only && decode_kernel() {
+            return self.launch_decode(
+                q,
+                q_l,
+                out,
+                out_l,
+                [(kc, kc_l), (vc, vc_l), (bt, bt_l), (cl, cl_l), (qsl, qs_l)],
+                (num_heads, num_kv_heads, head_dim, block_size, max_blocks),
+            );
+        }
 
         // Sequences of >= FLASH_MIN_QUERY_LEN query tokens go to the tensor-core prefill kernel.
         let flash = !PAGED_PREFILL.load(Ordering::Relaxed)
@@ -505,6 +594,123 @@ impl PagedAttention {
                 .arg(&max_blocks_i)
                 .arg(&qlen_lo)
                 .arg(&scale_log2);
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        drop(parts); // freed in stream order after the kernels
+        Ok(())
+    }
+
+    /// Launches the decode kernel (and its combine when contexts are split) for a step in which
+    /// every sequence has one query token; `launch` has checked every input. `inputs` are the key
+    /// cache, value cache, block tables, context lengths and query starts; `dims` are (num_heads,
+    /// num_kv_heads, head_dim, block_size, max_blocks_per_seq). Scalar kernel arguments only, and
+    /// the split depends on host values alone: capturable in a CUDA graph.
+    fn launch_decode(
+        &self,
+        q: &CudaStorage,
+        q_l: &Layout,
+        out: &mut CudaStorage,
+        out_l: &Layout,
+        inputs: [(&CudaStorage, &Layout); 5],
+        dims: (usize, usize, usize, usize, usize),
+    ) -> Result<()> {
+        let [(kc, kc_l), (vc, vc_l), (bt, bt_l), (cl, cl_l), (qsl, qs_l)] = inputs;
+        let (num_heads, num_kv_heads, head_dim, block_size, max_blocks) = dims;
+        let num_seqs = bt_l.shape().dims2()?.0;
+        let dtype = q.dtype();
+        let dev = q.device.clone();
+        let stream = dev.cuda_stream();
+
+        let group = num_heads / num_kv_heads;
+        let g = decode_head_tile(group);
+        let head_tiles = group.div_ceil(g);
+        let base_ctas = num_seqs * num_kv_heads * head_tiles;
+        let max_ctx = self.max_context_len.clamp(1, max_blocks * block_size);
+        let (ctas_per_sm, min_partition) = decode_split();
+        let target = ctas_per_sm * multiprocessor_count(&stream);
+        let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
+        let parts = if splits > 1 {
+            let rows = num_seqs * num_heads * splits;
+            Some(unsafe {
+                (
+                    dev.alloc::<f32>(rows)?,
+                    dev.alloc::<f32>(rows)?,
+                    dev.alloc::<f32>(rows * head_dim)?,
+                )
+            })
+        } else {
+            None
+        };
+
+        let suffix = dtype_suffix(dtype)?;
+        let (q_ptr, _g0) = device_ptr(q, q_l, &stream)?;
+        let (kc_ptr, _g1) = device_ptr(kc, kc_l, &stream)?;
+        let (vc_ptr, _g2) = device_ptr(vc, vc_l, &stream)?;
+        let (bt_ptr, _g3) = device_ptr(bt, bt_l, &stream)?;
+        let (cl_ptr, _g4) = device_ptr(cl, cl_l, &stream)?;
+        let (qs_ptr, _g5) = device_ptr(qsl, qs_l, &stream)?;
+        for (p, what) in [(q_ptr, "q"), (kc_ptr, "key_cache"), (vc_ptr, "value_cache")] {
+            if p % 16 != 0 {
+                bail!("paged_attention: {what} is not 16-byte aligned")
+            }
+        }
+        let (out_ptr, _g6) = device_ptr_mut(out, out_l, &stream)?;
+        let (pm, pl, pa) = match &parts {
+            Some((m, l, a)) => (
+                m.device_ptr(&stream).0,
+                l.device_ptr(&stream).0,
+                a.device_ptr(&stream).0,
+            ),
+            None => (0u64, 0u64, 0u64),
+        };
+
+        let (num_heads_i, kv_heads_i) = (num_heads as i32, num_kv_heads as i32);
+        let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let func = dev.get_or_load_custom_func(
+            &format!("paged_decode_{suffix}_d{head_dim}_g{g}"),
+            "paged_decode",
+            ptx::PAGED_DECODE,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                num_seqs as u32,
+                (num_kv_heads * head_tiles) as u32,
+                splits as u32,
+            ),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = func.builder();
+        b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
+        b.arg(&q_ptr)
+            .arg(&kc_ptr)
+            .arg(&vc_ptr)
+            .arg(&bt_ptr)
+            .arg(&cl_ptr)
+            .arg(&qs_ptr);
+        b.arg(&num_heads_i)
+            .arg(&kv_heads_i)
+            .arg(&block_size_i)
+            .arg(&max_blocks_i)
+            .arg(&scale_log2);
+        unsafe { b.launch(cfg) }.w()?;
+
+        if splits > 1 {
+            let func = dev.get_or_load_custom_func(
+                &format!("paged_decode_combine_{suffix}_d{head_dim}"),
+                "paged_decode",
+                ptx::PAGED_DECODE,
+            )?;
+            let splits_i = splits as i32;
+            let cfg = LaunchConfig {
+                grid_dim: (num_seqs as u32, num_heads as u32, 1),
+                block_dim: (head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = func.builder();
+            b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
+            b.arg(&cl_ptr).arg(&qs_ptr).arg(&num_heads_i).arg(&splits_i);
             unsafe { b.launch(cfg) }.w()?;
         }
         drop(parts); // freed in stream order after the kernels

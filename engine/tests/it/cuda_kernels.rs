@@ -2,12 +2,14 @@
 //!
 //! Built only with `--features cuda`; each test needs a CUDA device and fails if none is present.
 //! `bench_paged_attention_decode` (ignored by default) times decode at Qwen2.5-1.5B shape against
-//! the HBM floor; set `KERNEL_BENCH_OUT=<file>` to also write its table as markdown.
+//! the HBM floor, decode kernel on and off; set `KERNEL_BENCH_OUT=<file>` to also write its table
+//! as markdown.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
 use engine::model::attention_cuda::{
-    paged_attention_into, set_prefill_kernel, write_kv_cache, PrefillKernel,
+    decode_split, paged_attention_into, set_decode_kernel, set_decode_split, set_prefill_kernel,
+    write_kv_cache, PrefillKernel,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -84,8 +86,38 @@ fn host_f32(t: &Tensor) -> Vec<f32> {
         .expect("copy to host")
 }
 
-/// Runs one case in one dtype; returns the relative L2 error against the f64 reference.
-fn check_attention(c: &Case, dtype: DType, seed: u64) -> f64 {
+/// One kernel run: the output (host f32) and the host copies of its (rounded) inputs.
+struct Run {
+    got: Vec<f32>,
+    q: Vec<f32>,
+    kc: Vec<f32>,
+    vc: Vec<f32>,
+    tables: Vec<Vec<u32>>,
+    scale: f64,
+}
+
+impl Run {
+    /// The f64 reference of this run's inputs.
+    fn reference(&self, c: &Case) -> Vec<f64> {
+        reference(c, &self.q, &self.kc, &self.vc, &self.tables, self.scale)
+    }
+}
+
+/// Relative L2 distance of `got` from `want`.
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den).sqrt()
+}
+
+/// Runs one case in one dtype on random inputs drawn from `seed` (same seed, same inputs), with
+/// `extra_cols` padding columns (block 0) in the block table, as CUDA-graph buckets have.
+fn run_attention(c: &Case, dtype: DType, seed: u64, extra_cols: usize) -> Run {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(seed);
     let (h, kvh, d, bs) = (c.heads, c.kv_heads, c.head_dim, c.block_size);
@@ -101,7 +133,7 @@ fn check_attention(c: &Case, dtype: DType, seed: u64) -> f64 {
         tables.push(ids[next..next + nb].to_vec());
         next += nb;
     }
-    let max_blocks = *blocks_per_seq.iter().max().unwrap();
+    let max_blocks = *blocks_per_seq.iter().max().unwrap() + extra_cols;
     let mut flat_tables = vec![0u32; c.seqs.len() * max_blocks];
     for (s, t) in tables.iter().enumerate() {
         flat_tables[s * max_blocks..][..t.len()].copy_from_slice(t);
@@ -138,23 +170,22 @@ fn check_attention(c: &Case, dtype: DType, seed: u64) -> f64 {
     paged_attention_into(&out, &q, &kc, &vc, &bt, &cl, &qs, None, scale as f32)
         .expect("paged_attention_into");
     let got = host_f32(&out);
-    let want = reference(
-        c,
-        &host_f32(&q),
-        &host_f32(&kc),
-        &host_f32(&vc),
-        &tables,
-        scale,
-    );
     let nan = got.iter().filter(|x| !x.is_finite()).count();
     assert_eq!(nan, 0, "{nan} output elements not written or not finite");
-    let num: f64 = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (*g as f64 - w).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    (num / den).sqrt()
+    Run {
+        got,
+        q: host_f32(&q),
+        kc: host_f32(&kc),
+        vc: host_f32(&vc),
+        tables,
+        scale,
+    }
+}
+
+/// Runs one case in one dtype; returns the relative L2 error against the f64 reference.
+fn check_attention(c: &Case, dtype: DType, seed: u64) -> f64 {
+    let run = run_attention(c, dtype, seed, 0);
+    rel_l2(&run.got, &run.reference(c))
 }
 
 fn tolerance(dtype: DType) -> f64 {
@@ -264,6 +295,76 @@ fn paged_attention_matches_reference() {
     }
 }
 
+/// The decode kernel (every sequence one query token) against the f64 reference and against the
+/// general paged kernel (decode kernel off), over GQA groups 1, 3, 6, 8 and 16 (two head tiles),
+/// every head size, batches 1, 3, 17 and 64 with contexts of 1 to 3000 keys crossing block and
+/// partition boundaries, shuffled blocks, padded block tables, and three context splits (one
+/// partition; the default; many short partitions, some empty).
+#[test]
+fn paged_decode_matches_reference() {
+    // (heads, kv_heads, head_dim, block_size)
+    let shapes = [
+        (4, 4, 64, 16),
+        (6, 2, 80, 32),
+        (12, 2, 128, 16),
+        (16, 2, 96, 8),
+        (16, 1, 128, 16),
+    ];
+    let mut rng = StdRng::seed_from_u64(2024);
+    let batches: Vec<Vec<usize>> = vec![
+        vec![2999],
+        vec![1],
+        vec![3, 17, 2048],
+        vec![
+            1, 15, 16, 17, 31, 32, 33, 127, 128, 129, 255, 256, 257, 1000, 2047, 2500, 3000,
+        ],
+        (0..64).map(|_| rng.gen_range(1..=1500)).collect(),
+    ];
+    let default_split = decode_split();
+    // (CTAs per SM, min keys per partition): always one partition; the default; many small ones.
+    let splits = [(1, 1 << 20), default_split, (64, 32)];
+    let mut seed = 1000;
+    for (si, &(heads, kv_heads, head_dim, block_size)) in shapes.iter().enumerate() {
+        for (bi, ctxs) in batches.iter().enumerate() {
+            let c = Case {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size,
+                seqs: ctxs.iter().map(|&ctx| (1, ctx)).collect(),
+            };
+            let extra_cols = (si + bi) % 3 * 2; // 0, 2 or 4 padding columns
+            for dtype in [DType::BF16, DType::F16, DType::F32] {
+                seed += 1;
+                set_decode_kernel(false);
+                let off = run_attention(&c, dtype, seed, extra_cols);
+                set_decode_kernel(true);
+                let want = off.reference(&c);
+                let err_off = rel_l2(&off.got, &want);
+                for &(ctas, min_keys) in &splits {
+                    set_decode_split(ctas, min_keys);
+                    let on = run_attention(&c, dtype, seed, extra_cols);
+                    set_decode_split(default_split.0, default_split.1);
+                    let err = rel_l2(&on.got, &want);
+                    let want_off: Vec<f64> = off.got.iter().map(|&x| x as f64).collect();
+                    let diff = rel_l2(&on.got, &want_off);
+                    let what = format!(
+                        "{heads}/{kv_heads} heads, d{head_dim}, block {block_size}, batch {}, \
+                         {dtype:?}, split ({ctas}, {min_keys})",
+                        ctxs.len()
+                    );
+                    println!(
+                        "{what}: rel L2 vs reference {err:.3e} (decode kernel off {err_off:.3e}), \
+                         vs kernel off {diff:.3e}"
+                    );
+                    assert!(err < tolerance(dtype), "{what}: rel error {err:.3e}");
+                    assert!(diff < tolerance(dtype), "{what}: on vs off {diff:.3e}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn write_kv_cache_writes_exactly_the_mapped_slots() {
     let dev = gpu();
@@ -365,7 +466,7 @@ fn bench_paged_attention_decode() {
     let (h, kvh, d, bs, ctx) = (12usize, 2usize, 128usize, 16usize, 1024usize);
     let bw = copy_bandwidth(&dev);
     let mut rows = vec![format!(
-        "| batch | context | KV bytes read | median us/call | floor us (KV bytes / copy bw) | achieved GB/s | x floor |\n|---:|---:|---:|---:|---:|---:|---:|"
+        "| kernel | batch | context | KV bytes read | median us/call | floor us (KV bytes / copy bw) | achieved GB/s | x floor |\n|---|---:|---:|---:|---:|---:|---:|---:|"
     )];
     println!("copy bandwidth (read+write): {:.0} GB/s", bw / 1e9);
     let mut rng = StdRng::seed_from_u64(1);
@@ -418,30 +519,35 @@ fn bench_paged_attention_decode() {
             )
             .unwrap()
         };
-        for i in 0..20 {
-            run(i);
-        }
-        let reps = 200;
-        let mut per_call = Vec::new();
-        for r in 0..7 {
-            dev.synchronize().unwrap();
-            let t = Instant::now();
-            for i in 0..reps {
-                run(r * reps + i);
+        // The decode kernel, then the general paged kernel on the same inputs.
+        for (kernel, on) in [("decode", true), ("paged", false)] {
+            set_decode_kernel(on);
+            for i in 0..20 {
+                run(i);
             }
-            dev.synchronize().unwrap();
-            per_call.push(t.elapsed().as_secs_f64() / reps as f64);
+            let reps = 200;
+            let mut per_call = Vec::new();
+            for r in 0..7 {
+                dev.synchronize().unwrap();
+                let t = Instant::now();
+                for i in 0..reps {
+                    run(r * reps + i);
+                }
+                dev.synchronize().unwrap();
+                per_call.push(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            set_decode_kernel(true);
+            let t = median(per_call);
+            let floor = kv_bytes as f64 / bw;
+            rows.push(format!(
+                "| {kernel} | {batch} | {ctx} | {:.2} MiB | {:.1} | {:.1} | {:.0} | {:.1} |",
+                kv_bytes as f64 / (1 << 20) as f64,
+                t * 1e6,
+                floor * 1e6,
+                kv_bytes as f64 / t / 1e9,
+                t / floor
+            ));
         }
-        let t = median(per_call);
-        let floor = kv_bytes as f64 / bw;
-        rows.push(format!(
-            "| {batch} | {ctx} | {:.2} MiB | {:.1} | {:.1} | {:.0} | {:.1} |",
-            kv_bytes as f64 / (1 << 20) as f64,
-            t * 1e6,
-            floor * 1e6,
-            kv_bytes as f64 / t / 1e9,
-            t / floor
-        ));
     }
     let table = format!(
         "Paged-attention decode, Qwen2.5-1.5B shape (12 q heads, 2 kv heads, head_dim 128, bf16, \

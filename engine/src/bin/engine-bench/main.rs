@@ -69,6 +69,10 @@ struct Cli {
     /// `CTAS_PER_SM:MIN_TILES` (e.g. `2:2,8:1,32:1`; the engine's default is 2:2).
     #[arg(long, value_delimiter = ',')]
     attn_splits: Vec<String>,
+    /// The same for the decode kernel's split, each `CTAS_PER_SM:MIN_PARTITION_KEYS` (the
+    /// engine's default is 4:128).
+    #[arg(long, value_delimiter = ',')]
+    decode_splits: Vec<String>,
     /// Also write the table here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -289,6 +293,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
     let mut v = vec![
         "as served",
         "cuBLAS for 1-8 rows",
+        "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
     ];
@@ -307,6 +312,7 @@ fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> R
         "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
         "cuBLAS for 1-8 rows" => engine::model::gemv::set_gemv_kernel(!on),
+        "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => {}
     }
     Ok(())
@@ -523,7 +529,8 @@ fn main() -> Result<()> {
     #[cfg(not(feature = "cuda"))]
     let dparts: Vec<DecodeParts> = Vec::new();
     #[cfg(feature = "cuda")]
-    let sweep = if device.is_cuda() && !cli.attn_splits.is_empty() {
+    let sweep = if device.is_cuda() && !(cli.attn_splits.is_empty() && cli.decode_splits.is_empty())
+    {
         let (_, cache) = runner_parts(&mut runner);
         split_sweep(&device, dtype, &cfg, &cli, cache)?
     } else {
@@ -631,7 +638,8 @@ fn decode_parts(
 }
 
 /// Decode attention (every layer, queued GPU ms) at each batch size under each `--attn-splits`
-/// setting: rows of (setting, [(batch, ms)]).
+/// setting of the paged kernel (decode kernel off) and each `--decode-splits` setting of the
+/// decode kernel: rows of (setting, [(batch, ms)]).
 #[cfg(feature = "cuda")]
 fn split_sweep(
     device: &Device,
@@ -640,15 +648,30 @@ fn split_sweep(
     cli: &Cli,
     cache: &KvCache,
 ) -> Result<Vec<(String, Vec<(usize, f64)>)>> {
-    use engine::model::attention_cuda::{paged_split, set_paged_split};
-    let default = paged_split();
+    use engine::model::attention_cuda::{
+        decode_kernel, decode_split, paged_split, set_decode_kernel, set_decode_split,
+        set_paged_split,
+    };
+    let defaults = (paged_split(), decode_split(), decode_kernel());
     let mut q = QueuedTimer::new(device)?;
     let mut rows = Vec::new();
-    for setting in &cli.attn_splits {
+    let settings = cli
+        .attn_splits
+        .iter()
+        .map(|s| ("paged", s))
+        .chain(cli.decode_splits.iter().map(|s| ("decode", s)));
+    for (kernel, setting) in settings {
         let (a, b) = setting
             .split_once(':')
-            .with_context(|| format!("--attn-splits {setting:?}: want CTAS_PER_SM:MIN_TILES"))?;
-        set_paged_split(a.trim().parse()?, b.trim().parse()?);
+            .with_context(|| format!("split {setting:?}: want A:B"))?;
+        let (a, b): (usize, usize) = (a.trim().parse()?, b.trim().parse()?);
+        if kernel == "paged" {
+            set_decode_kernel(false);
+            set_paged_split(a, b);
+        } else {
+            set_decode_kernel(true);
+            set_decode_split(a, b);
+        }
         let mut row = Vec::new();
         let mut time = |f: &mut dyn FnMut() -> Result<()>| q.time(device, f);
         for &batch in &cli.batch_sizes {
@@ -656,12 +679,14 @@ fn split_sweep(
             let fb = engine::runner::build_forward_batch(&step, cli.block_size)?;
             let ms =
                 parts::attention_ms(device, dtype, cfg, &fb, cache, cli.iters.max(1), &mut time)?;
-            eprintln!("attention split {setting}, batch {batch}: {ms:.3} ms");
+            eprintln!("attention {kernel} {setting}, batch {batch}: {ms:.3} ms");
             row.push((batch, ms));
         }
-        rows.push((setting.clone(), row));
+        rows.push((format!("{kernel} {setting}"), row));
     }
-    set_paged_split(default.0, default.1);
+    set_paged_split(defaults.0 .0, defaults.0 .1);
+    set_decode_split(defaults.1 .0, defaults.1 .1);
+    set_decode_kernel(defaults.2);
     Ok(rows)
 }
 
@@ -816,7 +841,7 @@ fn render(
         let _ = writeln!(s, "\nEach part alone over every layer at the step's batch: the four projections (distinct weights cycled so that they come from HBM), the LM head (16-bit head, f32 logits), paged attention over the filled cache, and the fused elementwise ops. The parts' kernels are queued behind ~{BUSY_MATMULS} large matmuls, so their events time the kernels without launch gaps; the difference from the step is the embedding, the rotary tables and what a whole step adds.\n");
     }
     if !sweep.is_empty() {
-        let _ = writeln!(s, "### Decode attention by context split (GPU ms over every layer, queued; CTAs per SM : key tiles per partition)\n");
+        let _ = writeln!(s, "### Decode attention by kernel and context split (GPU ms over every layer, queued; paged kernel: CTAs per SM : key tiles per partition; decode kernel: CTAs per SM : keys per partition)\n");
         let _ = writeln!(
             s,
             "| split | {} |",
