@@ -271,7 +271,7 @@ if [ "$STAGE" = g ]; then
     tests=${TESTS:-cuda_kernels cuda_fused cuda_bf16_logits}
     [ -z "${TESTS:-}" ] && [ -f "$LAB/smollm2.gguf" ] && tests="$tests cuda_smollm2"
     # shellcheck disable=SC2086
-    SMOLLM2_GGUF=$LAB/smollm2.gguf timeout 200 "$LAB/engine-it" --test-threads=2 --nocapture $tests \
+    SMOLLM2_GGUF=$LAB/smollm2.gguf timeout 240 "$LAB/engine-it" --test-threads=${TEST_THREADS:-2} --nocapture $tests \
         > "$dir/cuda-tests.log" 2>&1
     grep -E "^test |test result|panicked" "$dir/cuda-tests.log" | tail -30
     echo "== 1. engine-bench, Qwen2.5-1.5B shape ($(left) s left)"

@@ -84,9 +84,34 @@ pub fn set_decode_kernel(on: bool) {
     DECODE_KERNEL.store(on, Ordering::Relaxed);
 }
 
-/// Whether decode-only steps run on the decode kernel.
+/// Whether decode-only steps may run on the decode kernel (the process-wide switch).
 pub fn decode_kernel() -> bool {
     DECODE_KERNEL.load(Ordering::Relaxed)
+}
+
+/// Fewest sequences a decode-only step needs to take the decode kernel: below, the paged kernel
+/// was faster on an H200 (Qwen2.5-1.5B shape, context 1k, all layers: 0.58 against 0.75 ms at
+/// batch 1, 0.79 against 0.82 at 8; the decode kernel won at 32 and 128, 1.55 against 1.92 and
+/// 3.92 against 5.77 ms; days/gpu-engine/run10, run9).
+pub const DECODE_MIN_SEQS: usize = 16;
+
+thread_local! {
+    static DECODE_THIS_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Overrides the decode-kernel choice for ops called on this thread: `Some(true)` takes it for
+/// every decode-only step whatever its size, `Some(false)` never, `None` follows the switch and
+/// `DECODE_MIN_SEQS`. For tests that compare kernels while other threads run.
+pub fn set_decode_kernel_on_this_thread(on: Option<bool>) {
+    DECODE_THIS_THREAD.with(|t| t.set(on));
+}
+
+/// Whether a decode-only step of `num_seqs` sequences runs on the decode kernel.
+fn takes_decode_kernel(num_seqs: usize) -> bool {
+    match DECODE_THIS_THREAD.with(|t| t.get()) {
+        Some(on) => on,
+        None => decode_kernel() && num_seqs >= DECODE_MIN_SEQS,
+    }
 }
 
 /// How the decode kernel splits contexts (grid.z): enough partitions that a launch has at least
@@ -430,7 +455,7 @@ impl PagedAttention {
         // over n sequences; an unknown max_query_len is usize::MAX).
         let decode_only =
             n == num_seqs && (self.max_query_len == 1 || self.max_query_len == usize::MAX);
-        if decode_only && decode_kernel() {
+        if decode_only && takes_decode_kernel(num_seqs) {
             return self.launch_decode(
                 q,
                 q_l,

@@ -7,6 +7,10 @@ use candle_core::{Result, Tensor};
 
 /// Most rows of x the CUDA kernel takes (`engine/kernels/gemv.cu` is instantiated for 1..=8).
 pub const MAX_ROWS: usize = 8;
+/// Most rows the model sends to the kernel: on an H200 at the Qwen2.5-1.5B projections it beat
+/// cuBLAS at 1 row (42 against 48 us per layer) and lost at 8 (71 against 47 us;
+/// `days/gpu-engine/run10/gemv-bw.log`). A thread's override `Some(true)` takes it up to `MAX_ROWS`.
+pub const SERVED_ROWS: usize = 1;
 
 static GEMV_KERNEL: AtomicBool = AtomicBool::new(true);
 
@@ -28,13 +32,22 @@ pub fn set_gemv_kernel_on_this_thread(enabled: Option<bool>) {
 
 /// Whether projections called on this thread may take the kernel.
 pub fn gemv_kernel_enabled() -> bool {
-    THIS_THREAD
-        .with(Cell::get)
-        .unwrap_or_else(|| GEMV_KERNEL.load(Ordering::Relaxed))
+    max_kernel_rows() > 0
+}
+
+/// Most rows of x that take the kernel on this thread: `SERVED_ROWS` when the switch is on,
+/// `MAX_ROWS` under a thread override `Some(true)`, none when off.
+fn max_kernel_rows() -> usize {
+    match THIS_THREAD.with(Cell::get) {
+        Some(true) => MAX_ROWS,
+        Some(false) => 0,
+        None if GEMV_KERNEL.load(Ordering::Relaxed) => SERVED_ROWS,
+        None => 0,
+    }
 }
 
 /// `x W^T` for x `[m, k]` and a weight W `[n, k]` (the Linear layout). CUDA tensors with
-/// 1..=`MAX_ROWS` contiguous rows and a contiguous weight of the same dtype (f32, f16, bf16) take
+/// 1..=`SERVED_ROWS` (a thread override: `MAX_ROWS`) contiguous rows and a contiguous weight of the same dtype (f32, f16, bf16) take
 /// the kernel (f32 accumulation, one rounding); everything else is exactly `x.matmul(&w.t()?)`.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -48,7 +61,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 fn takes_kernel(x: &Tensor, w: &Tensor) -> bool {
     use candle_core::DType;
     let shapes_fit = match (x.dims(), w.dims()) {
-        (&[m, k], &[n, k2]) => (1..=MAX_ROWS).contains(&m) && k == k2 && k > 0 && n > 0,
+        (&[m, k], &[n, k2]) => (1..=max_kernel_rows()).contains(&m) && k == k2 && k > 0 && n > 0,
         _ => false,
     };
     shapes_fit
@@ -58,7 +71,6 @@ fn takes_kernel(x: &Tensor, w: &Tensor) -> bool {
         && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && x.is_contiguous()
         && w.is_contiguous()
-        && gemv_kernel_enabled()
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use engine::model::attention_cuda::{
-    decode_split, paged_attention_into, set_decode_kernel, set_decode_split, set_prefill_kernel,
-    write_kv_cache, PrefillKernel,
+    decode_split, paged_attention_into, set_decode_kernel_on_this_thread, set_decode_split,
+    set_prefill_kernel, write_kv_cache, PrefillKernel,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -336,9 +336,9 @@ fn paged_decode_matches_reference() {
             let extra_cols = (si + bi) % 3 * 2; // 0, 2 or 4 padding columns
             for dtype in [DType::BF16, DType::F16, DType::F32] {
                 seed += 1;
-                set_decode_kernel(false);
+                set_decode_kernel_on_this_thread(Some(false));
                 let off = run_attention(&c, dtype, seed, extra_cols);
-                set_decode_kernel(true);
+                set_decode_kernel_on_this_thread(Some(true));
                 let want = off.reference(&c);
                 let err_off = rel_l2(&off.got, &want);
                 for &(ctas, min_keys) in &splits {
@@ -521,7 +521,7 @@ fn bench_paged_attention_decode() {
         };
         // The decode kernel, then the general paged kernel on the same inputs.
         for (kernel, on) in [("decode", true), ("paged", false)] {
-            set_decode_kernel(on);
+            set_decode_kernel_on_this_thread(Some(on));
             for i in 0..20 {
                 run(i);
             }
@@ -536,7 +536,7 @@ fn bench_paged_attention_decode() {
                 dev.synchronize().unwrap();
                 per_call.push(t.elapsed().as_secs_f64() / reps as f64);
             }
-            set_decode_kernel(true);
+            set_decode_kernel_on_this_thread(None);
             let t = median(per_call);
             let floor = kv_bytes as f64 / bw;
             rows.push(format!(

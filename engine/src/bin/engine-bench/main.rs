@@ -292,7 +292,7 @@ const EAGER: &str = "eager (no CUDA graphs)";
 fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
     let mut v = vec![
         "as served",
-        "cuBLAS for 1-8 rows",
+        "cuBLAS for every projection",
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -311,7 +311,7 @@ fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> R
     match variant {
         "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
-        "cuBLAS for 1-8 rows" => engine::model::gemv::set_gemv_kernel(!on),
+        "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => {}
     }
@@ -649,10 +649,10 @@ fn split_sweep(
     cache: &KvCache,
 ) -> Result<Vec<(String, Vec<(usize, f64)>)>> {
     use engine::model::attention_cuda::{
-        decode_kernel, decode_split, paged_split, set_decode_kernel, set_decode_split,
+        decode_split, paged_split, set_decode_kernel_on_this_thread, set_decode_split,
         set_paged_split,
     };
-    let defaults = (paged_split(), decode_split(), decode_kernel());
+    let defaults = (paged_split(), decode_split());
     let mut q = QueuedTimer::new(device)?;
     let mut rows = Vec::new();
     let settings = cli
@@ -665,11 +665,12 @@ fn split_sweep(
             .split_once(':')
             .with_context(|| format!("split {setting:?}: want A:B"))?;
         let (a, b): (usize, usize) = (a.trim().parse()?, b.trim().parse()?);
+        // Each kernel at every batch size (the engine picks by size: DECODE_MIN_SEQS).
         if kernel == "paged" {
-            set_decode_kernel(false);
+            set_decode_kernel_on_this_thread(Some(false));
             set_paged_split(a, b);
         } else {
-            set_decode_kernel(true);
+            set_decode_kernel_on_this_thread(Some(true));
             set_decode_split(a, b);
         }
         let mut row = Vec::new();
@@ -686,7 +687,7 @@ fn split_sweep(
     }
     set_paged_split(defaults.0 .0, defaults.0 .1);
     set_decode_split(defaults.1 .0, defaults.1 .1);
-    set_decode_kernel(defaults.2);
+    set_decode_kernel_on_this_thread(None);
     Ok(rows)
 }
 

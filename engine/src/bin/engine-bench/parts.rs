@@ -15,8 +15,8 @@ pub type Timer<'a> = &'a mut dyn FnMut(&mut dyn FnMut() -> Result<()>) -> Result
 /// in the L2 cache when it comes round again (decode reads them from HBM, as the model does).
 const WEIGHT_BYTES_PER_PASS: usize = 512 << 20;
 
-/// Milliseconds of the four projections (qkv, o, gate_up, down: x W^T, as the model runs them)
-/// for `n` tokens over every layer.
+/// Milliseconds of the four projections (qkv, o, gate_up, down: x W^T through
+/// `gemv::matmul_t`, as the model runs them) for `n` tokens over every layer.
 pub fn matmuls_ms(
     device: &Device,
     dtype: DType,
@@ -50,7 +50,7 @@ pub fn matmuls_ms(
         time(&mut || {
             for l in 0..cfg.num_hidden_layers {
                 for (x, w) in xs.iter().zip(&ws[l % sets]) {
-                    let _ = x.matmul(&w.t()?)?;
+                    let _ = engine::model::gemv::matmul_t(x, w)?;
                 }
             }
             Ok(())
