@@ -406,8 +406,15 @@ fn fair_first_token_quantum_prefills_a_burst_back_to_back() {
     // 12 prompts of 20..64 tokens: 504 prompt tokens need at least 11 steps of 48.
     let (decode_only, steps) = fair_burst(1);
     assert_eq!(decode_only, 0, "a decode-only step while prompts waited");
-    assert_eq!(steps, 504usize.div_ceil(48), "steps to the last first token");
+    assert_eq!(
+        steps,
+        504usize.div_ceil(48),
+        "steps to the last first token"
+    );
     // With the plain quantum (8) running requests keep generating while prompts wait.
     let (decode_only, later) = fair_burst(8);
-    assert!(decode_only > 0 && later > steps, "{decode_only} decode-only, {later} steps");
+    assert!(
+        decode_only > 0 && later > steps,
+        "{decode_only} decode-only, {later} steps"
+    );
 }

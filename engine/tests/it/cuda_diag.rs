@@ -53,16 +53,25 @@ fn smollm2_bf16_first_step_through_the_warmup() {
         return;
     };
     let dev = Device::new_cuda(0).unwrap();
-    let model = load_model(std::path::Path::new(&path), LoadFormat::Auto, DType::BF16, &dev, 0)
-        .unwrap();
-    let report = |stage: &str| eprintln!("{stage:<48} top-3 {:?}", first_step(model.as_ref(), &dev));
+    let model = load_model(
+        std::path::Path::new(&path),
+        LoadFormat::Auto,
+        DType::BF16,
+        &dev,
+        0,
+    )
+    .unwrap();
+    let report =
+        |stage: &str| eprintln!("{stage:<48} top-3 {:?}", first_step(model.as_ref(), &dev));
     report("fresh");
     report("again");
     engine::gpu_memory::keep_pool_memory(&dev).unwrap();
     report("after keep_pool_memory");
     model.forward_full(&(0..16u32).collect::<Vec<_>>()).unwrap();
     report("after a 16-token forward_full");
-    model.forward_full(&(0..512u32).collect::<Vec<_>>()).unwrap();
+    model
+        .forward_full(&(0..512u32).collect::<Vec<_>>())
+        .unwrap();
     report("after a 512-token forward_full");
     model
         .forward_full(&(0..2048u32).map(|i| i % 49152).collect::<Vec<_>>())
@@ -84,8 +93,14 @@ fn smollm2_bf16_first_step_through_the_warmup() {
         std::mem::forget(ws);
     }
     report("after cublasSetWorkspace");
-    let fresh = load_model(std::path::Path::new(&path), LoadFormat::Auto, DType::BF16, &dev, 0)
-        .unwrap();
+    let fresh = load_model(
+        std::path::Path::new(&path),
+        LoadFormat::Auto,
+        DType::BF16,
+        &dev,
+        0,
+    )
+    .unwrap();
     eprintln!(
         "{:<48} top-3 {:?}",
         "a second model loaded now",

@@ -522,7 +522,9 @@ fn lm_head_16bit_gives_f32_logits_of_its_values() {
             assert_eq!(got.dtype(), DType::F32);
             assert_eq!(got.dims(), &[n, vocab]);
             let err = rel_l2(&got.to_device(&cpu).unwrap(), &want);
-            eprintln!("LM head {dtype:?} n {n} vocab {vocab} hidden {hidden}: relative L2 {err:.2e}");
+            eprintln!(
+                "LM head {dtype:?} n {n} vocab {vocab} hidden {hidden}: relative L2 {err:.2e}"
+            );
             assert!(err < 1e-5, "{dtype:?} ({n}, {vocab}, {hidden}): {err:.3e}");
         }
     }
