@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "convert.cuh"
+
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 
@@ -30,20 +32,6 @@ __host__ __device__ constexpr int unroll() { return M <= 2 ? 4 : 2; }
 template <int M>
 __host__ __device__ constexpr int min_ctas() { return M >= 5 ? 3 : 4; }
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
 
 // A 16-byte chunk of T as f32 (element 0 in the low bits of word 0).
 template <typename T>

@@ -551,18 +551,7 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     // Warm up on the paged path the server runs: one short sequence through block 0.
     let t = Instant::now();
     let n = args.block_size.min(4);
-    let warm = ForwardBatch {
-        token_ids: (0..n as u32).collect(),
-        positions: (0..n as u32).collect(),
-        slot_mapping: (0..n as i64).collect(),
-        seqs: vec![SeqInput {
-            query_start: 0,
-            query_len: n,
-            context_len: n,
-            block_table: vec![0],
-            compute_logits: true,
-        }],
-    };
+    let warm = ForwardBatch::one_prompt((0..n as u32).collect(), args.block_size);
     model.forward(&warm).map_err(phase("warmup"))?;
     // Then a decode-shaped step (several sequences of one new token each), so that every kernel
     // the serving loop launches is loaded (PTX JIT on CUDA) before the engine reports ready.

@@ -62,6 +62,26 @@ pub struct ForwardBatch {
     pub seqs: Vec<SeqInput>,
 }
 
+impl ForwardBatch {
+    /// One fresh prompt in blocks 0, 1, ... of `block_size` tokens (slots 0..n), logits of its
+    /// last token: warm-ups, benchmarks and tests.
+    pub fn one_prompt(token_ids: Vec<u32>, block_size: usize) -> Self {
+        let n = token_ids.len();
+        Self {
+            token_ids,
+            positions: (0..n as u32).collect(),
+            slot_mapping: (0..n as i64).collect(),
+            seqs: vec![SeqInput {
+                query_start: 0,
+                query_len: n,
+                context_len: n,
+                block_table: (0..n.div_ceil(block_size.max(1)) as u32).collect(),
+                compute_logits: true,
+            }],
+        }
+    }
+}
+
 /// A decoder-only language model served by the engine.
 pub trait CausalLM: Send {
     fn config(&self) -> &ModelConfig;

@@ -1,14 +1,12 @@
 //! The skinny-matmul kernel (`model::gemv`) on the GPU against an f64 CPU reference, the model's
 //! logits with it on and off, and (ignored) its bandwidth next to candle's matmul.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
+use super::cuda_model::{rel_l2, tiny_qwen2_dir, two_steps};
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
 use engine::model::gemv::{matmul_t, set_gemv_kernel_on_this_thread};
 use engine::model::gemv_cuda::{gemv, gemv_into};
-use engine::model::{ForwardBatch, KvCache, SeqInput};
+use engine::model::KvCache;
 use engine::weights::{load_model, LoadFormat};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -187,101 +185,6 @@ fn gemv_off_or_out_of_range_is_candle_matmul() {
 }
 
 // ------------------------------------------------------------------------------ the model
-
-/// A tiny Qwen2-shaped model (QKV bias, GQA 4/2, head_dim 64) with random weights drawn on the
-/// CPU, written as safetensors (as in `cuda_model.rs`).
-fn tiny_qwen2_dir(seed: u64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cuda-gemv-tiny-{}-{seed}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (h, heads, kvh, hd, inter, layers, vocab) = (256, 4, 2, 64, 512, 2, 1000);
-    let config = serde_json::json!({
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kvh, "vocab_size": vocab,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "tie_word_embeddings": false, "use_sliding_window": false,
-        "bos_token_id": 1, "eos_token_id": 2
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let cpu = Device::Cpu;
-    cpu.set_seed(seed).ok();
-    let rand = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &cpu).unwrap();
-    let mut w: HashMap<String, Tensor> = HashMap::new();
-    w.insert("model.embed_tokens.weight".into(), rand(&[vocab, h], 1.0));
-    w.insert("lm_head.weight".into(), rand(&[vocab, h], 0.05));
-    w.insert("model.norm.weight".into(), (rand(&[h], 0.1) + 1.0).unwrap());
-    let (q, kv) = (heads * hd, kvh * hd);
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        let mut put = |name: &str, t: Tensor| {
-            w.insert(format!("{p}.{name}"), t);
-        };
-        put("self_attn.q_proj.weight", rand(&[q, h], 0.08));
-        put("self_attn.k_proj.weight", rand(&[kv, h], 0.08));
-        put("self_attn.v_proj.weight", rand(&[kv, h], 0.08));
-        put("self_attn.q_proj.bias", rand(&[q], 0.1));
-        put("self_attn.k_proj.bias", rand(&[kv], 0.1));
-        put("self_attn.v_proj.bias", rand(&[kv], 0.1));
-        put("self_attn.o_proj.weight", rand(&[h, q], 0.06));
-        put("mlp.gate_proj.weight", rand(&[inter, h], 0.06));
-        put("mlp.up_proj.weight", rand(&[inter, h], 0.06));
-        put("mlp.down_proj.weight", rand(&[h, inter], 0.05));
-        put("input_layernorm.weight", (rand(&[h], 0.1) + 1.0).unwrap());
-        put(
-            "post_attention_layernorm.weight",
-            (rand(&[h], 0.1) + 1.0).unwrap(),
-        );
-    }
-    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
-    dir
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (host(a), host(b));
-    assert_eq!(a.len(), b.len());
-    assert!(a.iter().all(|x| x.is_finite()), "non-finite logits");
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(&b) {
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den).sqrt()
-}
-
-/// A prefill of two prompts (20 and 37 tokens) and a decode step of both (2 rows).
-fn two_steps(vocab: u32) -> [ForwardBatch; 2] {
-    let tables: [Vec<u32>; 2] = [vec![5, 2], vec![0, 7, 3]];
-    let (mut pre, mut dec) = (ForwardBatch::default(), ForwardBatch::default());
-    for (s, len) in [20usize, 37].into_iter().enumerate() {
-        let slot = |pos: usize| {
-            tables[s][pos / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64
-        };
-        pre.seqs.push(SeqInput {
-            query_start: pre.token_ids.len(),
-            query_len: len,
-            context_len: len,
-            block_table: tables[s][..len.div_ceil(BLOCK_SIZE)].to_vec(),
-            compute_logits: true,
-        });
-        for p in 0..len {
-            pre.token_ids
-                .push((p as u32 * 37 + s as u32 * 11 + 3) % vocab);
-            pre.positions.push(p as u32);
-            pre.slot_mapping.push(slot(p));
-        }
-        dec.seqs.push(SeqInput {
-            query_start: s,
-            query_len: 1,
-            context_len: len + 1,
-            block_table: tables[s][..(len + 1).div_ceil(BLOCK_SIZE)].to_vec(),
-            compute_logits: true,
-        });
-        dec.token_ids.push((s as u32 * 101 + 17) % vocab);
-        dec.positions.push(len as u32);
-        dec.slot_mapping.push(slot(len));
-    }
-    [pre, dec]
-}
 
 /// Paged logits of both steps, dense logits of a 6-token prompt, and the decode step replayed
 /// from a CUDA graph (the kernel captured), with the kernel `on` or off on this thread.

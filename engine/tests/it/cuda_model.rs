@@ -354,19 +354,7 @@ fn cuda_smollm2_prompt_logits_against_cpu() {
         let dense = last(m.forward_full(&TEMPLATE_IDS).unwrap());
         let cfg = m.config().clone();
         let mut cache = KvCache::new(&cfg, 4, BLOCK_SIZE, dtype, &dev).unwrap();
-        let n = TEMPLATE_IDS.len();
-        let batch = ForwardBatch {
-            token_ids: TEMPLATE_IDS.to_vec(),
-            positions: (0..n as u32).collect(),
-            slot_mapping: (0..n as i64).collect(),
-            seqs: vec![SeqInput {
-                query_start: 0,
-                query_len: n,
-                context_len: n,
-                block_table: (0..n.div_ceil(BLOCK_SIZE) as u32).collect(),
-                compute_logits: true,
-            }],
-        };
+        let batch = ForwardBatch::one_prompt(TEMPLATE_IDS.to_vec(), BLOCK_SIZE);
         let paged = m.forward(&batch, &mut cache).unwrap().get(0).unwrap();
         for (what, t) in [("dense", dense), ("paged", paged)] {
             let err = rel_l2(&t, &reference);

@@ -18,7 +18,7 @@ use engine::args::{DeviceArg, DtypeArg};
 use engine::config::ModelConfig;
 use engine::core::ModelExecutor;
 use engine::launch::{resolve_dtype, select_device};
-use engine::model::{CausalLM, ForwardBatch, KvCache, SeqInput};
+use engine::model::{CausalLM, ForwardBatch, KvCache};
 use engine::runner::ModelRunner;
 use engine::sampling::SamplingParams;
 use engine::sched::{ScheduledRequest, SchedulerOutput};
@@ -270,18 +270,8 @@ fn decode_step(batch: usize, context: usize, block_size: usize, vocab: usize) ->
 }
 
 fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
-    ForwardBatch {
-        token_ids: (0..n).map(|i| ((i * 31 + 7) % vocab) as u32).collect(),
-        positions: (0..n as u32).collect(),
-        slot_mapping: (0..n as i64).collect(),
-        seqs: vec![SeqInput {
-            query_start: 0,
-            query_len: n,
-            context_len: n,
-            block_table: (0..n.div_ceil(block_size) as u32).collect(),
-            compute_logits: true,
-        }],
-    }
+    let tokens = (0..n).map(|i| ((i * 31 + 7) % vocab) as u32).collect();
+    ForwardBatch::one_prompt(tokens, block_size)
 }
 
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
