@@ -9,7 +9,7 @@
 use super::attention::AttentionMetadata;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
@@ -75,18 +75,21 @@ pub fn set_prefill_kernel(kernel: PrefillKernel) {
     PAGED_PREFILL.store(kernel == PrefillKernel::Paged, Ordering::Relaxed);
 }
 
-static DECODE_KERNEL: AtomicBool = AtomicBool::new(true);
+thread_local! {
+    static DECODE_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+static DECODE_KERNEL: super::switch::Switch = super::switch::Switch::new(true, &DECODE_HERE);
 
 /// Turns the decode kernel (`paged_decode.cu`, for steps in which every sequence has one query
 /// token) on or off process-wide (on by default); off, such steps take the general paged kernel.
 /// For tests and side-by-side benchmarks.
 pub fn set_decode_kernel(on: bool) {
-    DECODE_KERNEL.store(on, Ordering::Relaxed);
+    DECODE_KERNEL.set(on);
 }
 
 /// Whether decode-only steps may run on the decode kernel (the process-wide switch).
 pub fn decode_kernel() -> bool {
-    DECODE_KERNEL.load(Ordering::Relaxed)
+    DECODE_KERNEL.process()
 }
 
 /// Fewest sequences a decode-only step needs to take the decode kernel: below, the paged kernel
@@ -95,23 +98,18 @@ pub fn decode_kernel() -> bool {
 /// 3.92 against 5.77 ms; days/gpu-engine/run10, run9).
 pub const DECODE_MIN_SEQS: usize = 16;
 
-thread_local! {
-    static DECODE_THIS_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
-
 /// Overrides the decode-kernel choice for ops called on this thread: `Some(true)` takes it for
 /// every decode-only step whatever its size, `Some(false)` never, `None` follows the switch and
 /// `DECODE_MIN_SEQS`. For tests that compare kernels while other threads run.
 pub fn set_decode_kernel_on_this_thread(on: Option<bool>) {
-    DECODE_THIS_THREAD.with(|t| t.set(on));
+    DECODE_KERNEL.set_on_this_thread(on);
 }
 
 /// Whether a decode-only step of `num_seqs` sequences runs on the decode kernel.
 fn takes_decode_kernel(num_seqs: usize) -> bool {
-    match DECODE_THIS_THREAD.with(|t| t.get()) {
-        Some(on) => on,
-        None => decode_kernel() && num_seqs >= DECODE_MIN_SEQS,
-    }
+    DECODE_KERNEL
+        .this_thread()
+        .unwrap_or_else(|| decode_kernel() && num_seqs >= DECODE_MIN_SEQS)
 }
 
 /// How the decode kernel splits contexts (grid.z): enough partitions that a launch has at least
@@ -231,6 +229,66 @@ fn multiprocessor_count(stream: &CudaStream) -> usize {
             .map(|n| n.max(1) as usize)
             .unwrap_or(132)
     })
+}
+
+/// Per-partition partials (running max, running sum, accumulator) of `rows` query rows, for a
+/// launch that splits contexts; its combine kernel merges them.
+struct Partials {
+    m: CudaSlice<f32>,
+    l: CudaSlice<f32>,
+    acc: CudaSlice<f32>,
+}
+
+impl Partials {
+    fn alloc(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        rows: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        // SAFETY: the attention kernel writes every partial its combine reads.
+        unsafe {
+            Ok(Self {
+                m: dev.alloc::<f32>(rows)?,
+                l: dev.alloc::<f32>(rows)?,
+                acc: dev.alloc::<f32>(rows * head_dim)?,
+            })
+        }
+    }
+
+    /// The three addresses, zeros without partials (one partition: the kernel writes `out`).
+    fn ptrs(parts: &Option<Self>, stream: &CudaStream) -> (u64, u64, u64) {
+        match parts {
+            Some(p) => (
+                p.m.device_ptr(stream).0,
+                p.l.device_ptr(stream).0,
+                p.acc.device_ptr(stream).0,
+            ),
+            None => (0, 0, 0),
+        }
+    }
+}
+
+/// Addresses of an attention launch's q, key cache, value cache, block tables, context lengths
+/// and query starts (in that order), with the guards that must live until the launch; q and the
+/// caches must be 16-byte aligned (`elem`: bytes per element of q).
+fn input_ptrs<'a>(
+    inputs: [(&'a CudaStorage, &'a Layout); 6],
+    elem: usize,
+    stream: &'a CudaStream,
+) -> Result<([u64; 6], Vec<SyncOnDrop<'a>>)> {
+    let mut ptrs = [0u64; 6];
+    let mut guards = Vec::with_capacity(6);
+    for (i, (s, l)) in inputs.into_iter().enumerate() {
+        let (p, g) = device_ptr(s, l, stream)?;
+        ptrs[i] = p;
+        guards.push(g);
+    }
+    for (p, what) in ptrs[..3].iter().zip(["q", "key_cache", "value_cache"]) {
+        if p % 16 != 0 {
+            bail!("paged_attention: {what} is not 16-byte aligned (start offset x {elem} bytes)")
+        }
+    }
+    Ok((ptrs, guards))
 }
 
 // ------------------------------------------------------------------------------ write_kv_cache
@@ -497,41 +555,24 @@ impl PagedAttention {
             max_ctx.div_ceil(partition)
         };
         let parts = if paged && splits > 1 {
-            let rows = n * num_heads * splits;
-            Some(unsafe {
-                (
-                    dev.alloc::<f32>(rows)?,
-                    dev.alloc::<f32>(rows)?,
-                    dev.alloc::<f32>(rows * head_dim)?,
-                )
-            })
+            Some(Partials::alloc(&dev, n * num_heads * splits, head_dim)?)
         } else {
             None
         };
 
         let suffix = dtype_suffix(dtype)?;
-        let (q_ptr, _g0) = device_ptr(q, q_l, &stream)?;
-        let (kc_ptr, _g1) = device_ptr(kc, kc_l, &stream)?;
-        let (vc_ptr, _g2) = device_ptr(vc, vc_l, &stream)?;
-        let (bt_ptr, _g3) = device_ptr(bt, bt_l, &stream)?;
-        let (cl_ptr, _g4) = device_ptr(cl, cl_l, &stream)?;
-        let (qs_ptr, _g5) = device_ptr(qsl, qs_l, &stream)?;
-        for (p, what) in [(q_ptr, "q"), (kc_ptr, "key_cache"), (vc_ptr, "value_cache")] {
-            if p % 16 != 0 {
-                bail!(
-                    "paged_attention: {what} is not 16-byte aligned (start offset x {elem} bytes)"
-                )
-            }
-        }
+        let inputs = [
+            (q, q_l),
+            (kc, kc_l),
+            (vc, vc_l),
+            (bt, bt_l),
+            (cl, cl_l),
+            (qsl, qs_l),
+        ];
+        let ([q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, qs_ptr], _guards) =
+            input_ptrs(inputs, elem, &stream)?;
         let (out_ptr, _g6) = device_ptr_mut(out, out_l, &stream)?;
-        let (pm, pl, pa) = match &parts {
-            Some((m, l, a)) => (
-                m.device_ptr(&stream).0,
-                l.device_ptr(&stream).0,
-                a.device_ptr(&stream).0,
-            ),
-            None => (0u64, 0u64, 0u64),
-        };
+        let (pm, pl, pa) = Partials::ptrs(&parts, &stream);
 
         let (num_seqs_i, num_heads_i, kv_heads_i) =
             (num_seqs as i32, num_heads as i32, num_kv_heads as i32);
@@ -655,39 +696,28 @@ impl PagedAttention {
         let target = ctas_per_sm * multiprocessor_count(&stream);
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
         let parts = if splits > 1 {
-            let rows = num_seqs * num_heads * splits;
-            Some(unsafe {
-                (
-                    dev.alloc::<f32>(rows)?,
-                    dev.alloc::<f32>(rows)?,
-                    dev.alloc::<f32>(rows * head_dim)?,
-                )
-            })
+            Some(Partials::alloc(
+                &dev,
+                num_seqs * num_heads * splits,
+                head_dim,
+            )?)
         } else {
             None
         };
 
         let suffix = dtype_suffix(dtype)?;
-        let (q_ptr, _g0) = device_ptr(q, q_l, &stream)?;
-        let (kc_ptr, _g1) = device_ptr(kc, kc_l, &stream)?;
-        let (vc_ptr, _g2) = device_ptr(vc, vc_l, &stream)?;
-        let (bt_ptr, _g3) = device_ptr(bt, bt_l, &stream)?;
-        let (cl_ptr, _g4) = device_ptr(cl, cl_l, &stream)?;
-        let (qs_ptr, _g5) = device_ptr(qsl, qs_l, &stream)?;
-        for (p, what) in [(q_ptr, "q"), (kc_ptr, "key_cache"), (vc_ptr, "value_cache")] {
-            if p % 16 != 0 {
-                bail!("paged_attention: {what} is not 16-byte aligned")
-            }
-        }
+        let inputs = [
+            (q, q_l),
+            (kc, kc_l),
+            (vc, vc_l),
+            (bt, bt_l),
+            (cl, cl_l),
+            (qsl, qs_l),
+        ];
+        let ([q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, qs_ptr], _guards) =
+            input_ptrs(inputs, dtype.size_in_bytes(), &stream)?;
         let (out_ptr, _g6) = device_ptr_mut(out, out_l, &stream)?;
-        let (pm, pl, pa) = match &parts {
-            Some((m, l, a)) => (
-                m.device_ptr(&stream).0,
-                l.device_ptr(&stream).0,
-                a.device_ptr(&stream).0,
-            ),
-            None => (0u64, 0u64, 0u64),
-        };
+        let (pm, pl, pa) = Partials::ptrs(&parts, &stream);
 
         let (num_heads_i, kv_heads_i) = (num_heads as i32, num_kv_heads as i32);
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);

@@ -21,7 +21,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
@@ -32,6 +32,7 @@ use candle_core::{Device, TensorId};
 
 use super::attention::{AttentionMetadata, HostMetadata};
 use super::llama::{LlamaModel, StepInputs};
+use super::switch::Switch;
 use super::{CausalLM, ForwardBatch, KvCache};
 
 /// Largest decode batch that is captured (larger ones are not launch-bound).
@@ -49,31 +50,29 @@ const CAPTURE_MODE: sys::CUstreamCaptureMode =
 /// Bytes of the cuBLAS workspace handed to the device's handle.
 const CUBLAS_WORKSPACE: usize = 32 << 20;
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
 static REPLAYS: AtomicUsize = AtomicUsize::new(0);
 static FAILED_CAPTURES: AtomicUsize = AtomicUsize::new(0);
 static LAST_CAPTURE_ERROR: Mutex<Option<String>> = Mutex::new(None);
 
+thread_local! {
+    static GRAPHS_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+static GRAPHS: Switch = Switch::new(false, &GRAPHS_HERE);
+
 /// Turns decode graphs on or off process-wide (off by default; `--cuda-graphs` turns them on).
 pub fn set_cuda_graphs(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
-}
-
-thread_local! {
-    static THIS_THREAD: Cell<Option<bool>> = const { Cell::new(None) };
+    GRAPHS.set(enabled);
 }
 
 /// Overrides the process-wide switch for forwards called on this thread (`None`: follow it); for
 /// tests that compare both paths while other threads run models.
 pub fn set_cuda_graphs_on_this_thread(enabled: Option<bool>) {
-    THIS_THREAD.with(|t| t.set(enabled));
+    GRAPHS.set_on_this_thread(enabled);
 }
 
 /// Whether forwards called on this thread may replay graphs.
 pub fn cuda_graphs_enabled() -> bool {
-    THIS_THREAD
-        .with(Cell::get)
-        .unwrap_or_else(|| ENABLED.load(Ordering::Relaxed))
+    GRAPHS.on()
 }
 
 /// Decode steps run from a graph, and captures that failed, in this process so far.

@@ -1,9 +1,10 @@
 //! Skinny projections `x W^T` (1..=`MAX_ROWS` rows of x): one bandwidth-bound CUDA kernel, candle's matmul otherwise.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Result, Tensor};
+
+use super::switch::Switch;
 
 /// Most rows of x the CUDA kernel takes (`engine/kernels/gemv.cu` is instantiated for 1..=8).
 pub const MAX_ROWS: usize = 8;
@@ -12,22 +13,21 @@ pub const MAX_ROWS: usize = 8;
 /// `days/gpu-engine/run10/gemv-bw.log`). A thread's override `Some(true)` takes it up to `MAX_ROWS`.
 pub const SERVED_ROWS: usize = 1;
 
-static GEMV_KERNEL: AtomicBool = AtomicBool::new(true);
-
 thread_local! {
-    static THIS_THREAD: Cell<Option<bool>> = const { Cell::new(None) };
+    static GEMV_HERE: Cell<Option<bool>> = const { Cell::new(None) };
 }
+static GEMV: Switch = Switch::new(true, &GEMV_HERE);
 
 /// Turns the skinny-matmul CUDA kernel on or off process-wide (on by default); off, every
 /// projection takes candle's matmul (cuBLAS). For side-by-side benchmarks.
 pub fn set_gemv_kernel(enabled: bool) {
-    GEMV_KERNEL.store(enabled, Ordering::Relaxed);
+    GEMV.set(enabled);
 }
 
 /// Overrides the process-wide switch for calls on this thread (`None`: follow it); for tests
 /// that compare both paths while other threads run models.
 pub fn set_gemv_kernel_on_this_thread(enabled: Option<bool>) {
-    THIS_THREAD.with(|t| t.set(enabled));
+    GEMV.set_on_this_thread(enabled);
 }
 
 /// Whether projections called on this thread may take the kernel.
@@ -38,10 +38,10 @@ pub fn gemv_kernel_enabled() -> bool {
 /// Most rows of x that take the kernel on this thread: `SERVED_ROWS` when the switch is on,
 /// `MAX_ROWS` under a thread override `Some(true)`, none when off.
 fn max_kernel_rows() -> usize {
-    match THIS_THREAD.with(Cell::get) {
+    match GEMV.this_thread() {
         Some(true) => MAX_ROWS,
         Some(false) => 0,
-        None if GEMV_KERNEL.load(Ordering::Relaxed) => SERVED_ROWS,
+        None if GEMV.process() => SERVED_ROWS,
         None => 0,
     }
 }

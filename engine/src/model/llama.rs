@@ -401,7 +401,11 @@ impl CausalLM for LlamaModel {
             );
         }
         #[cfg(feature = "cuda")]
-        if let Some(graphs) = &self.graphs {
+        if let Some(graphs) = self
+            .graphs
+            .as_ref()
+            .filter(|_| super::cuda_graph::cuda_graphs_enabled())
+        {
             let mut graphs = graphs.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(logits) = graphs.run(self, batch, cache)? {
                 return Ok(logits);

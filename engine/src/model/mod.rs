@@ -29,6 +29,7 @@ pub mod llama;
 pub mod lm_head;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod switch;
 pub mod tp;
 
 pub use cache::KvCache;
