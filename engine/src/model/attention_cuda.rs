@@ -47,26 +47,51 @@ pub enum PrefillKernel {
 
 static PAGED_PREFILL: AtomicBool = AtomicBool::new(false);
 
-/// How the paged kernel splits contexts (grid.z): enough partitions that a launch has at least
-/// `SPLIT_CTAS_PER_SM` CTAs per SM, each partition at least `SPLIT_MIN_TILES` key tiles long.
-/// 16:1 measured fastest or within 3% of it at batches 1-128 on an H200 (decode, context 1k,
-/// `engine-bench --attn-splits`; days/gpu-engine/run9); the first default was 2:2.
-static SPLIT_CTAS_PER_SM: AtomicUsize = AtomicUsize::new(16);
-static SPLIT_MIN_TILES: AtomicUsize = AtomicUsize::new(1);
+/// How a kernel splits contexts (grid.z): enough partitions that a launch has at least
+/// `ctas_per_sm` CTAs per SM, each partition at least `min_partition` long (the unit is the
+/// kernel's: key tiles for the paged kernel, keys for the decode kernel).
+struct Split {
+    ctas_per_sm: AtomicUsize,
+    min_partition: AtomicUsize,
+}
+
+impl Split {
+    const fn new(ctas_per_sm: usize, min_partition: usize) -> Self {
+        Self {
+            ctas_per_sm: AtomicUsize::new(ctas_per_sm),
+            min_partition: AtomicUsize::new(min_partition),
+        }
+    }
+
+    fn set(&self, ctas_per_sm: usize, min_partition: usize) {
+        self.ctas_per_sm
+            .store(ctas_per_sm.max(1), Ordering::Relaxed);
+        self.min_partition
+            .store(min_partition.max(1), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (usize, usize) {
+        (
+            self.ctas_per_sm.load(Ordering::Relaxed),
+            self.min_partition.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The paged kernel's split. 16:1 measured fastest or within 3% of it at batches 1-128 on an
+/// H200 (decode, context 1k, `engine-bench --attn-splits`; days/gpu-engine/run9); the first
+/// default was 2:2.
+static PAGED_SPLIT: Split = Split::new(16, 1);
 
 /// Sets the paged kernel's context split (defaults 16 CTAs per SM, 1 key tile per partition);
 /// for side-by-side benchmarks.
 pub fn set_paged_split(ctas_per_sm: usize, min_tiles: usize) {
-    SPLIT_CTAS_PER_SM.store(ctas_per_sm.max(1), Ordering::Relaxed);
-    SPLIT_MIN_TILES.store(min_tiles.max(1), Ordering::Relaxed);
+    PAGED_SPLIT.set(ctas_per_sm, min_tiles);
 }
 
 /// The current context split: (CTAs per SM, key tiles per partition at least).
 pub fn paged_split() -> (usize, usize) {
-    (
-        SPLIT_CTAS_PER_SM.load(Ordering::Relaxed),
-        SPLIT_MIN_TILES.load(Ordering::Relaxed),
-    )
+    PAGED_SPLIT.get()
 }
 
 /// Chooses the prefill attention kernel process-wide (`TensorCore` by default); for tests and
@@ -112,25 +137,19 @@ fn takes_decode_kernel(num_seqs: usize) -> bool {
         .unwrap_or_else(|| decode_kernel() && num_seqs >= DECODE_MIN_SEQS)
 }
 
-/// How the decode kernel splits contexts (grid.z): enough partitions that a launch has at least
-/// `DECODE_CTAS_PER_SM` CTAs per SM, each partition at least `DECODE_MIN_PARTITION` keys long
-/// (one 32-key chunk per warp of the CTA).
-static DECODE_CTAS_PER_SM: AtomicUsize = AtomicUsize::new(4);
-static DECODE_MIN_PARTITION: AtomicUsize = AtomicUsize::new(128);
+/// The decode kernel's split: partitions of at least 128 keys (one 32-key chunk per warp of the
+/// CTA), 4 CTAs per SM.
+static DECODE_SPLIT: Split = Split::new(4, 128);
 
 /// Sets the decode kernel's context split (defaults 4 CTAs per SM, partitions of >= 128 keys);
 /// for side-by-side benchmarks.
 pub fn set_decode_split(ctas_per_sm: usize, min_partition_keys: usize) {
-    DECODE_CTAS_PER_SM.store(ctas_per_sm.max(1), Ordering::Relaxed);
-    DECODE_MIN_PARTITION.store(min_partition_keys.max(1), Ordering::Relaxed);
+    DECODE_SPLIT.set(ctas_per_sm, min_partition_keys);
 }
 
 /// The decode kernel's current context split: (CTAs per SM, keys per partition at least).
 pub fn decode_split() -> (usize, usize) {
-    (
-        DECODE_CTAS_PER_SM.load(Ordering::Relaxed),
-        DECODE_MIN_PARTITION.load(Ordering::Relaxed),
-    )
+    DECODE_SPLIT.get()
 }
 
 /// Threads per CTA of the decode kernel (`DEC_THREADS` in paged_decode.cu).
