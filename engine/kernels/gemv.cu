@@ -187,6 +187,88 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
     reduce_store<T, M, R>(acc, y, n, row0);
 }
 
+// One row of x, warp-per-row variant (gemv_<T>_m1_w<WR>u<U>): each warp owns WR rows of W at a
+// time and walks them with its lanes over K in 16-byte chunks, all WR x U loads of a step in
+// flight; a warp shuffle reduces; no shared memory, no CTA barrier. Warps take row groups
+// grid-stride: the host sizes the grid so that every warp gets the same number of groups (no
+// tail wave). WR = 2 for many rows, WR = 1 with deeper unrolling for few long rows (more warps,
+// more bytes in flight). Needs the same alignment as the _v kernels.
+// _silu: x is the fused [gate | up] projection output (2k elements) and the kernel multiplies
+// silu(gate) * up, computed and rounded to T exactly as fused_ops.cu's silu_mul does, so the MLP's
+// down projection needs no separate SiLU-gate launch and gives the same bits.
+// CTAs per SM promised to the compiler (and assumed by the host): 64 registers per thread; the
+// _silu kernels need more (the SiLU's expf next to the loads in flight) and get 4 (128).
+constexpr int WARP_ROW_CTAS = 8;
+constexpr int WARP_ROW_CTAS_SILU = 4;
+
+template <typename T, int WR, int U, bool SILU>
+__device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                            int n, int k) {
+    constexpr int E = Chunk<T>::E;
+    const int chunks = k / E;
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)gridDim.x * WARPS;
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    for (int64_t row0 = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * WR; row0 < n;
+         row0 += warps * WR) {
+        const uint4* wr[WR];
+#pragma unroll
+        for (int r = 0; r < WR; ++r)
+            wr[r] = reinterpret_cast<const uint4*>(w + last_row(row0 + r, n) * k);
+        float acc[WR];
+#pragma unroll
+        for (int r = 0; r < WR; ++r) acc[r] = 0.f;
+        for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+            uint4 wt[U][WR];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = min(c0 + u * 32, chunks - 1);
+#pragma unroll
+                for (int r = 0; r < WR; ++r) wt[u][r] = load_stream(wr[r] + c);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const bool valid = c0 + u * 32 < chunks;
+                const int c = min(c0 + u * 32, chunks - 1);
+                const uint4 zero = make_uint4(0, 0, 0, 0);
+                float xf[E];
+                unpack(valid ? __ldg(xr + c) : zero, xf, T());
+                if constexpr (SILU) {
+                    float up[E];
+                    unpack(valid ? __ldg(xr + chunks + c) : zero, up, T());
+#pragma unroll
+                    for (int e = 0; e < E; ++e)
+                        xf[e] = to_f32(from_f32<T>(xf[e] / (1.f + expf(-xf[e])) * up[e]));
+                }
+#pragma unroll
+                for (int r = 0; r < WR; ++r) {
+                    float wf[E];
+                    unpack(valid ? wt[u][r] : zero, wf, T());
+#pragma unroll
+                    for (int e = 0; e < E; ++e) acc[r] = fmaf(xf[e], wf[e], acc[r]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < WR; ++r) {
+            float v = acc[r];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0 && row0 + r < n) y[row0 + r] = from_f32<T>(v);
+        }
+    }
+}
+
+#define GEMV_W(SUFFIX, T, WR, U)                                                                \
+    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
+        gemv_##SUFFIX##_m1_w##WR##u##U(const T* x, const T* w, T* y, int n, int k) {            \
+        gemv_w_impl<T, WR, U, false>(x, w, y, n, k);                                            \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS_SILU)                   \
+        gemv_##SUFFIX##_m1_w##WR##u##U##_silu(const T* x, const T* w, T* y, int n, int k) {     \
+        gemv_w_impl<T, WR, U, true>(x, w, y, n, k);                                             \
+    }
+
 #define GEMV_M(SUFFIX, T, M)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, min_ctas<M>())                                       \
         gemv_##SUFFIX##_m##M##_v(const T* x, const T* w, T* y, int n, int k) {                  \
@@ -198,6 +280,8 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
     }
 
 #define GEMV(SUFFIX, T)   \
+    GEMV_W(SUFFIX, T, 2, 4) \
+    GEMV_W(SUFFIX, T, 1, 8) \
     GEMV_M(SUFFIX, T, 1)  \
     GEMV_M(SUFFIX, T, 2)  \
     GEMV_M(SUFFIX, T, 3)  \

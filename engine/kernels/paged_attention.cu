@@ -206,10 +206,14 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
     const size_t row = blockIdx.x;
     const int d = threadIdx.x;
     if (d >= D) return;
+    // Unrolled so that 8 partitions' loads are in flight at once: the loop is latency-bound
+    // (one L2 round trip per partition otherwise, ~20 us per layer at 32 partitions).
     float m = -INFINITY;
+#pragma unroll 8
     for (int z = 0; z < num_splits; ++z) m = fmaxf(m, part_m[row * num_splits + z]);
     float l = 0.f, v = 0.f;
     if (m != -INFINITY) {
+#pragma unroll 8
         for (int z = 0; z < num_splits; ++z) {
             const size_t pr = row * num_splits + z;
             const float w = __expf(part_m[pr] - m);  // exp(-inf) = 0 for empty partitions

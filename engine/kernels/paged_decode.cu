@@ -363,9 +363,12 @@ __device__ void paged_decode_combine_impl(T* __restrict__ out, const float* __re
     const size_t row = (size_t)qstart * num_heads + head;
     const float* pm = part_m + row * num_splits;
     const float* pl = part_l + row * num_splits;
+    // Unrolled: 8 partitions' loads in flight at once (latency-bound otherwise).
     float mx = -INFINITY;
+#pragma unroll 8
     for (int z = 0; z < used; ++z) mx = fmaxf(mx, pm[z]);
     float lsum = 0.f, a = 0.f;
+#pragma unroll 8
     for (int z = 0; z < used; ++z) {
         const float wt = exp2f(pm[z] - mx);
         lsum += wt * pl[z];

@@ -239,7 +239,7 @@ fn cuda_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
     }
 }
 
-fn multiprocessor_count(stream: &CudaStream) -> usize {
+pub(super) fn multiprocessor_count(stream: &CudaStream) -> usize {
     static SMS: OnceLock<usize> = OnceLock::new();
     *SMS.get_or_init(|| {
         stream

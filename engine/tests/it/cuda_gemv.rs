@@ -4,7 +4,9 @@
 use super::cuda_model::{rel_l2, tiny_qwen2_dir, two_steps};
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
-use engine::model::gemv::{matmul_t, set_gemv_kernel_on_this_thread};
+use engine::model::gemv::{
+    matmul_t, set_gemv_kernel_on_this_thread, set_gemv_warp_rows_on_this_thread, silu_mul_matmul_t,
+};
 use engine::model::gemv_cuda::{gemv, gemv_into};
 use engine::model::KvCache;
 use engine::weights::{load_model, LoadFormat};
@@ -158,11 +160,66 @@ fn gemv_matches_f64_reference() {
                 run_case(&mut rng, dtype, [m, n, k], 0);
             }
         }
+        // One row on the CTA-per-rows kernel too (the warp-per-row kernel is the default), and
+        // the warp-per-row kernel at sizes that take two rows per warp and several rounds.
+        set_gemv_warp_rows_on_this_thread(Some(false));
+        for (n, k) in shapes {
+            run_case(&mut rng, dtype, [1, n, k], 0);
+        }
+        set_gemv_warp_rows_on_this_thread(None);
+        for (n, k) in [(17920, 1536), (17921, 64), (9001, 8)] {
+            run_case(&mut rng, dtype, [1, n, k], 0);
+        }
         // Views whose start breaks 16-byte alignment (k = 1004: rows of 2008 / 4016 bytes): the
         // element-wise kernel; k = 1536 stays aligned: the 16-byte kernel.
         for m in [1, 3, 8] {
             run_case(&mut rng, dtype, [m, 77, 1004], 1);
             run_case(&mut rng, dtype, [m, 77, 1536], 1);
+        }
+    }
+}
+
+/// The down projection with the SiLU-gate product folded into the one-row kernel gives the bits of
+/// the SiLU-gate kernel followed by the kernel, aligned (the fused launch) or not (the fallback).
+#[test]
+fn silu_gemv_is_silu_mul_then_gemv_bit_for_bit() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(24);
+    for dtype in DTYPES {
+        for (n, inter, offset) in [
+            (1536, 8960, 0),
+            (8192, 1536, 0),
+            (37, 64, 0),
+            (5, 8, 0),
+            (77, 1004, 1),
+        ] {
+            let gu = upload(uniform(&mut rng, 2 * inter), 1, 2 * inter, dtype, &dev);
+            let w = upload(
+                uniform(&mut rng, (n + offset) * inter),
+                n + offset,
+                inter,
+                dtype,
+                &dev,
+            )
+            .narrow(0, offset, n)
+            .unwrap();
+            let got = silu_mul_matmul_t(&gu, inter, &w).expect("silu_mul_matmul_t");
+            let act = engine::model::fused::silu_mul(&gu, inter).unwrap();
+            let want = gemv(&act, &w).unwrap();
+            assert_eq!(
+                host(&got),
+                host(&want),
+                "{dtype:?} n={n} inter={inter} offset={offset}"
+            );
+            // And both close to the f64 reference of the (rounded) product.
+            check(
+                &format!("silu gemv {dtype:?} n={n} inter={inter}"),
+                dtype,
+                &host(&got),
+                &host(&act),
+                &host(&w),
+                [1, n, inter],
+            );
         }
     }
 }
@@ -294,7 +351,9 @@ fn gemv_bandwidth_qwen2_5_1_5b() {
         ("lm_head", 151936, 1536, DType::F32),
         ("lm_head", 151936, 1536, DType::BF16),
     ];
-    eprintln!("shape          dtype  m  weight MB | gemv us   GB/s | candle us   GB/s | speedup");
+    eprintln!(
+        "shape          dtype  m  weight MB | gemv us   GB/s | candle us   GB/s | speedup | 1 row, CTA-per-rows kernel us   GB/s"
+    );
     for (name, n, k, dtype) in shapes {
         let bytes = n * k * dtype.size_in_bytes();
         let copies = (512usize << 20).div_ceil(bytes).min(64);
@@ -312,8 +371,16 @@ fn gemv_bandwidth_qwen2_5_1_5b() {
                 drop(x.matmul(&ws[i % copies].t().unwrap()).unwrap())
             });
             let gbs = |us: f64| bytes as f64 / us / 1e3;
+            let older = if m == 1 {
+                set_gemv_warp_rows_on_this_thread(Some(false));
+                let us = median_us(&dev, &busy, |i| drop(gemv(&x, &ws[i % copies]).unwrap()));
+                set_gemv_warp_rows_on_this_thread(None);
+                format!("{us:>7.1} {:>6.0}", gbs(us))
+            } else {
+                "-".to_string()
+            };
             eprintln!(
-                "{name:<14} {dtype:<5?} {m}  {:>9.1} | {ours:>7.1} {:>6.0} | {theirs:>9.1} {:>6.0} | {:.2}x",
+                "{name:<14} {dtype:<5?} {m}  {:>9.1} | {ours:>7.1} {:>6.0} | {theirs:>9.1} {:>6.0} | {:.2}x | {older}",
                 bytes as f64 / 1e6,
                 gbs(ours),
                 gbs(theirs),

@@ -274,6 +274,10 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
     ForwardBatch::one_prompt(tokens, block_size)
 }
 
+/// 1-row projections (and the MLP's down projection with its SiLU-gate product) on the
+/// CTA-per-rows GEMV kernel and a separate SiLU-gate launch, instead of the warp-per-row kernel.
+const ONE_ROW_CTA: &str = "1-row GEMV on CTA-per-rows kernel";
+
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 const EAGER: &str = "eager (no CUDA graphs)";
 
@@ -283,6 +287,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
     let mut v = vec![
         "as served",
         "cuBLAS for every projection",
+        ONE_ROW_CTA,
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -302,6 +307,7 @@ fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> R
         "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
         "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
+        ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => {}
     }
