@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "pdl.cuh"
 
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
@@ -112,6 +113,7 @@ template <typename T, int M>
 __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k) {
     constexpr int R = rows_per_cta<M>(), U = unroll<M>(), E = Chunk<T>::E;
+    pdl_enter();
     const int chunks = k / E;
     const int64_t row0 = (int64_t)blockIdx.x * R;
     const uint4* wr[R];
@@ -163,6 +165,7 @@ template <typename T, int M>
 __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                           int n, int k) {
     constexpr int R = rows_per_cta<M>();
+    pdl_enter();
     const int64_t row0 = (int64_t)blockIdx.x * R;
     const T* wr[R];
 #pragma unroll
@@ -191,17 +194,14 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 // time and walks them with its lanes over K in 16-byte chunks, all WR x U loads of a step in
 // flight; a warp shuffle reduces; no shared memory, no CTA barrier. Warps take row groups
 // grid-stride: the host sizes the grid so that every warp gets the same number of groups (no
-// tail wave). WR = 2 for many rows, WR = 1 with deeper unrolling for few long rows (more warps,
-// more bytes in flight). Needs the same alignment as the _v kernels.
-// _silu: x is the fused [gate | up] projection output (2k elements) and the kernel multiplies
-// silu(gate) * up, computed and rounded to T exactly as fused_ops.cu's silu_mul does, so the MLP's
-// down projection needs no separate SiLU-gate launch and gives the same bits.
-// CTAs per SM promised to the compiler (and assumed by the host): 64 registers per thread; the
-// _silu kernels need more (the SiLU's expf next to the loads in flight) and get 4 (128).
-constexpr int WARP_ROW_CTAS = 8;
-constexpr int WARP_ROW_CTAS_SILU = 4;
+// tail wave). WR = 2 for many rows; WR = 1 with deeper unrolling (U = 8, or 16 for long rows) for
+// few rows (more warps, more bytes in flight). Needs the same alignment as the _v kernels.
+// CTAs per SM promised to the compiler (and assumed by the host): 8 (64 registers per thread),
+// 4 for the deepest unrolling (w1u16: 16 loads in flight per lane).
+template <int WR, int U>
+__host__ __device__ constexpr int warp_row_ctas() { return WR * U > 8 ? 4 : 8; }
 
-template <typename T, int WR, int U, bool SILU>
+template <typename T, int WR, int U>
 __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k) {
     constexpr int E = Chunk<T>::E;
@@ -209,8 +209,15 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * WARPS;
     const uint4* xr = reinterpret_cast<const uint4*>(x);
-    for (int64_t row0 = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * WR; row0 < n;
-         row0 += warps * WR) {
+    const int64_t first = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * WR;
+    // The weights do not depend on the previous kernel: this warp's first rows go to L2 (one
+    // prefetch per 128-byte line) while that kernel finishes, then x is waited for.
+    for (int r = 0; r < WR; ++r)
+        if (first + r < n)
+            for (int c = lane * 8; c < chunks; c += 32 * 8)
+                prefetch_l2_line(reinterpret_cast<const uint4*>(w + (first + r) * k) + c);
+    pdl_enter();
+    for (int64_t row0 = first; row0 < n; row0 += warps * WR) {
         const uint4* wr[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r)
@@ -233,13 +240,6 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
                 const uint4 zero = make_uint4(0, 0, 0, 0);
                 float xf[E];
                 unpack(valid ? __ldg(xr + c) : zero, xf, T());
-                if constexpr (SILU) {
-                    float up[E];
-                    unpack(valid ? __ldg(xr + chunks + c) : zero, up, T());
-#pragma unroll
-                    for (int e = 0; e < E; ++e)
-                        xf[e] = to_f32(from_f32<T>(xf[e] / (1.f + expf(-xf[e])) * up[e]));
-                }
 #pragma unroll
                 for (int r = 0; r < WR; ++r) {
                     float wf[E];
@@ -260,13 +260,9 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 }
 
 #define GEMV_W(SUFFIX, T, WR, U)                                                                \
-    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
+    extern "C" __global__ void __launch_bounds__(THREADS, warp_row_ctas<WR, U>())               \
         gemv_##SUFFIX##_m1_w##WR##u##U(const T* x, const T* w, T* y, int n, int k) {            \
-        gemv_w_impl<T, WR, U, false>(x, w, y, n, k);                                            \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS_SILU)                   \
-        gemv_##SUFFIX##_m1_w##WR##u##U##_silu(const T* x, const T* w, T* y, int n, int k) {     \
-        gemv_w_impl<T, WR, U, true>(x, w, y, n, k);                                             \
+        gemv_w_impl<T, WR, U>(x, w, y, n, k);                                                   \
     }
 
 #define GEMV_M(SUFFIX, T, M)                                                                    \
@@ -282,6 +278,7 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #define GEMV(SUFFIX, T)   \
     GEMV_W(SUFFIX, T, 2, 4) \
     GEMV_W(SUFFIX, T, 1, 8) \
+    GEMV_W(SUFFIX, T, 1, 16) \
     GEMV_M(SUFFIX, T, 1)  \
     GEMV_M(SUFFIX, T, 2)  \
     GEMV_M(SUFFIX, T, 3)  \

@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "paged_common.cuh"
+#include "pdl.cuh"
 
 #define KT 32        // keys per shared-memory tile
 #define MAX_ROWS 16  // query rows (token x head) per CTA
@@ -32,14 +33,17 @@ __device__ __forceinline__ void from_f32(float v, float* d) { *d = v; }
 __device__ __forceinline__ void from_f32(float v, __half* d) { *d = __float2half(v); }
 __device__ __forceinline__ void from_f32(float v, __nv_bfloat16* d) { *d = __float2bfloat16(v); }
 
-// Loads 16 bytes of T from global memory and widens them to f32 in shared memory.
+// Widens 16 bytes of T (loaded earlier) to f32 in shared memory.
 template <typename T>
-__device__ __forceinline__ void load16_to_f32(const T* __restrict__ src, float* dst) {
+__device__ __forceinline__ void widen16(const uint4& raw, float* dst) {
     constexpr int N = 16 / sizeof(T);
-    uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i] = to_f32(e[i]);
+}
+
+__device__ __forceinline__ uint4 load16(const void* src) {
+    return __ldg(reinterpret_cast<const uint4*>(src));
 }
 
 template <typename T, int D>
@@ -50,6 +54,7 @@ __device__ void paged_attention_impl(
     const uint32_t* __restrict__ context_lens, const uint32_t* __restrict__ query_start,
     int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
     int qt, int gh, int qlen_hi, float scale) {
+    pdl_enter();  // launched programmatically: see pdl.cuh
     static_assert(D % 4 == 0 && D <= 256, "head_dim");
     constexpr int VEC = 16 / sizeof(T);         // elements per 16-byte load
     constexpr int ACC = MAX_ROWS * D / THREADS;  // output elements owned per thread
@@ -81,12 +86,24 @@ __device__ void paged_attention_impl(
     const uint32_t* table = block_tables + (size_t)seq * max_blocks_per_seq;
     const int num_splits = gridDim.z;
 
-    // Query rows (row = token * heads_here + head), pre-scaled, into shared memory.
-    for (int i = tid; i < MAX_ROWS * (D / VEC); i += THREADS) {
-        const int r = i / (D / VEC), c = (i % (D / VEC)) * VEC;
-        if (r < rows) {
+    // Query rows (row = token * heads_here + head), pre-scaled, into shared memory. Every load of
+    // a thread is issued before the first is used (here and for the K/V tiles): one memory round
+    // trip, not one per 16-byte chunk, which is what a short decode step waits on.
+    constexpr int Q_CHUNKS = MAX_ROWS * (D / VEC), Q_PER_THREAD = (Q_CHUNKS + THREADS - 1) / THREADS;
+    uint4 qraw[Q_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < Q_PER_THREAD; ++j) {
+        const int i = tid + j * THREADS, r = i / (D / VEC), c = (i % (D / VEC)) * VEC;
+        if (i < Q_CHUNKS && r < rows) {
             const int token = qstart + q_begin + r / heads_here, head = head0 + r % heads_here;
-            load16_to_f32(q + ((size_t)token * num_heads + head) * D + c, &qs[r][c]);
+            qraw[j] = load16(q + ((size_t)token * num_heads + head) * D + c);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < Q_PER_THREAD; ++j) {
+        const int i = tid + j * THREADS, r = i / (D / VEC), c = (i % (D / VEC)) * VEC;
+        if (i < Q_CHUNKS && r < rows) {
+            widen16<T>(qraw[j], &qs[r][c]);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) qs[r][c + e] *= scale;
         }
@@ -102,18 +119,29 @@ __device__ void paged_attention_impl(
     __syncthreads();
 
     for (int t0 = key_begin; t0 < key_end; t0 += KT) {
-        // K/V tile: KT keys x D, 16-byte loads, widened to f32.
-        for (int i = tid; i < KT * (D / VEC); i += THREADS) {
-            const int k = i / (D / VEC), c = (i % (D / VEC)) * VEC;
+        // K/V tile: KT keys x D, 16-byte loads (all in flight together), widened to f32; keys
+        // past key_end are zeros.
+        constexpr int TILE_CHUNKS = KT * (D / VEC);
+        constexpr int PER_THREAD = (TILE_CHUNKS + THREADS - 1) / THREADS;
+        uint4 kraw[PER_THREAD], vraw[PER_THREAD];
+#pragma unroll
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int i = tid + j * THREADS, k = i / (D / VEC), c = (i % (D / VEC)) * VEC;
             const int key = t0 + k;
-            if (key < key_end) {
+            kraw[j] = vraw[j] = make_uint4(0, 0, 0, 0);
+            if (i < TILE_CHUNKS && key < key_end) {
                 const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
                 const size_t off = (slot * num_kv_heads + kv_head) * D + c;
-                load16_to_f32(key_cache + off, &ks[k][c]);
-                load16_to_f32(value_cache + off, &vs[k][c]);
-            } else {
+                kraw[j] = load16(key_cache + off);
+                vraw[j] = load16(value_cache + off);
+            }
+        }
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) ks[k][c + e] = vs[k][c + e] = 0.f;
+        for (int j = 0; j < PER_THREAD; ++j) {
+            const int i = tid + j * THREADS, k = i / (D / VEC), c = (i % (D / VEC)) * VEC;
+            if (i < TILE_CHUNKS) {
+                widen16<T>(kraw[j], &ks[k][c]);
+                widen16<T>(vraw[j], &vs[k][c]);
             }
         }
         __syncthreads();
@@ -203,6 +231,7 @@ template <typename T, int D>
 __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* __restrict__ part_m,
                                              const float* __restrict__ part_l,
                                              const float* __restrict__ part_acc, int num_splits) {
+    pdl_enter();  // launched programmatically: see pdl.cuh
     const size_t row = blockIdx.x;
     const int d = threadIdx.x;
     if (d >= D) return;

@@ -94,7 +94,9 @@ pub fn last_capture_error() -> Option<String> {
 /// The captured decode graphs of one model.
 #[derive(Default)]
 pub struct DecodeGraphs {
-    graphs: HashMap<(usize, usize), Captured>,
+    /// Keyed by (rows, block-table width, programmatic launch on): a graph keeps the launch
+    /// attributes it was captured with.
+    graphs: HashMap<(usize, usize, bool), Captured>,
     /// The KV cache the graphs were captured against (every layer's K and V tensor).
     cache: Vec<(TensorId, TensorId)>,
     /// f32 `[rows, vocab]` per batch bucket, shared by its graphs: each replay's logits are
@@ -156,11 +158,12 @@ impl DecodeGraphs {
         }
         let block_size = key_cache.dim(1)?;
         let step = PaddedStep::new(batch, rows, width);
-        if !self.graphs.contains_key(&(rows, width)) {
+        let key = (rows, width, super::pdl::programmatic_launch());
+        if !self.graphs.contains_key(&key) {
             match self.capture(model, &step, cache, block_size) {
                 Ok(c) => {
                     tracing::debug!(rows, width, "captured a decode CUDA graph");
-                    self.graphs.insert((rows, width), c);
+                    self.graphs.insert(key, c);
                 }
                 Err(e) => {
                     FAILED_CAPTURES.fetch_add(1, Ordering::Relaxed);
@@ -178,7 +181,7 @@ impl DecodeGraphs {
                 }
             }
         }
-        let c = &self.graphs[&(rows, width)];
+        let c = &self.graphs[&key];
         step.copy_into(&c.inputs)?;
         c.graph.0.launch().w()?;
         REPLAYS.fetch_add(1, Ordering::Relaxed);

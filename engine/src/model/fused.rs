@@ -16,7 +16,7 @@ pub fn set_fused_kernels(enabled: bool) {
 
 /// Whether `t` takes a fused CUDA kernel.
 #[cfg(feature = "cuda")]
-pub(super) fn on_fused_kernel(t: &Tensor) -> bool {
+fn on_fused_kernel(t: &Tensor) -> bool {
     t.device().is_cuda() && FUSED_KERNELS.load(Ordering::Relaxed)
 }
 

@@ -5,15 +5,16 @@
 //! graph can capture it.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, DType, InplaceOp1, Layout, Result, Shape, Storage,
     Tensor,
 };
 
 use super::attention_cuda::{device_ptr, device_ptr_mut, multiprocessor_count, ptx};
-use super::gemv::{gemv_warp_rows, warp_rows_plan, MAX_ROWS, WARP_ROW_CTAS, WARP_ROW_CTAS_SILU};
+use super::gemv::{gemv_warp_rows, warp_rows_plan, MAX_ROWS};
+use super::pdl::KernelLaunch;
 
 const MODULE: &str = "gemv";
 /// Threads per CTA (`THREADS` in gemv.cu).
@@ -86,9 +87,9 @@ fn launch(
     let (variant, ctas) = if m == 1 && wide && gemv_warp_rows() {
         warp_rows_plan(
             n,
+            k / chunk,
             multiprocessor_count(&stream),
             THREADS as usize / 32,
-            WARP_ROW_CTAS,
         )
     } else {
         let ctas = n.div_ceil(rows_per_cta(m)) as u32;
@@ -106,9 +107,9 @@ fn launch(
         shared_mem_bytes: 0,
     };
     let (n_i, k_i) = (n as i32, k as i32);
-    let mut b = func.builder();
+    let mut b = KernelLaunch::new(&func, &stream);
     b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(cfg) }?;
     Ok(())
 }
 
@@ -191,102 +192,5 @@ impl InplaceOp1 for GemvInto<'_> {
             (Storage::Cuda(x), Storage::Cuda(w)) => launch(x, x_l, w, w_l, out, out_l),
             _ => bail!("gemv_into: x and w must live on the CUDA device"),
         }
-    }
-}
-
-/// `silu(gate) * up` of `gate_up [1, 2 * inter]` times `w [n, inter]`^T in one launch of the
-/// warp-per-row `_silu` kernel: `[1, n]`. Sizes or addresses that do not allow 16-byte chunks take
-/// `fused_cuda::silu_mul` then [`gemv`] (the same bits).
-pub fn silu_gemv(gate_up: &Tensor, inter: usize, w: &Tensor) -> Result<Tensor> {
-    let chunk = 16 / gate_up.dtype().size_in_bytes();
-    let aligned = |t: &Tensor| (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0;
-    if !inter.is_multiple_of(chunk) || !aligned(gate_up) || !aligned(w) {
-        return gemv(&super::fused_cuda::silu_mul(gate_up, inter)?, w);
-    }
-    gate_up.apply_op2_no_bwd(w, &SiluGemv { inter })
-}
-
-struct SiluGemv {
-    inter: usize,
-}
-
-impl CustomOp2 for SiluGemv {
-    fn name(&self) -> &'static str {
-        "silu-gemv"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("silu-gemv (CUDA) called with CPU tensors; use gemv::silu_mul_matmul_t")
-    }
-
-    fn cuda_fwd(
-        &self,
-        gu: &CudaStorage,
-        gu_l: &Layout,
-        w: &CudaStorage,
-        w_l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let inter = self.inter;
-        let (m, width) = gu_l.shape().dims2()?;
-        let (n, k) = w_l.shape().dims2()?;
-        if m != 1 || width != 2 * inter || k != inter || inter == 0 || n == 0 {
-            bail!("silu-gemv: gate_up [{m}, {width}] and w [{n}, {k}] are not [1, 2 * {inter}] and [n, {inter}]")
-        }
-        if inter > i32::MAX as usize || n > i32::MAX as usize {
-            bail!("silu-gemv: n {n} or inter {inter} past i32")
-        }
-        if !gu_l.is_contiguous() || !w_l.is_contiguous() || gu.dtype() != w.dtype() {
-            bail!("silu-gemv: contiguous gate_up and w of one dtype")
-        }
-        let dtype = gu.dtype();
-        let dev: CudaDevice = gu.device.clone();
-        let stream = dev.cuda_stream();
-        // SAFETY: the kernel writes every element before anything reads it.
-        let mut out = match dtype {
-            DType::F32 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone())
-            }
-            DType::F16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n)? }, dev.clone())
-            }
-            DType::BF16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n)? }, dev.clone())
-            }
-            other => bail!("silu-gemv: unsupported dtype {other:?}"),
-        };
-        let shape = Shape::from((1, n));
-        {
-            let (x_ptr, _g1) = device_ptr(gu, gu_l, &stream)?;
-            let (w_ptr, _g2) = device_ptr(w, w_l, &stream)?;
-            let chunk = 16 / dtype.size_in_bytes();
-            if !(inter.is_multiple_of(chunk) && x_ptr % 16 == 0 && w_ptr % 16 == 0) {
-                bail!("silu-gemv: inter {inter} not a multiple of {chunk} or unaligned inputs")
-            }
-            let (y_ptr, _g3) = device_ptr_mut(&mut out, &Layout::contiguous(&shape), &stream)?;
-            let (variant, ctas) = warp_rows_plan(
-                n,
-                multiprocessor_count(&stream),
-                THREADS as usize / 32,
-                WARP_ROW_CTAS_SILU,
-            );
-            let name = format!("gemv_{}_m1_{variant}_silu", suffix(dtype)?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, ptx::GEMV)?;
-            let cfg = LaunchConfig {
-                grid_dim: (ctas, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (n_i, k_i) = (n as i32, inter as i32);
-            let mut b = func.builder();
-            b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok((out, shape))
     }
 }

@@ -226,13 +226,8 @@ impl LlamaModel {
     /// down(silu(gate) * up) through the fused SiLU-gate product (the same candle ops on the CPU).
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
         let gate_up = layer.gate_up_proj.forward(x)?;
-        let down = &layer.down_proj;
-        let y = gemv::silu_mul_matmul_t(&gate_up, self.cfg.intermediate_size, &down.weight)?;
-        let y = match &down.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        self.all_reduce(y)
+        let act = fused::silu_mul(&gate_up, self.cfg.intermediate_size)?;
+        self.all_reduce(layer.down_proj.forward(&act)?)
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {

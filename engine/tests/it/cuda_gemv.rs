@@ -5,7 +5,7 @@ use super::cuda_model::{rel_l2, tiny_qwen2_dir, two_steps};
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
 use engine::model::gemv::{
-    matmul_t, set_gemv_kernel_on_this_thread, set_gemv_warp_rows_on_this_thread, silu_mul_matmul_t,
+    matmul_t, set_gemv_kernel_on_this_thread, set_gemv_warp_rows_on_this_thread,
 };
 use engine::model::gemv_cuda::{gemv, gemv_into};
 use engine::model::KvCache;
@@ -179,51 +179,6 @@ fn gemv_matches_f64_reference() {
     }
 }
 
-/// The down projection with the SiLU-gate product folded into the one-row kernel gives the bits of
-/// the SiLU-gate kernel followed by the kernel, aligned (the fused launch) or not (the fallback).
-#[test]
-fn silu_gemv_is_silu_mul_then_gemv_bit_for_bit() {
-    let dev = gpu();
-    let mut rng = StdRng::seed_from_u64(24);
-    for dtype in DTYPES {
-        for (n, inter, offset) in [
-            (1536, 8960, 0),
-            (8192, 1536, 0),
-            (37, 64, 0),
-            (5, 8, 0),
-            (77, 1004, 1),
-        ] {
-            let gu = upload(uniform(&mut rng, 2 * inter), 1, 2 * inter, dtype, &dev);
-            let w = upload(
-                uniform(&mut rng, (n + offset) * inter),
-                n + offset,
-                inter,
-                dtype,
-                &dev,
-            )
-            .narrow(0, offset, n)
-            .unwrap();
-            let got = silu_mul_matmul_t(&gu, inter, &w).expect("silu_mul_matmul_t");
-            let act = engine::model::fused::silu_mul(&gu, inter).unwrap();
-            let want = gemv(&act, &w).unwrap();
-            assert_eq!(
-                host(&got),
-                host(&want),
-                "{dtype:?} n={n} inter={inter} offset={offset}"
-            );
-            // And both close to the f64 reference of the (rounded) product.
-            check(
-                &format!("silu gemv {dtype:?} n={n} inter={inter}"),
-                dtype,
-                &host(&got),
-                &host(&act),
-                &host(&w),
-                [1, n, inter],
-            );
-        }
-    }
-}
-
 #[test]
 fn gemv_off_or_out_of_range_is_candle_matmul() {
     let dev = gpu();
@@ -386,6 +341,31 @@ fn gemv_bandwidth_qwen2_5_1_5b() {
                 gbs(theirs),
                 theirs / ours
             );
+        }
+    }
+}
+
+/// Programmatic dependent launch changes when kernels start, never what they compute: the
+/// model's logits (paged prefill, decode eager and from a CUDA graph, dense prompt) with it on and
+/// off agree bit for bit, with the one-row GEMV kernel as served and with every few-row projection
+/// on the kernel.
+#[test]
+fn model_logits_with_programmatic_launch_on_and_off() {
+    use engine::model::pdl::set_programmatic_launch_on_this_thread;
+    let dir = tiny_qwen2_dir(6);
+    let gpu = gpu();
+    engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
+    for dtype in [DType::BF16, DType::F32] {
+        let model = load_model(&dir, LoadFormat::Safetensors, dtype, &gpu, 0).unwrap();
+        for gemv_rows in [true, false] {
+            set_programmatic_launch_on_this_thread(Some(true));
+            let on = model_logits(model.as_ref(), dtype, gemv_rows);
+            set_programmatic_launch_on_this_thread(Some(false));
+            let off = model_logits(model.as_ref(), dtype, gemv_rows);
+            set_programmatic_launch_on_this_thread(None);
+            for (i, (a, b)) in on.iter().zip(&off).enumerate() {
+                assert_eq!(host(a), host(b), "{dtype:?} output {i}, gemv {gemv_rows}");
+            }
         }
     }
 }
