@@ -2,19 +2,43 @@
 //
 // Same contract and layouts as paged_attention.cu; this kernel takes the sequences whose query
 // length is >= qlen_lo (the host sends the others to paged_attention). FlashAttention-2 scheme:
-// a CTA owns BM = 64 query tokens of one sequence and one query head (4 warps x 16 rows) and walks
-// the keys 0 ..= last causal key in tiles of BN = 32, gathered through the block table into shared
-// memory by cp.async, two stages (the next tile loads while this one computes). S = Q K^T and O += P V run on mma.sync m16n8k16 (16-bit inputs, f32 accumulation); the
-// online softmax (running max m, sum l) is kept in f32 registers, P is rounded to the input type
-// for the P V product like FlashAttention does.
+// a CTA owns BM query rows (tokens) of one sequence and one query head; each of its warps owns
+// MT m16 tiles (16 MT consecutive rows), so every K and V fragment a warp loads feeds MT
+// products. The CTA walks the keys 0 ..= its last causal key in tiles of BN keys:
+//  - K and V rows are gathered through the block table into shared memory by cp.async, two
+//    stages: tile i+1 loads while tile i computes. One barrier per tile: the one that publishes
+//    tile i also shows that every warp is done with tile i-1, whose stage tile i+1 refills. The
+//    block-table entries of tile i+2 travel (cp.async) with tile i+1, so that issuing a tile's
+//    loads never waits on a block-table read.
+//  - S = Q K^T and O += P V run on mma.sync m16n8k16 (16-bit inputs, f32 accumulation); every
+//    operand fragment comes from ldmatrix.x4: Q (a), K (b, two 8-key n-tiles per load) and V
+//    (b, transposed, two 8-column n-tiles per load). Rows are padded by 8 elements, so the 8
+//    rows of each ldmatrix phase fall in distinct 16-byte bank groups for every D.
+//  - Online softmax in f32 registers in the log2 domain (running max m, per-thread partial sums
+//    l); P is rounded to the input type for P V like FlashAttention does. The causal / key_end
+//    mask is applied only on tiles that cross a row's limit, a warp skips the tiles none of its
+//    rows sees, and O is rescaled only when some row maximum moved.
+// Each warp stages its normalized rows of O in its own rows of the Q tile and writes them out
+// with 16-byte stores.
+//
+// Grid (num_heads, query tiles), block Tiles::kThreads, dynamic shared memory Tiles::kSmemBytes.
+// Query tiles are numbered from each sequence's last one (the last tiles see the most keys), and
+// the head is blockIdx.x, so the longest tiles of all heads are issued first.
+//
+// Two tilings are compiled for every head size and type, as kernels
+// flash_prefill_<type>_d<D>_<BM>x<BN> (attention_cuda.rs picks one, see set_flash_wide_tiles):
+//   128x64: 4 warps x 32 rows; Q fragments re-read from shared memory for every key tile, except
+//           at d64 where they fit in registers;
+//   64x32:  4 warps x 16 rows; Q fragments held in registers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "paged_common.cuh"
 
-#define BN 32     // keys per tile
-#define PAD 8     // elements of row padding: conflict-free fragment loads for every D here
+namespace flash {
+
+constexpr int kPad = 8;  // elements of row padding (row stride = an odd number of 16-byte units)
 
 // One m16n8k16 product c += a b (a row-major 16x16, b column-major 16x8, c 16x8 f32).
 __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b, __nv_bfloat16) {
@@ -42,239 +66,431 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ uint32_t ld32(const void* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// b fragment of a 16x8 slice of V (rows = keys, 8 columns of D) stored row-major in shared memory.
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t* b, const void* row_addr) {
-    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(b[0]), "=r"(b[1])
-                 : "r"(a));
+// Four 8x8 16-bit matrices from shared memory (32-bit shared addresses); lanes 8i .. 8i+7 give
+// the row addresses of matrix i, register i receives it (lane l: row l / 4, columns 2 (l % 4), +1).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t row_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row_addr));
+}
+// The same, each matrix transposed (lane l holds column l / 4, rows 2 (l % 4), +1).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, uint32_t row_addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row_addr));
 }
 
 // 16 bytes global -> shared without a register round trip; zero-filled when `valid` is false.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem),
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
                  "r"(valid ? 16 : 0));
 }
+// 4 bytes global -> shared (through L1: block-table entries are re-read by neighbouring CTAs).
+__device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem), "l"(gmem));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
+
+// 1 / x (approximate), volatile so that it is computed where it is used instead of occupying a
+// register across the main loop.
+__device__ __forceinline__ float rcp_here(int x) {
+    float y;
+    asm volatile("{\n .reg .f32 t;\n cvt.rn.f32.s32 t, %1;\n rcp.approx.ftz.f32 %0, t;\n}\n"
+                 : "=f"(y)
+                 : "r"(x));
+    return y;
 }
 
-template <typename T, int D, int WARPS>
-__device__ void flash_prefill_impl(T* __restrict__ out, const T* __restrict__ q,
-                                   const T* __restrict__ key_cache,
-                                   const T* __restrict__ value_cache,
-                                   const uint32_t* __restrict__ block_tables,
-                                   const uint32_t* __restrict__ context_lens,
-                                   const uint32_t* __restrict__ query_start, int num_seqs,
-                                   int num_heads, int num_kv_heads, int block_size,
-                                   int max_blocks_per_seq, int qlen_lo, float scale_log2) {
-    constexpr int BM = 16 * WARPS;  // query rows per CTA
-    static_assert(D % 16 == 0 && D <= 128 && BM <= 2 * BN, "head_dim, tile sizes");
-    constexpr int S = D + PAD;  // shared-memory row stride in elements (a multiple of 8)
-    constexpr int CH = D / 8;   // 16-byte chunks per row
-    // Two stages of [K tile; V tile]; the Q tile (BM <= 2 x BN rows) first passes through stage 0.
-    __shared__ __align__(16) T smem[2][2][BN * S];
+// threadIdx.x, re-read wherever it is written: the compiler cannot hoist a volatile read, so
+// the values derived from it (fragment addresses, row numbers) are recomputed per tile instead
+// of occupying registers across the main loop, where the accumulators need every register.
+__device__ __forceinline__ int tid_here() {
+    int t;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+    return t;
+}
+
+// 2^x (MUFU; 2^-inf = 0).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Tile shape of one kernel variant: WARPS warps of MT m16 tiles each, BN keys per tile.
+template <int D, int WARPS, int MT, int BN>
+struct Tiles {
+    static constexpr int kThreads = 32 * WARPS;
+    static constexpr int BM = 16 * MT * WARPS;  // query rows per CTA
+    static constexpr int S = D + kPad;           // shared-memory row stride in elements
+    static constexpr int CH = D / 8;             // 16-byte chunks per row
+    static constexpr int DN = D / 8;             // 8-column n-tiles of O
+    static constexpr int DK = D / 16;            // k-steps of Q K^T
+    static constexpr int KN = BN / 8;            // 8-key n-tiles of S
+    // Q's a fragments stay in registers when O, S and Q together leave room for the rest (ptxas:
+    // 128x64 spills from d80 up); otherwise they are re-read from shared memory per key tile.
+    static constexpr bool kQRegs = MT * (DN * 4 + KN * 4 + DK * 4) <= 160;
+    // Bytes of dynamic shared memory: the Q tile, stages 0 and 1 of [K tile; V tile], and the
+    // block numbers and in-block offsets of the keys of two tiles.
+    static constexpr int kSmemBytes = (BM + 4 * BN) * S * 2 + 2 * 2 * BN * 4;
+    static_assert(D % 16 == 0 && D <= 128 && BN % 16 == 0 && BN <= kThreads, "head_dim, tiles");
+};
+
+template <typename T, int D, int WARPS, int MT, int BN>
+__device__ __forceinline__ void flash_prefill_impl(
+    T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ key_cache,
+    const T* __restrict__ value_cache, const uint32_t* __restrict__ block_tables,
+    const uint32_t* __restrict__ context_lens, const uint32_t* __restrict__ query_start,
+    int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
+    int qlen_lo, float scale_log2) {
+    using L = Tiles<D, WARPS, MT, BN>;
+    constexpr int BM = L::BM, S = L::S, CH = L::CH, DN = L::DN, DK = L::DK, KN = L::KN;
+    constexpr int NT = L::kThreads;
+    constexpr bool kQRegs = L::kQRegs;
+    constexpr uint32_t kRow = S * sizeof(T);          // bytes per shared-memory row
+    constexpr uint32_t kTileBytes = BN * kRow;        // one K or V tile
+    constexpr uint32_t kStageBytes = 2 * kTileBytes;  // [K tile; V tile]
+    // Dynamic shared memory: the Q tile (BM rows; later the O tile), 2 stages of K and V, and
+    // for the keys of two tiles (buffer = tile & 1) their block numbers and in-block offsets.
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    const uint32_t q_smem = smem_addr(flash_smem);
+    const uint32_t kv_smem = q_smem + BM * kRow;
+    uint32_t* const key_block =
+        reinterpret_cast<uint32_t*>(flash_smem + BM * kRow + 2 * kStageBytes);
+    uint32_t* const key_within = key_block + 2 * BN;
 
     int seq, q_begin;
-    if (!locate_tile(query_start, num_seqs, BM, blockIdx.x, qlen_lo, 0x7fffffff, true, &seq,
+    // blockIdx.x is the head and blockIdx.y the query tile, so that CTAs are issued tile by
+    // tile (the longest first) across all heads rather than head by head.
+    if (!locate_tile(query_start, num_seqs, BM, blockIdx.y, qlen_lo, 0x7fffffff, true, &seq,
                      &q_begin))
         return;
-    const int head = blockIdx.y;
-    const int kv_head = head / (num_heads / num_kv_heads);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;  // fragment row group and column pair
+    const int head = blockIdx.x;
+    const uint32_t kv_head = head / (num_heads / num_kv_heads);
     const int qstart = (int)query_start[seq];
     const int qlen = (int)query_start[seq + 1] - qstart;
     const int ctx = (int)context_lens[seq];
     const int rows_here = min(BM, qlen - q_begin);
-    const int past = ctx - qlen;  // cached keys before this chunk
+    const int past = ctx - qlen;                     // cached keys before this chunk
     const int key_end = past + q_begin + rows_here;  // one past the last key any row sees
     const uint32_t* table = block_tables + (size_t)seq * max_blocks_per_seq;
-    const int r0 = warp * 16;
-    // Last key each of this thread's two rows (r0 + g, r0 + g + 8) may see.
-    const int lim0 = past + q_begin + r0 + g, lim1 = lim0 + 8;
-
-    // Q tile through shared memory into registers: a fragments for D / 16 k-steps.
-    T* qs = &smem[0][0][0];
-    for (int i = tid; i < BM * CH; i += WARPS * 32) {
-        const int r = i / CH, c = (i % CH) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < rows_here)
-            v = __ldg(reinterpret_cast<const uint4*>(
-                q + ((size_t)(qstart + q_begin + r) * num_heads + head) * D + c));
-        *reinterpret_cast<uint4*>(&qs[r * S + c]) = v;
-    }
-    __syncthreads();
-    uint32_t qf[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        const int c = kk * 16 + 2 * t;
-        qf[kk][0] = ld32(&qs[(r0 + g) * S + c]);
-        qf[kk][1] = ld32(&qs[(r0 + g + 8) * S + c]);
-        qf[kk][2] = ld32(&qs[(r0 + g) * S + c + 8]);
-        qf[kk][3] = ld32(&qs[(r0 + g + 8) * S + c + 8]);
-    }
-    __syncthreads();
-
-    // K/V rows of keys k0 .. k0 + BN into stage `st` (rows past key_end zero-filled).
-    auto load_tile = [&](int k0, int st) {
-        for (int i = tid; i < BN * CH; i += WARPS * 32) {
-            const int r = i / CH, c = (i % CH) * 8;
-            const int key = k0 + r;
-            const bool valid = key < key_end;
-            size_t off = 0;
-            if (valid) {
-                const size_t slot =
-                    (size_t)table[key / block_size] * block_size + key % block_size;
-                off = (slot * num_kv_heads + kv_head) * D + c;
-            }
-            cp_async16(&smem[st][0][r * S + c], key_cache + off, valid);
-            cp_async16(&smem[st][1][r * S + c], value_cache + off, valid);
+    // This warp's first row in the tile, and the last key that row sees.
+    auto warp_row0 = [&] { return (tid_here() >> 5) * 16 * MT; };
+    auto warp_lim = [&] { return key_end - rows_here + warp_row0(); };
+    // Block-table look-up of the keys k0 .. k0 + BN into buffer `buf`, one key per thread: the
+    // block number by cp.async (it lands with the next wait), the in-block offset directly.
+    // Keys at or past key_end (zero-filled rows) look up key 0, any valid slot.
+    auto fetch_slots = [&](int k0, int buf) {
+        const int tid = tid_here();
+        if (tid < BN) {
+            const int key = k0 + tid < key_end ? k0 + tid : 0;
+            // key / block_size from an f32 estimate, corrected (at most once either way for keys
+            // below 2^21).
+            int col = __float2int_rz((float)key * rcp_here(block_size));
+            int w = key - col * block_size;
+            while (w < 0) col -= 1, w += block_size;
+            while (w >= block_size) col += 1, w -= block_size;
+            cp_async4(smem_addr(&key_block[buf * BN + tid]), &table[col]);
+            key_within[buf * BN + tid] = (uint32_t)w;
         }
-        cp_async_commit();
+    };
+    const int q0 = qstart + q_begin;  // the tile's first token
+
+    // Row and 16-byte chunk of the i-th copy unit of a BN x D or BM x D tile.
+    auto unit = [&](int p, int& r, int& c) {
+        const int tid = tid_here();
+        if constexpr (NT % CH == 0) {
+            r = tid / CH + p * (NT / CH);
+            c = (tid % CH) * 8;
+        } else {
+            r = (tid + p * NT) / CH;
+            c = (tid + p * NT) % CH * 8;
+        }
+    };
+    // Slots of tiles 0 and 1, then the Q rows (zero past rows_here) in one cp.async group with
+    // key tile 0.
+    fetch_slots(0, 0);
+    fetch_slots(BN, 1);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    const T* const q_tile = q + ((size_t)q0 * num_heads + head) * D;
+#pragma unroll
+    for (int p = 0; p < (BM * CH + NT - 1) / NT; ++p) {
+        if ((BM * CH) % NT != 0 && tid_here() + p * NT >= BM * CH) break;
+        int r, c;
+        unit(p, r, c);
+        const bool valid = r < rows_here;
+        const T* src = valid ? q_tile + (size_t)r * num_heads * D + c : q;
+        cp_async16(q_smem + r * kRow + c * sizeof(T), src, valid);
+    }
+    // K/V rows of keys k0 .. k0 + BN into stage `st` (rows at or past key_end zero-filled), at
+    // the slots of slot buffer st.
+    auto load_tile = [&](int k0, int st) {
+        const uint32_t ks = smem_addr(flash_smem + BM * kRow + st * kStageBytes);
+#pragma unroll
+        for (int p = 0; p < (BN * CH + NT - 1) / NT; ++p) {
+            if ((BN * CH) % NT != 0 && tid_here() + p * NT >= BN * CH) break;
+            int r, c;
+            unit(p, r, c);
+            const bool valid = k0 + r < key_end;
+            const uint32_t slot =
+                key_block[st * BN + r] * (uint32_t)block_size + key_within[st * BN + r];
+            const size_t off = ((size_t)slot * (uint32_t)num_kv_heads + kv_head) * D + c;
+            const uint32_t dst = ks + r * kRow + c * sizeof(T);
+            cp_async16(dst, key_cache + off, valid);
+            cp_async16(dst + kTileBytes, value_cache + off, valid);
+        }
     };
 
-    float o[D / 8][4];
+    float o[MT][DN][4];
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-    // Whole warp masked out past this key (its last row's limit), or no valid rows at all.
-    const int warp_last_key = r0 < rows_here ? past + q_begin + min(r0 + 15, rows_here - 1) : -1;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < DN; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+    // Per m-tile, rows g and g + 8: running max (log2 domain) and this thread's partial sum.
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+    uint32_t qf[kQRegs ? MT : 1][kQRegs ? DK : 1][4];
 
-    const int num_tiles = (key_end + BN - 1) / BN;
+    // ldmatrix row address of this lane for the Q a fragments (fragment layouts of m16n8k16):
+    // rows r0 + (lane & 15), columns + 8 for lanes 16..31.
+    auto q_frag_addr = [&] {
+        const int lane = tid_here() & 31;
+        return q_smem + (warp_row0() + (lane & 15)) * kRow + (lane >> 4) * 16;
+    };
+
+    // One key tile (stage st, keys k0 ..) for this warp's rows: S = Q K^T, mask, online
+    // softmax, O += P V.
+    auto compute_tile = [&](int k0, int st) {
+        const int lane = tid_here() & 31;
+        const int g = lane >> 2, t = lane & 3;  // fragment row group and column pair
+        const int lim_warp = warp_lim();
+        const uint32_t qa = q_frag_addr();
+        // K b fragments of n-tiles 2p, 2p+1: keys + (lane & 7) + 8 (lane >= 16), columns + 8
+        // (lane & 8). V b fragments (transposed) of n-tiles 2p, 2p+1: keys + (lane & 15),
+        // columns + 8 (lane >= 16).
+        const uint32_t kst = kv_smem + st * kStageBytes +
+                             ((lane & 7) + ((lane >> 4) << 3)) * kRow + ((lane >> 3) & 1) * 16;
+        const uint32_t vst = kv_smem + st * kStageBytes + kTileBytes + (lane & 15) * kRow +
+                             (lane >> 4) * 16;
+
+        // S = Q K^T: MT x KN tiles of 16x8.
+        float s[MT][KN][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < KN; ++j)
+                s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DK; ++kk) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (kQRegs) {
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) a[mt][x] = qf[mt][kk][x];
+                } else {
+                    ldmatrix_x4(a[mt], qa + mt * 16 * kRow + kk * 32);
+                }
+            }
+#pragma unroll
+            for (int jp = 0; jp < KN / 2; ++jp) {
+                uint32_t b[4];
+                ldmatrix_x4(b, kst + jp * 16 * kRow + kk * 32);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma(s[mt][2 * jp], a[mt], b, T());
+                    mma(s[mt][2 * jp + 1], a[mt], b + 2, T());
+                }
+            }
+        }
+
+        // Causal mask and key_end, only where some key of the tile is past a row's limit.
+        if (k0 + BN - 1 > lim_warp || k0 + BN > key_end) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int lim = lim_warp + mt * 16 + g;  // row g; row g + 8 sees 8 more keys
+#pragma unroll
+                for (int j = 0; j < KN; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = k0 + j * 8 + 2 * t + (e & 1);
+                        if (key > lim + (e >> 1) * 8 || key >= key_end) s[mt][j][e] = -INFINITY;
+                    }
+            }
+        }
+
+        // Online softmax in the log2 domain: p = 2^(s scale_log2 - m); row maxima and sums are
+        // reduced as trees (short dependency chains).
+        float alpha[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows g (elements 0, 1) and g + 8 (elements 2, 3)
+                float v[KN];
+#pragma unroll
+                for (int j = 0; j < KN; ++j) v[j] = fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]);
+#pragma unroll
+                for (int w = KN / 2; w >= 1; w /= 2)
+#pragma unroll
+                    for (int j = 0; j < w; ++j) v[j] = fmaxf(v[j], v[j + w]);
+                float mx = fmaxf(v[0], __shfl_xor_sync(0xffffffffu, v[0], 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float n = fmaxf(m[mt][h], mx * scale_log2);
+                // A row with no visible key yet keeps m = -inf: base 0 makes its p and alpha 0.
+                const float base = n == -INFINITY ? 0.f : n;
+                alpha[mt][h] = ex2(m[mt][h] - base);
+                m[mt][h] = n;
+#pragma unroll
+                for (int j = 0; j < KN; ++j) {
+                    s[mt][j][2 * h] = ex2(fmaf(s[mt][j][2 * h], scale_log2, -base));
+                    s[mt][j][2 * h + 1] = ex2(fmaf(s[mt][j][2 * h + 1], scale_log2, -base));
+                    v[j] = s[mt][j][2 * h] + s[mt][j][2 * h + 1];
+                }
+#pragma unroll
+                for (int w = KN / 2; w >= 1; w /= 2)
+#pragma unroll
+                    for (int j = 0; j < w; ++j) v[j] += v[j + w];
+                // Per-thread partial sums; the quad is summed at the end.
+                l[mt][h] = l[mt][h] * alpha[mt][h] + v[0];
+            }
+        }
+        // Rescale O, unless no row maximum of the warp moved (every alpha is 1).
+        bool moved = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) moved |= alpha[mt][0] != 1.f || alpha[mt][1] != 1.f;
+        if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int j = 0; j < DN; ++j) {
+                    o[mt][j][0] *= alpha[mt][0];
+                    o[mt][j][1] *= alpha[mt][0];
+                    o[mt][j][2] *= alpha[mt][1];
+                    o[mt][j][3] *= alpha[mt][1];
+                }
+        }
+
+        // O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are P's a fragment for k-step kk.
+#pragma unroll
+        for (int kk = 0; kk < KN / 2; ++kk) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = pack2(s[mt][2 * kk][0], s[mt][2 * kk][1], T());
+                pa[mt][1] = pack2(s[mt][2 * kk][2], s[mt][2 * kk][3], T());
+                pa[mt][2] = pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1], T());
+                pa[mt][3] = pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3], T());
+            }
+#pragma unroll
+            for (int jp = 0; jp < DN / 2; ++jp) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, vst + kk * 16 * kRow + jp * 32);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma(o[mt][2 * jp], pa[mt], b, T());
+                    mma(o[mt][2 * jp + 1], pa[mt], b + 2, T());
+                }
+            }
+        }
+    };
+
     load_tile(0, 0);
-    for (int it = 0; it < num_tiles; ++it) {
-        const int k0 = it * BN, st = it & 1;
-        if (it + 1 < num_tiles) {
-            load_tile(k0 + BN, st ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
+    cp_async_commit();
+    // Key tiles k0 = 0, BN, .. below key_end; tile k0 / BN computes from stage st.
+    for (int k0 = 0; k0 < key_end; k0 += BN) {
+        const int st = (k0 / BN) & 1;
+        cp_async_wait_all();
+        __syncthreads();  // tile k0 visible to all; every warp is done with stage st ^ 1
+        // The next tile into the other stage, the slots of the one after into buffer st (this
+        // tile was issued from it last iteration).
+        if (k0 + BN < key_end) load_tile(k0 + BN, st ^ 1);
+        if (k0 + 2 * BN < key_end) fetch_slots(k0 + 2 * BN, st);
+        cp_async_commit();
+        if (kQRegs && k0 == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kk = 0; kk < DK; ++kk)
+                    ldmatrix_x4(qf[kQRegs ? mt : 0][kQRegs ? kk : 0],
+                                q_frag_addr() + mt * 16 * kRow + kk * 32);
         }
-        __syncthreads();
-        const T* ks = smem[st][0];
-        const T* vs = smem[st][1];
-
-        if (k0 <= warp_last_key) {
-            // S = Q K^T for 16 rows x BN keys: BN / 8 n-tiles of 16x8.
-            float s[BN / 8][4];
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-                for (int j = 0; j < BN / 8; ++j) {
-                    const T* kr = &ks[(j * 8 + g) * S + kk * 16 + 2 * t];
-                    const uint32_t b[2] = {ld32(kr), ld32(kr + 8)};
-                    mma(s[j], qf[kk], b, T());
-                }
-            }
-            // Causal mask, scale (log2 domain) and the tile's row maxima.
-            float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + j * 8 + 2 * t + (e & 1);
-                    const int lim = e < 2 ? lim0 : lim1;
-                    const float v = (key <= lim && key < key_end) ? s[j][e] * scale_log2 : -INFINITY;
-                    s[j][e] = v;
-                    if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
-                }
-            }
-#pragma unroll
-            for (int x = 1; x <= 2; x <<= 1) {
-                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
-                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
-            }
-            const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-            // A row with no visible key yet keeps m = -inf: use 0 as the base so exp2 gives 0.
-            const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
-            const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
-            m0 = n0;
-            m1 = n1;
-            float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                s[j][0] = exp2f(s[j][0] - b0);
-                s[j][1] = exp2f(s[j][1] - b0);
-                s[j][2] = exp2f(s[j][2] - b1);
-                s[j][3] = exp2f(s[j][3] - b1);
-                sum0 += s[j][0] + s[j][1];
-                sum1 += s[j][2] + s[j][3];
-            }
-            l0 = l0 * a0 + sum0;  // per-thread partial sums; the quad is summed at the end
-            l1 = l1 * a1 + sum1;
-#pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                o[j][0] *= a0;
-                o[j][1] *= a0;
-                o[j][2] *= a1;
-                o[j][3] *= a1;
-            }
-            // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are P's a fragment for k-step kk.
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                const uint32_t a[4] = {pack2(s[2 * kk][0], s[2 * kk][1], T()),
-                                       pack2(s[2 * kk][2], s[2 * kk][3], T()),
-                                       pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], T()),
-                                       pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], T())};
-#pragma unroll
-                for (int j = 0; j < D / 8; ++j) {
-                    uint32_t b[2];
-                    ldmatrix_x2_trans(b, &vs[(kk * 16 + (lane & 15)) * S + j * 8]);
-                    mma(o[j], a, b, T());
-                }
-            }
-        }
-        __syncthreads();  // stage st is refilled by the next iteration's prefetch
+        // Skipped when the whole warp is causally masked (k0 past the last key of its last row,
+        // lim_warp + 16 MT - 1, or of the last valid row, key_end - 1) or has no valid row.
+        if (k0 < min(warp_lim() + 16 * MT, key_end) && warp_lim() < key_end)
+            compute_tile(k0, st);
     }
 
+    // Epilogue, per warp: normalize, stage the warp's rows of O in its own rows of the Q tile
+    // (no other warp reads them), then write the valid rows with 16-byte stores.
+    __syncwarp();
+    const int lane = tid_here() & 31, r0 = warp_row0();
+    const int g = lane >> 2, t = lane & 3;
+    T* const os = reinterpret_cast<T*>(flash_smem);
 #pragma unroll
-    for (int x = 1; x <= 2; x <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    for (int mt = 0; mt < MT; ++mt) {
+        float inv[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float sum = l[mt][h];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            inv[h] = sum > 0.f ? 1.f / sum : 0.f;
+        }
+        T* row = &os[(r0 + mt * 16 + g) * S + 2 * t];
+#pragma unroll
+        for (int j = 0; j < DN; ++j) {
+            *reinterpret_cast<uint32_t*>(row + j * 8) =
+                pack2(o[mt][j][0] * inv[0], o[mt][j][1] * inv[0], T());
+            *reinterpret_cast<uint32_t*>(row + 8 * S + j * 8) =
+                pack2(o[mt][j][2] * inv[1], o[mt][j][3] * inv[1], T());
+        }
     }
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const int ra = r0 + g, rb = r0 + g + 8;
+    __syncwarp();
+    T* const out_tile = out + ((size_t)q0 * num_heads + head) * D;
+    static_assert(MT * 16 * CH % 32 == 0, "whole 16-byte units per lane");
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-        const int d = j * 8 + 2 * t;
-        if (ra < rows_here)
-            *reinterpret_cast<uint32_t*>(
-                &out[((size_t)(qstart + q_begin + ra) * num_heads + head) * D + d]) =
-                pack2(o[j][0] * inv0, o[j][1] * inv0, T());
-        if (rb < rows_here)
-            *reinterpret_cast<uint32_t*>(
-                &out[((size_t)(qstart + q_begin + rb) * num_heads + head) * D + d]) =
-                pack2(o[j][2] * inv1, o[j][3] * inv1, T());
+    for (int p = 0; p < MT * 16 * CH / 32; ++p) {
+        const int r = r0 + (lane + 32 * p) / CH, c = (lane + 32 * p) % CH * 8;
+        if (r < rows_here)
+            *reinterpret_cast<uint4*>(out_tile + (size_t)r * num_heads * D + c) =
+                *reinterpret_cast<const uint4*>(&os[r * S + c]);
     }
 }
 
-#define FLASH_PREFILL(SUFFIX, T, D, W, NAME)                                                       \
-    extern "C" __global__ void __launch_bounds__(W * 32) NAME(                                     \
-        T* out, const T* q, const T* key_cache, const T* value_cache,                             \
-        const uint32_t* block_tables, const uint32_t* context_lens, const uint32_t* query_start,  \
-        int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,    \
-        int qlen_lo, float scale_log2) {                                                           \
-        flash_prefill_impl<T, D, W>(out, q, key_cache, value_cache, block_tables, context_lens,    \
-                                    query_start, num_seqs, num_heads, num_kv_heads, block_size,    \
-                                    max_blocks_per_seq, qlen_lo, scale_log2);                      \
+}  // namespace flash
+
+// Kernel flash_prefill_<type>_d<D>_<ROWS>x<KEYS>: WARPS warps of MT m16 tiles, ROWS = 16 MT WARPS
+// query rows, KEYS keys per tile.
+#define FLASH_PREFILL(T, SUFFIX, D, ROWS, KEYS, WARPS, MT)                                      \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                    \
+        flash_prefill_##SUFFIX##_d##D##_##ROWS##x##KEYS(                                        \
+            T* out, const T* q, const T* key_cache, const T* value_cache,                       \
+            const uint32_t* block_tables, const uint32_t* context_lens,                         \
+            const uint32_t* query_start, int num_seqs, int num_heads, int num_kv_heads,         \
+            int block_size, int max_blocks_per_seq, int qlen_lo, float scale_log2) {            \
+        static_assert(flash::Tiles<D, WARPS, MT, KEYS>::BM == ROWS, "kernel name vs tiles");    \
+        flash::flash_prefill_impl<T, D, WARPS, MT, KEYS>(                                       \
+            out, q, key_cache, value_cache, block_tables, context_lens, query_start, num_seqs,  \
+            num_heads, num_kv_heads, block_size, max_blocks_per_seq, qlen_lo, scale_log2);      \
     }
 
-// (32-row CTAs, 2 warps, measured slower on an H200 even where 64-row CTAs leave SMs idle.)
-#define FLASH_PREFILL_ALL_D(SUFFIX, T)                              \
-    FLASH_PREFILL(SUFFIX, T, 64, 4, flash_prefill_##SUFFIX##_d64)   \
-    FLASH_PREFILL(SUFFIX, T, 80, 4, flash_prefill_##SUFFIX##_d80)   \
-    FLASH_PREFILL(SUFFIX, T, 96, 4, flash_prefill_##SUFFIX##_d96)   \
-    FLASH_PREFILL(SUFFIX, T, 128, 4, flash_prefill_##SUFFIX##_d128)
+// Both tilings (attention_cuda.rs FLASH_WIDE, FLASH_NARROW) for every head size.
+#define FLASH_PREFILL_D(T, SUFFIX, D)          \
+    FLASH_PREFILL(T, SUFFIX, D, 128, 64, 4, 2) \
+    FLASH_PREFILL(T, SUFFIX, D, 64, 32, 4, 1)
+#define FLASH_PREFILL_ALL_D(T, SUFFIX) \
+    FLASH_PREFILL_D(T, SUFFIX, 64)     \
+    FLASH_PREFILL_D(T, SUFFIX, 80)     \
+    FLASH_PREFILL_D(T, SUFFIX, 96)     \
+    FLASH_PREFILL_D(T, SUFFIX, 128)
 
-FLASH_PREFILL_ALL_D(f16, __half)
-FLASH_PREFILL_ALL_D(bf16, __nv_bfloat16)
+FLASH_PREFILL_ALL_D(__half, f16)
+FLASH_PREFILL_ALL_D(__nv_bfloat16, bf16)

@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use engine::model::attention_cuda::{
     decode_split, paged_attention_into, set_decode_kernel_on_this_thread, set_decode_split,
-    set_prefill_kernel, write_kv_cache, PrefillKernel,
+    set_flash_wide_tiles_on_this_thread, set_prefill_kernel, write_kv_cache, PrefillKernel,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -270,25 +270,49 @@ fn paged_attention_matches_reference() {
             block_size: 16,
             seqs: vec![(128, 128), (17, 500), (2, 9)],
         },
+        // Contexts of many key tiles whose key counts are not multiples of 64 (CodeLlama-34B
+        // group of 8, d128): a 700-token prompt (five 128-row tiles and 60 rows), chunked
+        // prefills of 200 tokens after 1137 cached and of 64 after 936, a short prompt.
+        Case {
+            heads: 16,
+            kv_heads: 2,
+            head_dim: 128,
+            block_size: 16,
+            seqs: vec![(700, 700), (200, 1337), (64, 1000), (20, 20)],
+        },
+        // The same at d64, group of 4, block size 32.
+        Case {
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 64,
+            block_size: 32,
+            seqs: vec![(517, 517), (130, 901), (3, 77)],
+        },
     ];
     let mut seed = 7;
     for (i, c) in cases.iter().enumerate() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
-            // 16-bit prefills run on the tensor-core kernel; also check the paged kernel on them.
-            // (The choice is process-wide: other tests may run on either kernel meanwhile, both
-            // correct.)
-            for kernel in [PrefillKernel::TensorCore, PrefillKernel::Paged] {
+            // 16-bit prefills run on the tensor-core kernel: check both of its tilings, and the
+            // paged kernel on them. (The kernel choice is process-wide: other tests may run on
+            // either kernel meanwhile, both correct; the tiling is this thread's.)
+            for (kernel, wide, what) in [
+                (PrefillKernel::TensorCore, true, "tensor-core 128x64"),
+                (PrefillKernel::TensorCore, false, "tensor-core 64x32"),
+                (PrefillKernel::Paged, true, "paged"),
+            ] {
                 if dtype == DType::F32 && kernel != PrefillKernel::Paged {
                     continue; // f32 always runs on the paged kernel
                 }
                 set_prefill_kernel(kernel);
+                set_flash_wide_tiles_on_this_thread(Some(wide));
                 seed += 1;
                 let err = check_attention(c, dtype, seed);
+                set_flash_wide_tiles_on_this_thread(None);
                 set_prefill_kernel(PrefillKernel::TensorCore);
-                println!("case {i} {dtype:?} {kernel:?}: rel L2 error {err:.3e}");
+                println!("case {i} {dtype:?} {what}: rel L2 error {err:.3e}");
                 assert!(
                     err < tolerance(dtype),
-                    "case {i} {dtype:?} {kernel:?}: rel error {err:.3e}"
+                    "case {i} {dtype:?} {what}: rel error {err:.3e}"
                 );
             }
         }

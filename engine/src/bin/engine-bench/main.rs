@@ -343,6 +343,8 @@ struct PrefillRow {
     tokens: usize,
     ms: f64,
     no_flash_ms: Option<f64>,
+    /// The forward with the tensor-core kernel's 64-row, 32-key tiles instead of 128 x 64.
+    narrow_tiles_ms: Option<f64>,
     matmuls_ms: f64,
     attention_ms: f64,
     elementwise_ms: f64,
@@ -550,11 +552,19 @@ fn main() -> Result<()> {
         let ms = forward_ms(&device, &mut runner, &fb, reps, 2)?;
         // The same forward with every sequence on the paged-attention kernel (no tensor-core
         // prefill kernel), then with the unfused ops: the gaps are what each saves.
-        let (mut no_flash, mut unfused) = (None, None);
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let (mut no_flash, mut narrow, mut unfused) = (None, None, None);
         if device.is_cuda() {
             set_flash_prefill(false);
             no_flash = Some(forward_ms(&device, &mut runner, &fb, reps, 1)?);
             set_flash_prefill(true);
+            #[cfg(feature = "cuda")]
+            {
+                use engine::model::attention_cuda::set_flash_wide_tiles;
+                set_flash_wide_tiles(false);
+                narrow = Some(forward_ms(&device, &mut runner, &fb, reps, 1)?);
+                set_flash_wide_tiles(true);
+            }
             engine::model::fused::set_fused_kernels(false);
             unfused = Some(forward_ms(&device, &mut runner, &fb, reps, 1)?);
             engine::model::fused::set_fused_kernels(true);
@@ -573,6 +583,7 @@ fn main() -> Result<()> {
             tokens: n,
             ms,
             no_flash_ms: no_flash,
+            narrow_tiles_ms: narrow,
             matmuls_ms: gemm,
             attention_ms: attn,
             elementwise_ms: elementwise,
@@ -865,19 +876,20 @@ fn render(
     let _ = writeln!(s, "## Prefill (one sequence; median)\n");
     let _ = writeln!(
         s,
-        "| tokens | forward ms | paged-attention kernel only ms | unfused ops ms | matmuls ms | attention ms | attention TFLOP/s | fused elementwise ms | matmul floor ms | forward / floor | tok/s |"
+        "| tokens | forward ms | paged-attention kernel only ms | 64x32 prefill tiles ms | unfused ops ms | matmuls ms | attention ms | attention TFLOP/s | fused elementwise ms | matmul floor ms | forward / floor | tok/s |"
     );
     let _ = writeln!(
         s,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in prows {
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2}x | {:.0} |",
+            "| {} | {:.2} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2}x | {:.0} |",
             r.tokens,
             r.ms,
             opt2(r.no_flash_ms),
+            opt2(r.narrow_tiles_ms),
             opt2(r.unfused_ms),
             r.matmuls_ms,
             r.attention_ms,
@@ -890,7 +902,7 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\nMatmul floor = 2 x params x tokens / measured TFLOP/s (attention FLOPs not counted). Forward: as served (tensor-core prefill kernel for bf16/f16, fused ops); paged-attention kernel only / unfused ops: the same forward with that kernel / the fused ops off. Parts, each alone over every layer at this token count: matmuls (the four projections), attention, fused elementwise (two add + RMSNorm, SiLU-gate product, bias + rotary + KV write); the rest of the forward is the embedding, rotary tables and the LM head of the last token."
+        "\nMatmul floor = 2 x params x tokens / measured TFLOP/s (attention FLOPs not counted). Forward: as served (tensor-core prefill kernel for bf16/f16 with 128-row, 64-key tiles, fused ops); paged-attention kernel only / 64x32 prefill tiles / unfused ops: the same forward with that kernel / the tensor-core kernel's 64-row, 32-key tiles / the fused ops off. Parts, each alone over every layer at this token count: matmuls (the four projections), attention, fused elementwise (two add + RMSNorm, SiLU-gate product, bias + rotary + KV write); the rest of the forward is the embedding, rotary tables and the LM head of the last token."
     );
     s
 }
