@@ -16,7 +16,6 @@
 #include <stdint.h>
 
 #include "convert.cuh"
-#include "pdl.cuh"
 
 // Value after a round trip through T (what candle's elementwise op in T would store).
 template <typename T>
@@ -81,7 +80,6 @@ template <typename T, int V>
 __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__ residual,
                                   const T* __restrict__ weight, T* __restrict__ normed,
                                   T* __restrict__ sum, int hidden, float eps) {
-    pdl_enter();  // launched programmatically: see pdl.cuh
     const int64_t row = (int64_t)blockIdx.x * hidden;
     float ss = 0.f;
     for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
@@ -130,7 +128,6 @@ __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__
 template <typename T, int V>
 __device__ void silu_mul_impl(const T* __restrict__ gate_up, T* __restrict__ out, int64_t n,
                               int64_t inter) {
-    pdl_enter();  // launched programmatically: see pdl.cuh
     // Rows over grid.y, columns over grid.x: no per-element division.
     for (int64_t t = blockIdx.y; t < n; t += gridDim.y) {
         const T* gu = gate_up + t * 2 * inter;
@@ -156,7 +153,6 @@ __device__ void qkv_rope_cache_impl(const T* __restrict__ qkv, const T* __restri
                                     T* __restrict__ q_out, T* __restrict__ key_cache,
                                     T* __restrict__ value_cache, int num_heads, int num_kv_heads,
                                     int head_dim, int64_t num_slots) {
-    pdl_enter();  // launched programmatically: see pdl.cuh
     const int64_t t = blockIdx.x;
     const int half = head_dim / 2;
     const int per_head = half / V;

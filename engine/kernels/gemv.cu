@@ -16,7 +16,6 @@
 #include <stdint.h>
 
 #include "convert.cuh"
-#include "pdl.cuh"
 
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
@@ -113,7 +112,6 @@ template <typename T, int M>
 __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k) {
     constexpr int R = rows_per_cta<M>(), U = unroll<M>(), E = Chunk<T>::E;
-    pdl_enter();
     const int chunks = k / E;
     const int64_t row0 = (int64_t)blockIdx.x * R;
     const uint4* wr[R];
@@ -165,7 +163,6 @@ template <typename T, int M>
 __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                           int n, int k) {
     constexpr int R = rows_per_cta<M>();
-    pdl_enter();
     const int64_t row0 = (int64_t)blockIdx.x * R;
     const T* wr[R];
 #pragma unroll
@@ -194,12 +191,11 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 // time and walks them with its lanes over K in 16-byte chunks, all WR x U loads of a step in
 // flight; a warp shuffle reduces; no shared memory, no CTA barrier. Warps take row groups
 // grid-stride: the host sizes the grid so that every warp gets the same number of groups (no
-// tail wave). WR = 2 for many rows; WR = 1 with deeper unrolling (U = 8, or 16 for long rows) for
-// few rows (more warps, more bytes in flight). Needs the same alignment as the _v kernels.
-// CTAs per SM promised to the compiler (and assumed by the host): 8 (64 registers per thread),
-// 4 for the deepest unrolling (w1u16: 16 loads in flight per lane).
-template <int WR, int U>
-__host__ __device__ constexpr int warp_row_ctas() { return WR * U > 8 ? 4 : 8; }
+// tail wave). WR = 2 for many rows; WR = 1 with deeper unrolling for few rows (more warps, more
+// bytes in flight). The host sends it rows of at most 256 chunks (one or two steps per lane);
+// longer rows go to the CTA-per-rows kernel, which was faster there. Needs the same alignment as the _v kernels.
+// CTAs per SM promised to the compiler (and assumed by the host): 64 registers per thread.
+constexpr int WARP_ROW_CTAS = 8;
 
 template <typename T, int WR, int U>
 __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
@@ -209,15 +205,8 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * WARPS;
     const uint4* xr = reinterpret_cast<const uint4*>(x);
-    const int64_t first = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * WR;
-    // The weights do not depend on the previous kernel: this warp's first rows go to L2 (one
-    // prefetch per 128-byte line) while that kernel finishes, then x is waited for.
-    for (int r = 0; r < WR; ++r)
-        if (first + r < n)
-            for (int c = lane * 8; c < chunks; c += 32 * 8)
-                prefetch_l2_line(reinterpret_cast<const uint4*>(w + (first + r) * k) + c);
-    pdl_enter();
-    for (int64_t row0 = first; row0 < n; row0 += warps * WR) {
+    for (int64_t row0 = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * WR; row0 < n;
+         row0 += warps * WR) {
         const uint4* wr[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r)
@@ -260,7 +249,7 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 }
 
 #define GEMV_W(SUFFIX, T, WR, U)                                                                \
-    extern "C" __global__ void __launch_bounds__(THREADS, warp_row_ctas<WR, U>())               \
+    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)               \
         gemv_##SUFFIX##_m1_w##WR##u##U(const T* x, const T* w, T* y, int n, int k) {            \
         gemv_w_impl<T, WR, U>(x, w, y, n, k);                                                   \
     }
@@ -278,7 +267,6 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #define GEMV(SUFFIX, T)   \
     GEMV_W(SUFFIX, T, 2, 4) \
     GEMV_W(SUFFIX, T, 1, 8) \
-    GEMV_W(SUFFIX, T, 1, 16) \
     GEMV_M(SUFFIX, T, 1)  \
     GEMV_M(SUFFIX, T, 2)  \
     GEMV_M(SUFFIX, T, 3)  \

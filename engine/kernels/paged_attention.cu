@@ -20,7 +20,6 @@
 #include <stdint.h>
 
 #include "paged_common.cuh"
-#include "pdl.cuh"
 
 #define KT 32        // keys per shared-memory tile
 #define MAX_ROWS 16  // query rows (token x head) per CTA
@@ -54,7 +53,6 @@ __device__ void paged_attention_impl(
     const uint32_t* __restrict__ context_lens, const uint32_t* __restrict__ query_start,
     int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
     int qt, int gh, int qlen_hi, float scale) {
-    pdl_enter();  // launched programmatically: see pdl.cuh
     static_assert(D % 4 == 0 && D <= 256, "head_dim");
     constexpr int VEC = 16 / sizeof(T);         // elements per 16-byte load
     constexpr int ACC = MAX_ROWS * D / THREADS;  // output elements owned per thread
@@ -231,7 +229,6 @@ template <typename T, int D>
 __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* __restrict__ part_m,
                                              const float* __restrict__ part_l,
                                              const float* __restrict__ part_acc, int num_splits) {
-    pdl_enter();  // launched programmatically: see pdl.cuh
     const size_t row = blockIdx.x;
     const int d = threadIdx.x;
     if (d >= D) return;

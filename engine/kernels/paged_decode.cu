@@ -27,7 +27,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
-#include "pdl.cuh"
 
 #define DEC_WARPS 4
 #define DEC_THREADS (32 * DEC_WARPS)
@@ -105,7 +104,6 @@ __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_
                                   const uint32_t* __restrict__ query_start, int num_heads,
                                   int num_kv_heads, int block_size, int max_blocks_per_seq,
                                   float scale_log2) {
-    pdl_enter();  // launched programmatically: see pdl.cuh
     constexpr int VEC = 16 / sizeof(T);     // elements per 16-byte vector
     constexpr int ROW_VECS = D / VEC;       // 16-byte vectors per K/V row
     constexpr int ROW_BYTES = D * (int)sizeof(T);
@@ -355,7 +353,6 @@ __device__ void paged_decode_combine_impl(T* __restrict__ out, const float* __re
                                           const uint32_t* __restrict__ context_lens,
                                           const uint32_t* __restrict__ query_start, int num_heads,
                                           int num_splits) {
-    pdl_enter();  // launched programmatically: see pdl.cuh
     const int seq = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
     const int qstart = (int)query_start[seq];
     const int qlen = (int)query_start[seq + 1] - qstart;

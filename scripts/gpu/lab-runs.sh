@@ -32,9 +32,10 @@
 #          logits, and SmolLM2 logits/greedy when stage a ran first
 #       1. engine-bench at the Qwen2.5-1.5B shape; 2. engine-bench at the CodeLlama-34B shape
 #       3. (engine + probe carried) fcfs vs fair, seed-001 burst, CodeLlama-34B shape -> day-009-codellama34b/$RUN/
-#   h (carry .lab-h: engine, probe, both tokenizers): ROUNDS rounds of fcfs, fair and fair
-#     --fair-first-token-quantum 1 at the CodeLlama-34B shape, order alternating, then QWEN_ROUNDS
-#     rounds of fcfs, fair and fair --fair-first-token-quantum 1 at the Qwen2.5-1.5B shape
+#   h (carry .lab-h: engine, probe, both tokenizers): ROUNDS rounds of VARIANTS (default fcfs, fair
+#     --fair-first-token-quantum 1 and fair; a variant is a policy or policy:ftq1) at the
+#     CodeLlama-34B shape, order alternating, then QWEN_ROUNDS rounds of QWEN_VARIANTS at the
+#     Qwen2.5-1.5B shape
 #     -> day-009-codellama34b/$RUN/, day-008-scheduling/$RUN/
 #
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
@@ -325,14 +326,18 @@ if [ "$STAGE" = h ]; then
         local runs=("$dir"/seed001-*-r$r)
         [ ${#runs[@]} -ge 2 ] && "$LAB/probe" compare "${runs[@]}" --out "$dir/compare-r$r" 2>&1 | tail -3
     }
+    # VARIANTS / QWEN_VARIANTS: the round's runs in odd rounds' order (even rounds reverse it).
+    rev() { local out=""; for v in "$@"; do out="$v $out"; done; echo "$out"; }
     for r in $(seq 1 "${ROUNDS:-2}"); do
-        if [ $((r % 2)) = 1 ]; then order="fcfs fair:ftq1 fair"; else order="fair fair:ftq1 fcfs"; fi
+        # shellcheck disable=SC2086
+        if [ $((r % 2)) = 1 ]; then order=${VARIANTS:-fcfs fair:ftq1 fair}; else order=$(rev ${VARIANTS:-fcfs fair:ftq1 fair}); fi
         # shellcheck disable=SC2086
         round "$DAYS/day-009-codellama34b/${RUN:-rounds}" "$CL" "$LAB/llama2/tokenizer.json" "${PER_POLICY:-100}" "$r" $order
     done
     if [ -f "$LAB/qwen2.5/tokenizer.json" ]; then
         for r in $(seq 1 "${QWEN_ROUNDS:-0}"); do
-            if [ $((r % 2)) = 1 ]; then order="fcfs fair fair:ftq1"; else order="fair:ftq1 fair fcfs"; fi
+            # shellcheck disable=SC2086
+            if [ $((r % 2)) = 1 ]; then order=${QWEN_VARIANTS:-fcfs fair fair:ftq1}; else order=$(rev ${QWEN_VARIANTS:-fcfs fair fair:ftq1}); fi
             # shellcheck disable=SC2086
             round "$DAYS/day-008-scheduling/${RUN:-rounds}" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 60 "$r" $order
         done

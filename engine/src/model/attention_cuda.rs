@@ -7,7 +7,6 @@
 //! and the tensor-core prefill kernel (`flash_prefill.cu`).
 
 use super::attention::AttentionMetadata;
-use super::pdl::KernelLaunch;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
@@ -113,7 +112,8 @@ fn allow_shared_bytes(
         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         bytes as i32,
     )
-    .w()?;
+    .w()
+    .map_err(|e| e.context(format!("raising the shared-memory limit to {bytes} B")))?;
     allowed.insert(key, bytes);
     Ok(())
 }
@@ -352,10 +352,14 @@ impl Partials {
     ) -> Result<Self> {
         // SAFETY: the attention kernel writes every partial its combine reads.
         unsafe {
+            let alloc = |len: usize| {
+                dev.alloc::<f32>(len)
+                    .map_err(|e| e.context(format!("attention partials: {len} floats")))
+            };
             Ok(Self {
-                m: dev.alloc::<f32>(rows)?,
-                l: dev.alloc::<f32>(rows)?,
-                acc: dev.alloc::<f32>(rows * head_dim)?,
+                m: alloc(rows)?,
+                l: alloc(rows)?,
+                acc: alloc(rows * head_dim)?,
             })
         }
     }
@@ -699,7 +703,7 @@ impl PagedAttention {
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = KernelLaunch::new(&func, &stream);
+            let mut b = func.builder();
             b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
             b.arg(&q_ptr)
                 .arg(&kc_ptr)
@@ -716,7 +720,7 @@ impl PagedAttention {
                 .arg(&gh_i)
                 .arg(&qlen_hi)
                 .arg(&scale);
-            unsafe { b.launch(cfg) }?;
+            unsafe { b.launch(cfg) }.w()?;
 
             if splits > 1 {
                 let func = dev.get_or_load_custom_func(
@@ -730,9 +734,9 @@ impl PagedAttention {
                     block_dim: (head_dim as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                let mut b = KernelLaunch::new(&func, &stream);
+                let mut b = func.builder();
                 b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa).arg(&splits_i);
-                unsafe { b.launch(cfg) }?;
+                unsafe { b.launch(cfg) }.w()?;
             }
         }
         // Last: the combine above also wrote (meaningless) rows of the prefill kernel's sequences.
@@ -777,7 +781,9 @@ impl PagedAttention {
                 .arg(&max_blocks_i)
                 .arg(&qlen_lo)
                 .arg(&scale_log2);
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(cfg) }
+                .w()
+                .map_err(|e| e.context(format!("prefill kernel launch, {shared} B shared")))?;
         }
         drop(parts); // freed in stream order after the kernels
         Ok(())
@@ -853,7 +859,7 @@ impl PagedAttention {
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = KernelLaunch::new(&func, &stream);
+        let mut b = func.builder();
         b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
         b.arg(&q_ptr)
             .arg(&kc_ptr)
@@ -866,7 +872,7 @@ impl PagedAttention {
             .arg(&block_size_i)
             .arg(&max_blocks_i)
             .arg(&scale_log2);
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(cfg) }.w()?;
 
         if splits > 1 {
             let func = dev.get_or_load_custom_func(
@@ -880,10 +886,10 @@ impl PagedAttention {
                 block_dim: (head_dim as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = KernelLaunch::new(&func, &stream);
+            let mut b = func.builder();
             b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
             b.arg(&cl_ptr).arg(&qs_ptr).arg(&num_heads_i).arg(&splits_i);
-            unsafe { b.launch(cfg) }?;
+            unsafe { b.launch(cfg) }.w()?;
         }
         drop(parts); // freed in stream order after the kernels
         Ok(())

@@ -94,9 +94,7 @@ pub fn last_capture_error() -> Option<String> {
 /// The captured decode graphs of one model.
 #[derive(Default)]
 pub struct DecodeGraphs {
-    /// Keyed by (rows, block-table width, programmatic launch on): a graph keeps the launch
-    /// attributes it was captured with.
-    graphs: HashMap<(usize, usize, bool), Captured>,
+    graphs: HashMap<(usize, usize), Captured>,
     /// The KV cache the graphs were captured against (every layer's K and V tensor).
     cache: Vec<(TensorId, TensorId)>,
     /// f32 `[rows, vocab]` per batch bucket, shared by its graphs: each replay's logits are
@@ -158,7 +156,7 @@ impl DecodeGraphs {
         }
         let block_size = key_cache.dim(1)?;
         let step = PaddedStep::new(batch, rows, width);
-        let key = (rows, width, super::pdl::programmatic_launch());
+        let key = (rows, width);
         if !self.graphs.contains_key(&key) {
             match self.capture(model, &step, cache, block_size) {
                 Ok(c) => {

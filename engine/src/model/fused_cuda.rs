@@ -3,14 +3,13 @@
 //! Same contract as the CPU references in `fused.rs`. Each op is one kernel launch on candle's
 //! stream; outputs are fresh contiguous tensors except the paged caches, written in place.
 
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor,
 };
 
 use super::attention_cuda::{device_ptr, device_ptr_mut, ptx};
-use super::pdl::KernelLaunch;
 
 const MODULE: &str = "fused_ops";
 
@@ -186,11 +185,10 @@ pub fn add_rms_norm(
             MODULE,
             ptx::FUSED_OPS,
         )?;
-        let stream = dev.cuda_stream();
-        let mut b = KernelLaunch::new(&func, &stream);
+        let mut b = func.builder();
         b.arg(&inp[0]).arg(&inp[1]).arg(&inp[2]);
         b.arg(&out[0]).arg(&out[1]).arg(&hidden_i).arg(&eps);
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(cfg) }.w()?;
         Ok(())
     })?;
     Ok((normed, sum))
@@ -232,10 +230,9 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let stream = dev.cuda_stream();
-        let mut b = KernelLaunch::new(&func, &stream);
+        let mut b = func.builder();
         b.arg(&inp[0]).arg(&out[0]).arg(&n_i).arg(&inter_i);
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(cfg) }.w()?;
         Ok(())
     })?;
     Ok(out)
@@ -325,8 +322,7 @@ pub fn qkv_rope_cache(
             shared_mem_bytes: 0,
         };
         let bias_ptr = inp.get(4).copied().unwrap_or(0);
-        let stream = dev.cuda_stream();
-        let mut b = KernelLaunch::new(&func, &stream);
+        let mut b = func.builder();
         b.arg(&inp[0])
             .arg(&bias_ptr)
             .arg(&inp[1])
@@ -334,7 +330,7 @@ pub fn qkv_rope_cache(
             .arg(&inp[3]);
         b.arg(&out[0]).arg(&out[1]).arg(&out[2]);
         b.arg(&h_i).arg(&kv_i).arg(&hd_i).arg(&num_slots);
-        unsafe { b.launch(cfg) }?;
+        unsafe { b.launch(cfg) }.w()?;
         Ok(())
     })?;
     Ok(q)

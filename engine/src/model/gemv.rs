@@ -69,29 +69,26 @@ fn max_kernel_rows() -> usize {
     }
 }
 
+/// Longest rows (16-byte chunks) the warp-per-row kernel takes: 2,048 16-bit elements. On an
+/// H200 it beat the CTA-per-rows kernel at Qwen2.5-1.5B's 1,536-element rows and lost at
+/// 8,960 (`days/gpu-engine/run13/gemv-bw.log`) and at CodeLlama-34B's 8,192 (`run14`).
+pub const WARP_ROWS_MAX_CHUNKS: usize = 256;
+
 /// Kernel variant (`w<rows per warp>u<unroll>` in gemv.cu) and CTA count of the warp-per-row
-/// kernel for `n` rows of `chunks` 16-byte chunks on `sms` SMs with `warps_per_cta`: 2 rows per
-/// warp when that still fills half the resident warps; else 1 row per warp, unrolled 16 deep for
-/// rows of >= 16 chunks per lane (w1u16, 4 CTAs per SM), 8 otherwise (8 CTAs per SM): more
-/// warps and bytes in flight where there are few rows. The grid is the fewest CTAs that take as
-/// many rounds of row groups as a full GPU would, so that every warp gets the same number of
-/// groups (no tail wave).
-pub fn warp_rows_plan(
-    n: usize,
-    chunks: usize,
-    sms: usize,
-    warps_per_cta: usize,
-) -> (&'static str, u32) {
-    let resident = |ctas_per_sm: usize| sms * ctas_per_sm * warps_per_cta;
-    let (variant, wr, ctas_per_sm) = if n.div_ceil(2) >= resident(8) / 2 {
-        ("w2u4", 2, 8)
-    } else if chunks >= 32 * 16 {
-        ("w1u16", 1, 4)
+/// kernel for `n` rows on `sms` SMs with `warps_per_cta` (8 CTAs per SM): 2 rows per warp when
+/// that still fills half the resident warps, else 1 with deeper unrolling (more warps and bytes
+/// in flight where there are few rows). The grid is the fewest CTAs that take as many rounds of
+/// row groups as a full GPU would, so that every warp gets the same number of groups (no tail
+/// wave).
+pub fn warp_rows_plan(n: usize, sms: usize, warps_per_cta: usize) -> (&'static str, u32) {
+    let resident = sms * 8 * warps_per_cta;
+    let (variant, wr) = if n.div_ceil(2) >= resident / 2 {
+        ("w2u4", 2)
     } else {
-        ("w1u8", 1, 8)
+        ("w1u8", 1)
     };
     let groups = n.div_ceil(wr);
-    let rounds = groups.div_ceil(resident(ctas_per_sm));
+    let rounds = groups.div_ceil(resident);
     let warps = groups.div_ceil(rounds);
     (variant, warps.div_ceil(warps_per_cta) as u32)
 }
@@ -157,35 +154,27 @@ mod tests {
 
     #[test]
     fn warp_rows_plan_fills_the_gpu_in_even_rounds() {
-        // 132 SMs x 8 CTAs x 4 warps = 4,224 resident warps (2,112 for w1u16).
-        // Qwen2.5-1.5B, bf16 (8 elements a chunk): qkv 2,048 rows of 192 chunks -> one row per
-        // warp, one round; down 1,536 rows of 1,120 chunks -> unrolled 16 deep.
-        assert_eq!(warp_rows_plan(2048, 192, 132, 4), ("w1u8", 512));
-        assert_eq!(warp_rows_plan(1536, 1120, 132, 4), ("w1u16", 384));
+        // 132 SMs x 8 CTAs x 4 warps = 4,224 resident warps.
+        // Qwen2.5-1.5B: qkv 2,048 rows -> one row per warp, one round.
+        assert_eq!(warp_rows_plan(2048, 132, 4), ("w1u8", 512));
         // gate_up 17,920 rows -> 8,960 pairs: 3 rounds of 2,987 warps (747 CTAs).
-        assert_eq!(warp_rows_plan(17920, 192, 132, 4), ("w2u4", 747));
+        assert_eq!(warp_rows_plan(17920, 132, 4), ("w2u4", 747));
         // Tiny: one warp.
-        assert_eq!(warp_rows_plan(1, 1, 132, 4), ("w1u8", 1));
+        assert_eq!(warp_rows_plan(1, 132, 4), ("w1u8", 1));
         for n in [1, 5, 1536, 4223, 4224, 4225, 44032, 151936] {
-            for chunks in [1, 192, 1120] {
-                let (variant, ctas) = warp_rows_plan(n, chunks, 132, 4);
-                let (wr, resident) = match variant {
-                    "w2u4" => (2, 4224),
-                    "w1u8" => (1, 4224),
-                    _ => (1, 2112),
-                };
-                let (groups, warps) = (n.div_ceil(wr), ctas as usize * 4);
-                let rounds = groups.div_ceil(warps);
-                // Every row is covered, in no more rounds than a full GPU needs, and no warp
-                // idles in a round but the last CTA's (rounding to whole CTAs) and one per round
-                // (rounding groups over rounds).
-                assert!(warps * rounds >= groups, "n {n}");
-                assert_eq!(rounds, groups.div_ceil(resident), "n {n}");
-                assert!(
-                    warps * rounds - groups < 5 * rounds,
-                    "n {n}: {warps} warps, {rounds} rounds"
-                );
-            }
+            let (variant, ctas) = warp_rows_plan(n, 132, 4);
+            let wr = if variant == "w2u4" { 2 } else { 1 };
+            let (groups, warps) = (n.div_ceil(wr), ctas as usize * 4);
+            let rounds = groups.div_ceil(warps);
+            // Every row is covered, in no more rounds than a full GPU needs, and no warp idles in
+            // a round but the last CTA's (rounding to whole CTAs) and one per round (rounding
+            // groups over rounds).
+            assert!(warps * rounds >= groups, "n {n}");
+            assert_eq!(rounds, groups.div_ceil(4224), "n {n}");
+            assert!(
+                warps * rounds - groups < 5 * rounds,
+                "n {n}: {warps} warps, {rounds} rounds"
+            );
         }
     }
 

@@ -5,16 +5,15 @@
 //! graph can capture it.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, DType, InplaceOp1, Layout, Result, Shape, Storage,
     Tensor,
 };
 
 use super::attention_cuda::{device_ptr, device_ptr_mut, multiprocessor_count, ptx};
-use super::gemv::{gemv_warp_rows, warp_rows_plan, MAX_ROWS};
-use super::pdl::KernelLaunch;
+use super::gemv::{gemv_warp_rows, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS};
 
 const MODULE: &str = "gemv";
 /// Threads per CTA (`THREADS` in gemv.cu).
@@ -84,13 +83,9 @@ fn launch(
     // 16-byte chunks: k a multiple of a chunk, x and W 16-byte aligned (rows then are too).
     let chunk = 16 / dtype.size_in_bytes();
     let wide = k.is_multiple_of(chunk) && x_ptr % 16 == 0 && w_ptr % 16 == 0;
-    let (variant, ctas) = if m == 1 && wide && gemv_warp_rows() {
-        warp_rows_plan(
-            n,
-            k / chunk,
-            multiprocessor_count(&stream),
-            THREADS as usize / 32,
-        )
+    let short_rows = k / chunk <= WARP_ROWS_MAX_CHUNKS;
+    let (variant, ctas) = if m == 1 && wide && short_rows && gemv_warp_rows() {
+        warp_rows_plan(n, multiprocessor_count(&stream), THREADS as usize / 32)
     } else {
         let ctas = n.div_ceil(rows_per_cta(m)) as u32;
         (if wide { "_v" } else { "" }, ctas)
@@ -107,9 +102,9 @@ fn launch(
         shared_mem_bytes: 0,
     };
     let (n_i, k_i) = (n as i32, k as i32);
-    let mut b = KernelLaunch::new(&func, &stream);
+    let mut b = func.builder();
     b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
-    unsafe { b.launch(cfg) }?;
+    unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }
 

@@ -29,8 +29,6 @@ pub mod llama;
 pub mod lm_head;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-#[cfg(feature = "cuda")]
-pub mod pdl;
 pub mod switch;
 pub mod tp;
 

@@ -344,28 +344,3 @@ fn gemv_bandwidth_qwen2_5_1_5b() {
         }
     }
 }
-
-/// Programmatic dependent launch changes when kernels start, never what they compute: the
-/// model's logits (paged prefill, decode eager and from a CUDA graph, dense prompt) with it on and
-/// off agree bit for bit, with the one-row GEMV kernel as served and with every few-row projection
-/// on the kernel.
-#[test]
-fn model_logits_with_programmatic_launch_on_and_off() {
-    use engine::model::pdl::set_programmatic_launch_on_this_thread;
-    let dir = tiny_qwen2_dir(6);
-    let gpu = gpu();
-    engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
-    for dtype in [DType::BF16, DType::F32] {
-        let model = load_model(&dir, LoadFormat::Safetensors, dtype, &gpu, 0).unwrap();
-        for gemv_rows in [true, false] {
-            set_programmatic_launch_on_this_thread(Some(true));
-            let on = model_logits(model.as_ref(), dtype, gemv_rows);
-            set_programmatic_launch_on_this_thread(Some(false));
-            let off = model_logits(model.as_ref(), dtype, gemv_rows);
-            set_programmatic_launch_on_this_thread(None);
-            for (i, (a, b)) in on.iter().zip(&off).enumerate() {
-                assert_eq!(host(a), host(b), "{dtype:?} output {i}, gemv {gemv_rows}");
-            }
-        }
-    }
-}

@@ -278,22 +278,16 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
 /// CTA-per-rows GEMV kernel and a separate SiLU-gate launch, instead of the warp-per-row kernel.
 const ONE_ROW_CTA: &str = "1-row GEMV on CTA-per-rows kernel";
 
-/// The engine's kernels launched without programmatic dependent launch (each starts only when
-/// the kernel before it has finished); with `--cuda-graphs` this one still replays graphs.
-const NO_PDL: &str = "no programmatic launch";
-
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 const EAGER: &str = "eager (no CUDA graphs)";
 
 /// Settings the decode forward is also timed under (beside the engine's own): each is turned on,
-/// measured and turned back off. With CUDA graphs, every variant but "as served" and the one
-/// without programmatic launch runs eagerly.
+/// measured and turned back off. With CUDA graphs, every variant but "as served" runs eagerly.
 fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
     let mut v = vec![
         "as served",
         "cuBLAS for every projection",
         ONE_ROW_CTA,
-        NO_PDL,
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -306,7 +300,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
 
 #[cfg(feature = "cuda")]
 fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> Result<()> {
-    if variant != "as served" && variant != NO_PDL {
+    if variant != "as served" {
         engine::model::cuda_graph::set_cuda_graphs(cuda_graphs && !on);
     }
     match variant {
@@ -314,7 +308,6 @@ fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> R
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
         "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
         ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
-        NO_PDL => engine::model::pdl::set_programmatic_launch(!on),
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => {}
     }
@@ -820,7 +813,7 @@ fn render(
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "CUDA graphs (--cuda-graphs): \"as served\" and \"{NO_PDL}\" decode steps replay one graph per batch and block-table bucket, every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}.\n"
+            "CUDA graphs (--cuda-graphs): \"as served\" decode steps replay one graph per batch and block-table bucket, every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}.\n"
         );
     }
     if !dparts.is_empty() {
