@@ -16,9 +16,8 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape,
     Storage, Tensor,
 };
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// The PTX of every kernel file (`engine/build.rs`); `fused_cuda.rs` uses it too.
 pub(super) mod ptx {
@@ -90,22 +89,15 @@ pub fn flash_wide_tiles() -> bool {
 }
 
 /// Lets `func` take `bytes` of dynamic shared memory (above the default 48 KiB it must be
-/// allowed per function); the driver call happens once per function handle and size.
+/// allowed per function). Set at every launch that needs it: a cached "already set" keyed by the
+/// function handle went stale when a context was dropped and a new function got the same handle
+/// (CUDA_ERROR_INVALID_VALUE at the launch, `days/gpu-engine/run16/cuda-tests.log`); the driver
+/// call costs microseconds against a prefill launch's milliseconds.
 fn allow_shared_bytes(
     func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
     bytes: usize,
 ) -> Result<()> {
-    static ALLOWED: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
     if bytes <= 48 * 1024 {
-        return Ok(());
-    }
-    // Handles are per device and module; candle keeps modules loaded for the process.
-    let key = func.cu_function() as usize;
-    let mut allowed = ALLOWED
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if allowed.get(&key).is_some_and(|&b| b >= bytes) {
         return Ok(());
     }
     func.set_attribute(
@@ -113,9 +105,7 @@ fn allow_shared_bytes(
         bytes as i32,
     )
     .w()
-    .map_err(|e| e.context(format!("raising the shared-memory limit to {bytes} B")))?;
-    allowed.insert(key, bytes);
-    Ok(())
+    .map_err(|e| e.context(format!("raising the shared-memory limit to {bytes} B")))
 }
 
 /// Sequences with at least this many query tokens in a step go to the tensor-core prefill kernel
