@@ -90,9 +90,10 @@ pub fn flash_wide_tiles() -> bool {
 
 /// Lets `func` take `bytes` of dynamic shared memory (above the default 48 KiB it must be
 /// allowed per function). Set at every launch that needs it: a cached "already set" keyed by the
-/// function handle went stale when a context was dropped and a new function got the same handle
-/// (CUDA_ERROR_INVALID_VALUE at the launch, `days/gpu-engine/run16/cuda-tests.log`); the driver
-/// call costs microseconds against a prefill launch's milliseconds.
+/// function handle went stale when a device's modules were unloaded and a newly loaded function
+/// got the same handle (CUDA_ERROR_INVALID_VALUE at the launch,
+/// `days/gpu-engine/run16/cuda-tests.log`); the driver call costs microseconds against a prefill
+/// launch's milliseconds.
 fn allow_shared_bytes(
     func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
     bytes: usize,
