@@ -189,11 +189,13 @@ impl EngineCore {
         swap_space_gib: f64,
     ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let bytes_per_block = executor.kv_bytes_per_block().unwrap_or(0);
-        let num_cpu_blocks = if bytes_per_block == 0 || !(swap_space_gib > 0.0) {
-            0
-        } else {
-            (swap_space_gib * (1u64 << 30) as f64 / bytes_per_block as f64) as usize
-        };
+        // No CPU swap pool unless the budget is a positive number (NaN included).
+        let num_cpu_blocks =
+            if bytes_per_block == 0 || swap_space_gib.is_nan() || swap_space_gib <= 0.0 {
+                0
+            } else {
+                (swap_space_gib * (1u64 << 30) as f64 / bytes_per_block as f64) as usize
+            };
         metrics.set_cache_config_info(vec![
             ("block_size".into(), config.block_size.to_string()),
             (

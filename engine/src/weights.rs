@@ -145,7 +145,7 @@ impl WeightSource for GgufSource<'_> {
         check_shape(name, &found, shape)?;
         let mut t = Tensor::from_vec(data, found, &Device::Cpu)?;
         if let Some(n_head) = perm {
-            if shape[0] % (2 * n_head) != 0 {
+            if !shape[0].is_multiple_of(2 * n_head) {
                 return Err(LoadError::Layout(format!(
                     "{name}: rows not divisible by 2*{n_head}"
                 )));

@@ -533,6 +533,19 @@ impl SseParser {
     }
 }
 
+/// The first model id the server lists at `GET /v1/models` (what to send when none was given).
+pub async fn served_model(http: &reqwest::Client, base_url: &str) -> Option<String> {
+    let url = format!("{}/v1/models", base_url.trim_end_matches('/'));
+    let r = http
+        .get(url)
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    v.pointer("/data/0/id")?.as_str().map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,17 +660,4 @@ mod tests {
         let c = Client::new("http://h:1/v1/", Clock::start(), ClientOptions::default()).unwrap();
         assert_eq!(c.url("/health"), "http://h:1/health");
     }
-}
-
-/// The first model id the server lists at `GET /v1/models` (what to send when none was given).
-pub async fn served_model(http: &reqwest::Client, base_url: &str) -> Option<String> {
-    let url = format!("{}/v1/models", base_url.trim_end_matches('/'));
-    let r = http
-        .get(url)
-        .timeout(std::time::Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    let v: serde_json::Value = r.json().await.ok()?;
-    v.pointer("/data/0/id")?.as_str().map(str::to_string)
 }

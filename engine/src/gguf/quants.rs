@@ -57,7 +57,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Dequantize `n` elements encoded as `ty` in `bytes`.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, GgufError> {
     let (block, size) = ty.block_layout();
-    if n % block != 0 || bytes.len() != n / block * size {
+    if !n.is_multiple_of(block) || bytes.len() != n / block * size {
         return Err(GgufError::Invalid(format!(
             "{ty:?}: {} bytes cannot hold {n} elements",
             bytes.len()
@@ -283,7 +283,7 @@ mod tests {
         b.extend_from_slice(&h(0.5));
         let y = dequantize(GgmlType::Q6K, &b, 256).unwrap();
         assert_eq!(y[0], 0.5 * 2.0 * (53.0 - 32.0));
-        assert_eq!(y[32], 0.5 * -1.0 * (15.0 - 32.0));
+        assert_eq!(y[32], -0.5 * (15.0 - 32.0));
         assert_eq!(y[64], 0.5 * 3.0 * (26.0 - 32.0));
         assert_eq!(y[96], 0.5 * 1.0 * -32.0);
         assert_eq!(y[128], 0.5 * 4.0 * (1.0 - 32.0));

@@ -126,7 +126,7 @@ impl Collective for CpuCollective {
 /// This rank's lm_head rows `(start, len)` when the vocab is split (world > 1 and it divides),
 /// `None` when lm_head is replicated.
 pub fn vocab_shard(vocab_size: usize, rank: usize, world_size: usize) -> Option<(usize, usize)> {
-    if world_size <= 1 || vocab_size % world_size != 0 {
+    if world_size <= 1 || !vocab_size.is_multiple_of(world_size) {
         return None;
     }
     let len = vocab_size / world_size;

@@ -44,7 +44,7 @@ fn small_gguf(chat_template: Option<&str>) -> GgufFile {
         tokens.push(m.replace(' ', ""));
     }
     let mut types = vec![3u32; 3];
-    types.extend(std::iter::repeat(1).take(tokens.len() - 3));
+    types.extend(std::iter::repeat_n(1, tokens.len() - 3));
     let s = |v: &str| GgufValue::String(v.into());
     let mut meta = vec![
         ("general.architecture", s("llama")),

@@ -184,7 +184,7 @@ fn new_cache(m: &dyn CausalLM, num_blocks: usize) -> (KvCache, Blocks) {
 
 fn greedy_paged(m: &dyn CausalLM, prompt: &[u32], n: usize) -> Vec<u32> {
     let (mut cache, mut blocks) = new_cache(m, 64);
-    let mut seqs = vec![PagedSeq::new(&prompt)];
+    let mut seqs = vec![PagedSeq::new(prompt)];
     paged_step(m, &mut cache, &mut blocks, &mut seqs, &[prompt.len()]);
     for _ in 1..n {
         paged_step(m, &mut cache, &mut blocks, &mut seqs, &[1]);
