@@ -19,27 +19,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "convert.cuh"
 #include "paged_common.cuh"
 
 #define KT 32        // keys per shared-memory tile
 #define MAX_ROWS 16  // query rows (token x head) per CTA
 #define THREADS 128
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void from_f32(float v, float* d) { *d = v; }
-__device__ __forceinline__ void from_f32(float v, __half* d) { *d = __float2half(v); }
-__device__ __forceinline__ void from_f32(float v, __nv_bfloat16* d) { *d = __float2bfloat16(v); }
-
-// Widens 16 bytes of T (loaded earlier) to f32 in shared memory.
-template <typename T>
-__device__ __forceinline__ void widen16(const uint4& raw, float* dst) {
-    constexpr int N = 16 / sizeof(T);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) dst[i] = to_f32(e[i]);
-}
 
 __device__ __forceinline__ uint4 load16(const void* src) {
     return __ldg(reinterpret_cast<const uint4*>(src));
@@ -212,7 +197,7 @@ __device__ void paged_attention_impl(
         const size_t row = (size_t)token * num_heads + head;
         if (num_splits == 1) {
             const float l = row_l[r];
-            from_f32(l > 0.f ? acc[a] / l : 0.f, &out[row * D + d]);
+            out[row * D + d] = from_f32<T>(l > 0.f ? acc[a] / l : 0.f);
         } else {
             const size_t pr = row * num_splits + blockIdx.z;
             part_acc[pr * D + d] = acc[a];
@@ -247,7 +232,7 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
             v += w * part_acc[pr * D + d];
         }
     }
-    from_f32(l > 0.f ? v / l : 0.f, &out[row * D + d]);
+    out[row * D + d] = from_f32<T>(l > 0.f ? v / l : 0.f);
 }
 
 #define PAGED_ATTENTION(SUFFIX, T, D)                                                            \

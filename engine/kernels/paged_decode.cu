@@ -28,6 +28,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "convert.cuh"
+
 #define DEC_WARPS 4
 #define DEC_THREADS (32 * DEC_WARPS)
 #define DEC_CHUNK 32      // keys per warp step, one per lane
@@ -35,30 +37,6 @@
 #define DEC_PV_UNROLL 8   // V loads in flight per lane
 
 namespace {
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ void from_f32(float v, float* d) { *d = v; }
-__device__ __forceinline__ void from_f32(float v, __half* d) { *d = __float2half(v); }
-__device__ __forceinline__ void from_f32(float v, __nv_bfloat16* d) { *d = __float2bfloat16(v); }
-
-// 16 bytes of T widened to f32.
-template <typename T>
-__device__ __forceinline__ void widen16(const uint4& raw, float* dst) {
-    constexpr int N = 16 / sizeof(T);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) dst[i] = to_f32(e[i]);
-}
-template <>
-__device__ __forceinline__ void widen16<__nv_bfloat16>(const uint4& raw, float* dst) {
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        dst[2 * i] = __uint_as_float(w[i] << 16);
-        dst[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
 
 // Asks L2 to fetch `bytes` (a multiple of 16, 16-byte aligned) at global address `p`.
 __device__ __forceinline__ void prefetch_l2(const void* p, int bytes) {
@@ -332,7 +310,7 @@ __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_
         }
         const size_t orow = token * num_heads + head0 + h;
         if (splits == 1) {
-            from_f32(lsum > 0.f ? a / lsum : 0.f, &out[orow * D + d]);
+            out[orow * D + d] = from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
         } else {
             const size_t pr = orow * splits + blockIdx.z;
             part_acc[pr * D + d] = a;
@@ -374,7 +352,7 @@ __device__ void paged_decode_combine_impl(T* __restrict__ out, const float* __re
         lsum += wt * pl[z];
         a += wt * part_acc[(row * num_splits + z) * D + d];
     }
-    from_f32(lsum > 0.f ? a / lsum : 0.f, &out[row * D + d]);
+    out[row * D + d] = from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
 }
 
 #define PAGED_DECODE_G(SUFFIX, T, D, G)                                                           \

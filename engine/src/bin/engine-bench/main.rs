@@ -274,8 +274,8 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
     ForwardBatch::one_prompt(tokens, block_size)
 }
 
-/// 1-row projections (and the MLP's down projection with its SiLU-gate product) on the
-/// CTA-per-rows GEMV kernel and a separate SiLU-gate launch, instead of the warp-per-row kernel.
+/// 1-row projections of rows up to `WARP_ROWS_MAX_CHUNKS` on the CTA-per-rows GEMV kernel instead
+/// of the warp-per-row kernel.
 const ONE_ROW_CTA: &str = "1-row GEMV on CTA-per-rows kernel";
 
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
