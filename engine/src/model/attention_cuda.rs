@@ -355,15 +355,17 @@ impl Partials {
         }
     }
 
-    /// The three addresses, zeros without partials (one partition: the kernel writes `out`).
-    fn ptrs(parts: &Option<Self>, stream: &CudaStream) -> (u64, u64, u64) {
+    /// The addresses an attention kernel takes first: `out`, then the partials' running max,
+    /// running sum and accumulator (zeros without partials: one partition writes `out`).
+    fn out_ptrs(out: u64, parts: &Option<Self>, stream: &CudaStream) -> [u64; 4] {
         match parts {
-            Some(p) => (
+            Some(p) => [
+                out,
                 p.m.device_ptr(stream).0,
                 p.l.device_ptr(stream).0,
                 p.acc.device_ptr(stream).0,
-            ),
-            None => (0, 0, 0),
+            ],
+            None => [out, 0, 0, 0],
         }
     }
 }
@@ -669,10 +671,9 @@ impl PagedAttention {
             (cl, cl_l),
             (qsl, qs_l),
         ];
-        let ([q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, qs_ptr], _guards) =
-            input_ptrs(inputs, elem, &stream)?;
+        let (ins, _guards) = input_ptrs(inputs, elem, &stream)?;
         let (out_ptr, _g6) = device_ptr_mut(out, out_l, &stream)?;
-        let (pm, pl, pa) = Partials::ptrs(&parts, &stream);
+        let outs = Partials::out_ptrs(out_ptr, &parts, &stream);
 
         let (num_seqs_i, num_heads_i, kv_heads_i) =
             (num_seqs as i32, num_heads as i32, num_kv_heads as i32);
@@ -695,13 +696,9 @@ impl PagedAttention {
                 shared_mem_bytes: 0,
             };
             let mut b = func.builder();
-            b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
-            b.arg(&q_ptr)
-                .arg(&kc_ptr)
-                .arg(&vc_ptr)
-                .arg(&bt_ptr)
-                .arg(&cl_ptr)
-                .arg(&qs_ptr);
+            for p in outs.iter().chain(&ins) {
+                b.arg(p);
+            }
             b.arg(&num_seqs_i)
                 .arg(&num_heads_i)
                 .arg(&kv_heads_i)
@@ -726,7 +723,10 @@ impl PagedAttention {
                     shared_mem_bytes: 0,
                 };
                 let mut b = func.builder();
-                b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa).arg(&splits_i);
+                for p in &outs {
+                    b.arg(p);
+                }
+                b.arg(&splits_i);
                 unsafe { b.launch(cfg) }.w()?;
             }
         }
@@ -758,13 +758,10 @@ impl PagedAttention {
                 shared_mem_bytes: shared as u32,
             };
             let mut b = func.builder();
-            b.arg(&out_ptr)
-                .arg(&q_ptr)
-                .arg(&kc_ptr)
-                .arg(&vc_ptr)
-                .arg(&bt_ptr)
-                .arg(&cl_ptr)
-                .arg(&qs_ptr);
+            b.arg(&out_ptr);
+            for p in &ins {
+                b.arg(p);
+            }
             b.arg(&num_seqs_i)
                 .arg(&num_heads_i)
                 .arg(&kv_heads_i)
@@ -828,10 +825,9 @@ impl PagedAttention {
             (cl, cl_l),
             (qsl, qs_l),
         ];
-        let ([q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, qs_ptr], _guards) =
-            input_ptrs(inputs, dtype.size_in_bytes(), &stream)?;
+        let (ins, _guards) = input_ptrs(inputs, dtype.size_in_bytes(), &stream)?;
         let (out_ptr, _g6) = device_ptr_mut(out, out_l, &stream)?;
-        let (pm, pl, pa) = Partials::ptrs(&parts, &stream);
+        let outs = Partials::out_ptrs(out_ptr, &parts, &stream);
 
         let (num_heads_i, kv_heads_i) = (num_heads as i32, num_kv_heads as i32);
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
@@ -851,13 +847,9 @@ impl PagedAttention {
             shared_mem_bytes: 0,
         };
         let mut b = func.builder();
-        b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
-        b.arg(&q_ptr)
-            .arg(&kc_ptr)
-            .arg(&vc_ptr)
-            .arg(&bt_ptr)
-            .arg(&cl_ptr)
-            .arg(&qs_ptr);
+        for p in outs.iter().chain(&ins) {
+            b.arg(p);
+        }
         b.arg(&num_heads_i)
             .arg(&kv_heads_i)
             .arg(&block_size_i)
@@ -878,8 +870,11 @@ impl PagedAttention {
                 shared_mem_bytes: 0,
             };
             let mut b = func.builder();
-            b.arg(&out_ptr).arg(&pm).arg(&pl).arg(&pa);
-            b.arg(&cl_ptr).arg(&qs_ptr).arg(&num_heads_i).arg(&splits_i);
+            for p in &outs {
+                b.arg(p);
+            }
+            let [.., cl_ptr, qs_ptr] = &ins;
+            b.arg(cl_ptr).arg(qs_ptr).arg(&num_heads_i).arg(&splits_i);
             unsafe { b.launch(cfg) }.w()?;
         }
         drop(parts); // freed in stream order after the kernels
