@@ -67,19 +67,29 @@ impl ForwardBatch {
     /// One fresh prompt in blocks 0, 1, ... of `block_size` tokens (slots 0..n), logits of its
     /// last token: warm-ups, benchmarks and tests.
     pub fn one_prompt(token_ids: Vec<u32>, block_size: usize) -> Self {
+        let table: Vec<u32> = (0..token_ids.len().div_ceil(block_size.max(1)) as u32).collect();
+        let mut batch = Self::default();
+        batch.push_prompt(&token_ids, &table, block_size);
+        batch
+    }
+
+    /// Appends a fresh prompt (positions 0..n, logits of its last token) whose tokens go to the
+    /// first blocks of `block_table` (at least ceil(n / block_size) of them).
+    pub fn push_prompt(&mut self, token_ids: &[u32], block_table: &[u32], block_size: usize) {
         let n = token_ids.len();
-        Self {
-            token_ids,
-            positions: (0..n as u32).collect(),
-            slot_mapping: (0..n as i64).collect(),
-            seqs: vec![SeqInput {
-                query_start: 0,
-                query_len: n,
-                context_len: n,
-                block_table: (0..n.div_ceil(block_size.max(1)) as u32).collect(),
-                compute_logits: true,
-            }],
-        }
+        let block_size = block_size.max(1);
+        self.seqs.push(SeqInput {
+            query_start: self.token_ids.len(),
+            query_len: n,
+            context_len: n,
+            block_table: block_table[..n.div_ceil(block_size)].to_vec(),
+            compute_logits: true,
+        });
+        self.token_ids.extend_from_slice(token_ids);
+        self.positions.extend(0..n as u32);
+        self.slot_mapping.extend((0..n).map(|p| {
+            block_table[p / block_size] as i64 * block_size as i64 + (p % block_size) as i64
+        }));
     }
 }
 
@@ -92,4 +102,28 @@ pub trait CausalLM: Send {
     /// Plain forward without any cache: causal attention over `tokens` (positions 0..n), f32 logits
     /// for every position `[n, vocab]`. The reference the paged path is tested against.
     fn forward_full(&self, tokens: &[u32]) -> Result<Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_map_their_tokens_into_their_blocks() {
+        let one = ForwardBatch::one_prompt(vec![7, 8, 9, 10, 11], 2);
+        assert_eq!(one.slot_mapping, vec![0, 1, 2, 3, 4]);
+        assert_eq!(one.seqs[0].block_table, vec![0, 1, 2]);
+
+        let mut batch = ForwardBatch::default();
+        batch.push_prompt(&[1, 2, 3], &[5, 2, 9], 2);
+        batch.push_prompt(&[4], &[6], 2);
+        assert_eq!(batch.token_ids, vec![1, 2, 3, 4]);
+        assert_eq!(batch.positions, vec![0, 1, 2, 0]);
+        assert_eq!(batch.slot_mapping, vec![10, 11, 4, 12]);
+        let starts: Vec<_> = batch.seqs.iter().map(|s| s.query_start).collect();
+        assert_eq!(starts, vec![0, 3]);
+        // Only the blocks the prompt fills.
+        assert_eq!(batch.seqs[0].block_table, vec![5, 2]);
+        assert!(batch.seqs.iter().all(|s| s.compute_logits && s.context_len == s.query_len));
+    }
 }

@@ -102,19 +102,10 @@ pub fn two_steps(vocab: u32) -> [ForwardBatch; 2] {
         let slot = |pos: usize| {
             tables[s][pos / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64
         };
-        pre.seqs.push(SeqInput {
-            query_start: pre.token_ids.len(),
-            query_len: len,
-            context_len: len,
-            block_table: tables[s][..len.div_ceil(BLOCK_SIZE)].to_vec(),
-            compute_logits: true,
-        });
-        for p in 0..len {
-            pre.token_ids
-                .push((p as u32 * 37 + s as u32 * 11 + 3) % vocab);
-            pre.positions.push(p as u32);
-            pre.slot_mapping.push(slot(p));
-        }
+        let tokens: Vec<u32> = (0..len as u32)
+            .map(|p| (p * 37 + s as u32 * 11 + 3) % vocab)
+            .collect();
+        pre.push_prompt(&tokens, &tables[s], BLOCK_SIZE);
         dec.seqs.push(SeqInput {
             query_start: s,
             query_len: 1,
@@ -209,19 +200,10 @@ fn cuda_graph_decode_matches_eager() {
         };
         let mut pre = ForwardBatch::default();
         for (s, &len) in lens.iter().enumerate() {
-            pre.seqs.push(SeqInput {
-                query_start: pre.token_ids.len(),
-                query_len: len,
-                context_len: len,
-                block_table: tables[s][..len.div_ceil(BLOCK_SIZE)].to_vec(),
-                compute_logits: true,
-            });
-            for p in 0..len {
-                pre.token_ids
-                    .push((p as u32 * 31 + s as u32 * 7 + 1) % vocab);
-                pre.positions.push(p as u32);
-                pre.slot_mapping.push(slot(s, p));
-            }
+            let tokens: Vec<u32> = (0..len as u32)
+                .map(|p| (p * 31 + s as u32 * 7 + 1) % vocab)
+                .collect();
+            pre.push_prompt(&tokens, &tables[s], BLOCK_SIZE);
         }
         set_cuda_graphs_on_this_thread(Some(true));
         let mut replays = counts();
