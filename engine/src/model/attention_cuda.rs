@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape,
     Storage, Tensor,
@@ -266,6 +266,28 @@ fn decode_splits(
     max_ctx.div_ceil(partition).max(1)
 }
 
+/// An f32, f16 or bf16 storage of `numel` elements on `dev`, not initialized (`op` names the
+/// caller in the error for other dtypes).
+///
+/// # Safety
+/// The caller's kernel must write every element before anything reads it.
+pub(super) unsafe fn uninit_storage(
+    dev: &CudaDevice,
+    dtype: DType,
+    numel: usize,
+    op: &str,
+) -> Result<CudaStorage> {
+    let dev = dev.clone();
+    Ok(match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(numel)? }, dev),
+        DType::F16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(numel)? }, dev),
+        DType::BF16 => {
+            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(numel)? }, dev)
+        }
+        other => bail!("{op}: unsupported storage dtype {other:?}"),
+    })
+}
+
 /// Raw device address of a storage's first element under `layout`, plus the stream-ordering guard
 /// that must live until the kernel using it is launched.
 pub(super) fn device_ptr<'a>(
@@ -337,7 +359,7 @@ struct Partials {
 
 impl Partials {
     fn alloc(
-        dev: &candle_core::cuda_backend::CudaDevice,
+        dev: &CudaDevice,
         rows: usize,
         head_dim: usize,
     ) -> Result<Self> {
@@ -894,16 +916,8 @@ impl CustomOp1 for PagedAttention {
     fn cuda_fwd(&self, q: &CudaStorage, q_l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = q.device.clone();
         let numel = q_l.shape().elem_count();
-        let mut out = match q.dtype() {
-            DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(numel)? }, dev),
-            DType::F16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(numel)? }, dev)
-            }
-            DType::BF16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(numel)? }, dev)
-            }
-            other => bail!("paged_attention: unsupported storage dtype {other:?}"),
-        };
+        // SAFETY: the kernels write every element of `out` before anything reads it.
+        let mut out = unsafe { uninit_storage(&dev, q.dtype(), numel, "paged_attention")? };
         let out_l = Layout::contiguous(q_l.shape());
         self.launch(q, q_l, &mut out, &out_l)?;
         Ok((out, q_l.shape().clone()))

@@ -12,7 +12,9 @@ use candle_core::{
     Tensor,
 };
 
-use super::attention_cuda::{device_ptr, device_ptr_mut, multiprocessor_count, ptx};
+use super::attention_cuda::{
+    device_ptr, device_ptr_mut, multiprocessor_count, ptx, uninit_storage,
+};
 use super::gemv::{gemv_warp_rows, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS};
 
 const MODULE: &str = "gemv";
@@ -137,17 +139,8 @@ impl CustomOp2 for Gemv {
         let (n, _) = w_l.shape().dims2()?;
         let dev = x.device.clone();
         let numel = m * n;
-        // SAFETY (all three): the kernel writes every element before anything reads it.
-        let mut out = match x.dtype() {
-            DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(numel)? }, dev),
-            DType::F16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(numel)? }, dev)
-            }
-            DType::BF16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(numel)? }, dev)
-            }
-            other => bail!("gemv: unsupported dtype {other:?}"),
-        };
+        // SAFETY: the kernel writes every element before anything reads it.
+        let mut out = unsafe { uninit_storage(&dev, x.dtype(), numel, "gemv")? };
         let shape = Shape::from((m, n));
         launch(x, x_l, w, w_l, &mut out, &Layout::contiguous(&shape))?;
         Ok((out, shape))
