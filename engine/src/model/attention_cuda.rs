@@ -7,15 +7,18 @@
 //! and the tensor-core prefill kernel (`flash_prefill.cu`).
 
 use super::attention::AttentionMetadata;
+use super::switch::Switch;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape,
     Storage, Tensor,
 };
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -66,10 +69,10 @@ impl FlashTiles {
 }
 
 thread_local! {
-    static FLASH_WIDE_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static FLASH_WIDE_HERE: Cell<Option<bool>> = const { Cell::new(None) };
 }
 /// The tensor-core prefill kernel's tiling: `FLASH_WIDE` (on) or `FLASH_NARROW` (off).
-static FLASH_WIDE_TILES: super::switch::Switch = super::switch::Switch::new(true, &FLASH_WIDE_HERE);
+static FLASH_WIDE_TILES: Switch = Switch::new(true, &FLASH_WIDE_HERE);
 
 /// Chooses the tensor-core prefill kernel's tiling process-wide: 128 query rows x 64-key tiles
 /// (on, the default) or 64 rows x 32 keys (off). For side-by-side benchmarks.
@@ -94,10 +97,7 @@ pub fn flash_wide_tiles() -> bool {
 /// got the same handle (CUDA_ERROR_INVALID_VALUE at the launch,
 /// `days/gpu-engine/run16/cuda-tests.log`); the driver call costs microseconds against a prefill
 /// launch's milliseconds.
-fn allow_shared_bytes(
-    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
-    bytes: usize,
-) -> Result<()> {
+fn allow_shared_bytes(func: &CudaFunction, bytes: usize) -> Result<()> {
     if bytes <= 48 * 1024 {
         return Ok(());
     }
@@ -358,11 +358,7 @@ struct Partials {
 }
 
 impl Partials {
-    fn alloc(
-        dev: &CudaDevice,
-        rows: usize,
-        head_dim: usize,
-    ) -> Result<Self> {
+    fn alloc(dev: &CudaDevice, rows: usize, head_dim: usize) -> Result<Self> {
         // SAFETY: the attention kernel writes every partial its combine reads.
         unsafe {
             let alloc = |len: usize| {
