@@ -195,22 +195,30 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 // bytes in flight). The host sends it rows of at most 256 chunks (one or two steps per lane);
 // longer rows go to the CTA-per-rows kernel, which was faster there. Needs the same alignment as the _v kernels.
 // CTAs per SM promised to the compiler (and assumed by the host): 64 registers per thread.
+//
+// gemv_<T>_m1_w2u4_silu: the same kernel over the fused [gate | up] weight [2n, K] of an MLP, with
+// SiLU-gate product as its epilogue: a warp's two rows are gate row g and up row n + g, and it
+// stores y[g] = silu(gate) * up, both rounded to T first (bit for bit the gemv + silu_mul pair:
+// each sum runs in the same order as in the plain kernel).
 constexpr int WARP_ROW_CTAS = 8;
 
-template <typename T, int WR, int U>
+template <typename T, int WR, int U, bool SILU>
 __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k) {
+    static_assert(!SILU || WR == 2, "a SiLU pair is one gate and one up row");
     constexpr int E = Chunk<T>::E;
+    constexpr int STEP = SILU ? 1 : WR;  // outputs per row group
     const int chunks = k / E;
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * WARPS;
     const uint4* xr = reinterpret_cast<const uint4*>(x);
-    for (int64_t row0 = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * WR; row0 < n;
-         row0 += warps * WR) {
+    for (int64_t row0 = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * STEP; row0 < n;
+         row0 += warps * STEP) {
         const uint4* wr[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r)
-            wr[r] = reinterpret_cast<const uint4*>(w + last_row(row0 + r, n) * k);
+            wr[r] = reinterpret_cast<const uint4*>(
+                w + (SILU ? row0 + (int64_t)r * n : last_row(row0 + r, n)) * k);
         float acc[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r) acc[r] = 0.f;
@@ -238,12 +246,23 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
                 }
             }
         }
+        float v[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r) {
-            float v = acc[r];
+            v[r] = acc[r];
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (lane == 0 && row0 + r < n) y[row0 + r] = from_f32<T>(v);
+            for (int o = 16; o > 0; o >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], o);
+        }
+        if (lane == 0) {
+            if constexpr (SILU) {
+                // As silu_mul in fused_ops.cu, on the values the plain kernel would have stored.
+                const float g = to_f32(from_f32<T>(v[0])), u = to_f32(from_f32<T>(v[1]));
+                y[row0] = from_f32<T>(g / (1.f + expf(-g)) * u);
+            } else {
+#pragma unroll
+                for (int r = 0; r < WR; ++r)
+                    if (row0 + r < n) y[row0 + r] = from_f32<T>(v[r]);
+            }
         }
     }
 }
@@ -251,7 +270,14 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #define GEMV_W(SUFFIX, T, WR, U)                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)               \
         gemv_##SUFFIX##_m1_w##WR##u##U(const T* x, const T* w, T* y, int n, int k) {            \
-        gemv_w_impl<T, WR, U>(x, w, y, n, k);                                                   \
+        gemv_w_impl<T, WR, U, false>(x, w, y, n, k);                                            \
+    }
+
+// y [1, n] = silu(x W[:n]^T) * (x W[n:]^T) for W [2n, k].
+#define GEMV_SILU(SUFFIX, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
+        gemv_##SUFFIX##_m1_w2u4_silu(const T* x, const T* w, T* y, int n, int k) {              \
+        gemv_w_impl<T, 2, 4, true>(x, w, y, n, k);                                              \
     }
 
 #define GEMV_M(SUFFIX, T, M)                                                                    \
@@ -266,6 +292,7 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 
 #define GEMV(SUFFIX, T)   \
     GEMV_W(SUFFIX, T, 2, 4) \
+    GEMV_SILU(SUFFIX, T)    \
     GEMV_W(SUFFIX, T, 1, 8) \
     GEMV_M(SUFFIX, T, 1)  \
     GEMV_M(SUFFIX, T, 2)  \

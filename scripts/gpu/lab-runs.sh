@@ -27,7 +27,8 @@
 #   g (carry .lab-g: engine-it with cuda_kernels/cuda_fused/cuda_model, engine-bench, optionally
 #     engine, probe, the Llama-2 tokenizer and GGUF part ab after stage a): -> gpu-engine/$RUN/
 #     (env: RUN (default run4), BENCH_QWEN=0, BENCH_34B=0, EB_FLAGS for the Qwen2.5 engine-bench, PER_POLICY,
-#     CL_POLICIES, FAIR2="suffix|flags", TESTS to replace the CUDA test filters, BUDGET)
+#     CL_POLICIES, FAIR2="suffix|flags", TESTS to replace the CUDA test filters, BUDGET,
+#     EB34_FLAGS to replace the CodeLlama-34B engine-bench's sizes)
 #       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model
 #          logits, and SmolLM2 logits/greedy when stage a ran first
 #       1. engine-bench at the Qwen2.5-1.5B shape; 2. engine-bench at the CodeLlama-34B shape
@@ -37,6 +38,9 @@
 #     CodeLlama-34B shape, order alternating, then QWEN_ROUNDS rounds of QWEN_VARIANTS at the
 #     Qwen2.5-1.5B shape
 #     -> day-009-codellama34b/$RUN/, day-008-scheduling/$RUN/
+#
+# EXTRA_FLAGS (any stage) are added to every engine command line of the bursts, e.g.
+# EXTRA_FLAGS="--max-num-batched-tokens 8192".
 #
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
 # (days/ tree) beside the server logs.
@@ -162,7 +166,7 @@ if [ "$STAGE" = b ]; then
         --engine-args '--device cuda --max-model-len 2048' --out "$DAYS" 2>&1 | tail -25
 
     echo "== 2. seed-001 burst under four policies (Qwen2.5-1.5B shape)"
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     bench_policies "$DAYS/day-008-scheduling" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 90 fcfs fair static adaptive
     compare_runs "$DAYS/day-008-scheduling"
 
@@ -184,12 +188,12 @@ if [ "$STAGE" = c ]; then
     fi
     if [ "${QWEN_POLICIES:-1}" = 1 ]; then
         echo "== 1. seed-001 burst under four policies (Qwen2.5-1.5B shape)"
-        QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+        QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
         bench_policies "$DAYS/day-008-scheduling" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 60 fcfs fair static adaptive
         compare_runs "$DAYS/day-008-scheduling"
     fi
     echo "== 2. seed-001 burst, CodeLlama-34B shape (dummy, bf16)"
-    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     bench_policies "$DAYS/day-009-codellama34b" "$CL" "$LAB/llama2/tokenizer.json" 120 fcfs fair static
     compare_runs "$DAYS/day-009-codellama34b"
     echo "== 3. kv-scaling, CodeLlama-34B shape ($(left) s left)"
@@ -206,12 +210,12 @@ if [ "$STAGE" = d ]; then
         --dtype bfloat16 --device cuda --out "$DAYS/engine-bench.md" > "$DAYS/engine-bench.log" 2>&1
     tail -22 "$DAYS/engine-bench.log"
     echo "== 2. fair quantum 16 vs 8 beside fcfs, Qwen2.5-1.5B shape"
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     bench_policies "$DAYS/fair-quantum-qwen" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 45 fcfs fair
     SUFFIX=-q8 bench_policies "$DAYS/fair-quantum-qwen" "$QWEN --fair-quantum 8" "$LAB/qwen2.5/tokenizer.json" 45 fair
     compare_runs "$DAYS/fair-quantum-qwen"
     echo "== 3. fair quantum 8, CodeLlama-34B shape"
-    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     SUFFIX=-q8 bench_policies "$DAYS/fair-quantum-codellama34b" "$CL --fair-quantum 8" "$LAB/llama2/tokenizer.json" 100 fair
 fi
 if [ "$STAGE" = e ]; then
@@ -223,7 +227,7 @@ if [ "$STAGE" = e ]; then
     timeout 120 "$LAB/engine-it" --test-threads=1 --nocapture cuda_tp cuda_bf16_logits \
         > "$DAYS/cuda-tests-tp.log" 2>&1
     grep -E "^test |test result|relative|panicked" "$DAYS/cuda-tests-tp.log" | tail -20
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     echo "== 1. -tp 2 on a one-GPU machine"
     # shellcheck disable=SC2086
     timeout 60 "$LAB/engine" $QWEN -tp 2 --port 8199 > "$DAYS/tp2-one-gpu.log" 2>&1
@@ -287,14 +291,15 @@ if [ "$STAGE" = g ]; then
     smi=$!
     echo "== 2. engine-bench, CodeLlama-34B shape ($(left) s left)"
     if [ "${BENCH_34B:-1}" = 1 ] && [ "$(left)" -gt 200 ]; then
+        # shellcheck disable=SC2086
         timeout 180 "$LAB/engine-bench" --model configs/codellama-34b.json --load-format dummy \
-            --dtype bfloat16 --device cuda --batch-sizes 1,16 --prefill 1024,2048 --iters 5 \
+            --dtype bfloat16 --device cuda ${EB34_FLAGS:---batch-sizes 1,16 --prefill 1024,2048 --iters 5} \
             --out "$dir/engine-bench-codellama34b.md" > "$dir/engine-bench-codellama34b.log" 2>&1
         tail -20 "$dir/engine-bench-codellama34b.log"
     fi
     if [ -x "$LAB/engine" ] && [ -x "$LAB/probe" ] && [ -f "$LAB/llama2/tokenizer.json" ]; then
         echo "== 3. fcfs vs fair, seed-001 burst, CodeLlama-34B shape ($(left) s left)"
-        CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
+        CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
         # One line per engine step in the serve logs (composition and milliseconds).
         export ENGINE_RUST_LOG=${ENGINE_RUST_LOG:-info,engine::core=debug}
         # Optional first fair run with other flags, e.g. FAIR2="-ftq1|--fair-first-token-quantum 1".
@@ -312,8 +317,8 @@ if [ "$STAGE" = h ]; then
     # depends on what ran just before): fcfs, fair and fair --fair-first-token-quantum 1 at the
     # CodeLlama-34B shape, then at the Qwen2.5-1.5B shape.
     export ENGINE_RUST_LOG=${ENGINE_RUST_LOG:-info,engine::core=debug}
-    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     FTQ="--fair-first-token-quantum 1"
     round() {  # DIR FLAGS TOKENIZER SECONDS ROUND VARIANT... (VARIANT = policy or policy:ftq1)
         local dir=$1 flags=$2 tok=$3 per=$4 r=$5; shift 5
@@ -346,8 +351,8 @@ fi
 if [ "$STAGE" = f ]; then
     dir=$DAYS/day-011-tensor-parallel/sigint-exit
     mkdir -p "$dir"
-    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16"
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16"
+    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
+    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     port=8400
     for run in cl-1 cl-2 qwen-1 qwen-2; do
         case $run in cl-*) flags=$CL tok=$LAB/llama2/tokenizer.json ;; *) flags=$QWEN tok=$LAB/qwen2.5/tokenizer.json ;; esac

@@ -14,10 +14,16 @@ pub fn set_fused_kernels(enabled: bool) {
     FUSED_KERNELS.store(enabled, Ordering::Relaxed);
 }
 
+/// Whether the fused CUDA kernels are on (the process-wide switch).
+#[cfg(feature = "cuda")]
+pub(crate) fn fused_kernels() -> bool {
+    FUSED_KERNELS.load(Ordering::Relaxed)
+}
+
 /// Whether `t` takes a fused CUDA kernel.
 #[cfg(feature = "cuda")]
 fn on_fused_kernel(t: &Tensor) -> bool {
-    t.device().is_cuda() && FUSED_KERNELS.load(Ordering::Relaxed)
+    t.device().is_cuda() && fused_kernels()
 }
 
 /// `(rms_norm(x + residual) * weight, x + residual)` for `[n, hidden]` rows: the residual add

@@ -25,6 +25,23 @@ thread_local! {
 /// counts use (off).
 static WARP_ROWS: Switch = Switch::new(true, &WARP_ROWS_HERE);
 
+thread_local! {
+    static SILU_EPILOGUE_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+/// The MLP's SiLU-gate product as the epilogue of a 1-row gate/up projection (on) or as its own
+/// `fused::silu_mul` launch (off).
+static SILU_EPILOGUE: Switch = Switch::new(true, &SILU_EPILOGUE_HERE);
+
+/// Turns the SiLU-gate epilogue of 1-row gate/up projections on or off process-wide.
+pub fn set_gemv_silu_epilogue(enabled: bool) {
+    SILU_EPILOGUE.set(enabled);
+}
+
+/// [`set_gemv_silu_epilogue`] for calls on this thread (`None`: the process-wide value).
+pub fn set_gemv_silu_epilogue_on_this_thread(enabled: Option<bool>) {
+    SILU_EPILOGUE.set_on_this_thread(enabled);
+}
+
 /// Picks the kernel for 1-row projections on this thread (`None`: the process-wide value, the
 /// warp-per-row kernel unless `set_gemv_warp_rows` turned it off): side-by-side benchmarks.
 pub fn set_gemv_warp_rows_on_this_thread(enabled: Option<bool>) {
@@ -87,10 +104,57 @@ pub fn warp_rows_plan(n: usize, sms: usize, warps_per_cta: usize) -> (&'static s
     } else {
         ("w1u8", 1)
     };
-    let groups = n.div_ceil(wr);
-    let rounds = groups.div_ceil(resident);
-    let warps = groups.div_ceil(rounds);
-    (variant, warps.div_ceil(warps_per_cta) as u32)
+    (
+        variant,
+        even_rounds_ctas(n.div_ceil(wr), resident, warps_per_cta),
+    )
+}
+
+/// Fewest CTAs of `warps_per_cta` warps that take `groups` row groups in as many rounds as
+/// `resident` warps would.
+fn even_rounds_ctas(groups: usize, resident: usize, warps_per_cta: usize) -> u32 {
+    let rounds = groups.div_ceil(resident).max(1);
+    groups.div_ceil(rounds).div_ceil(warps_per_cta) as u32
+}
+
+/// CTA count of the SiLU-pair variant of the warp-per-row kernel for `inter` outputs (pairs of
+/// a gate and an up row) on `sms` SMs: like [`warp_rows_plan`] with one pair per warp and round.
+pub fn silu_pairs_plan(inter: usize, sms: usize, warps_per_cta: usize) -> u32 {
+    even_rounds_ctas(inter, sms * 8 * warps_per_cta, warps_per_cta)
+}
+
+/// The MLP's `silu(x W_gate^T) * (x W_up^T)` from the fused `[gate | up]` weight W
+/// `[2 * inter, k]`: on CUDA one row of x takes the warp-per-row kernel with the SiLU-gate
+/// product as its epilogue (one launch instead of two, same bits) when the fused kernels, the
+/// warp-per-row kernel and the epilogue switch are on and the rows fit it; everything else is [`matmul_t`] then
+/// `fused::silu_mul`.
+pub fn gate_up_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if takes_silu_kernel(x, w, inter) {
+        return super::gemv_cuda::gemv_silu(x, w, inter);
+    }
+    super::fused::silu_mul(&matmul_t(x, w)?, inter)
+}
+
+#[cfg(feature = "cuda")]
+fn takes_silu_kernel(x: &Tensor, w: &Tensor, inter: usize) -> bool {
+    let elem = x.dtype().size_in_bytes();
+    let chunk = 16 / elem;
+    let aligned = |t: &Tensor| (t.layout().start_offset() * elem) % 16 == 0;
+    match (x.dims(), w.dims()) {
+        (&[1, k], &[n, _]) => {
+            n == 2 * inter
+                && k.is_multiple_of(chunk)
+                && k / chunk <= WARP_ROWS_MAX_CHUNKS
+                && aligned(x)
+                && aligned(w)
+                && takes_kernel(x, w)
+                && gemv_warp_rows()
+                && SILU_EPILOGUE.on()
+                && super::fused::fused_kernels()
+        }
+        _ => false,
+    }
 }
 
 /// `x W^T` for x `[m, k]` and a weight W `[n, k]` (the Linear layout). CUDA tensors with
@@ -175,6 +239,18 @@ mod tests {
                 warps * rounds - groups < 5 * rounds,
                 "n {n}: {warps} warps, {rounds} rounds"
             );
+        }
+    }
+
+    #[test]
+    fn silu_pairs_plan_matches_the_two_row_plan() {
+        // Qwen2.5-1.5B's 8,960 gate/up pairs: the grid of the plain kernel over its 17,920 rows.
+        assert_eq!(silu_pairs_plan(8960, 132, 4), 747);
+        for inter in [1, 7, 1536, 2112, 4224, 4225, 11008, 22016] {
+            let ctas = silu_pairs_plan(inter, 132, 4) as usize;
+            let rounds = inter.div_ceil(ctas * 4);
+            assert_eq!(rounds, inter.div_ceil(4224), "inter {inter}");
+            assert!(ctas * 4 * rounds - inter < 5 * rounds, "inter {inter}");
         }
     }
 

@@ -15,7 +15,9 @@ use candle_core::{
 use super::attention_cuda::{
     device_ptr, device_ptr_mut, multiprocessor_count, ptx, uninit_storage,
 };
-use super::gemv::{gemv_warp_rows, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS};
+use super::gemv::{
+    gemv_warp_rows, silu_pairs_plan, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS,
+};
 
 const MODULE: &str = "gemv";
 /// Threads per CTA (`THREADS` in gemv.cu).
@@ -108,6 +110,91 @@ fn launch(
     b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// Launches `gemv_<dtype>_m1_w2u4_silu`: `out` `[1, inter]` = silu(x W[..inter]^T) * x W[inter..]^T
+/// for the fused `[gate | up]` weight W `[2 * inter, k]`.
+fn launch_silu(
+    x: &CudaStorage,
+    x_l: &Layout,
+    w: &CudaStorage,
+    w_l: &Layout,
+    out: &mut CudaStorage,
+    out_l: &Layout,
+) -> Result<()> {
+    let (_, inter) = out_l.shape().dims2()?;
+    let gate_up = Layout::contiguous(Shape::from((1, 2 * inter)));
+    let [m, n, k] = check(x_l, w_l, &gate_up, [x.dtype(), w.dtype(), out.dtype()])?;
+    if m != 1 || n != 2 * inter || !out_l.is_contiguous() {
+        bail!("gemv_silu: x [1, k], w [2 * {inter}, k] expected, got {m} rows and {n} weight rows")
+    }
+    let dtype = x.dtype();
+    let dev: CudaDevice = x.device.clone();
+    let stream = dev.cuda_stream();
+    let (x_ptr, _g1) = device_ptr(x, x_l, &stream)?;
+    let (w_ptr, _g2) = device_ptr(w, w_l, &stream)?;
+    let (y_ptr, _g3) = device_ptr_mut(out, out_l, &stream)?;
+    let chunk = 16 / dtype.size_in_bytes();
+    if !k.is_multiple_of(chunk) || x_ptr % 16 != 0 || w_ptr % 16 != 0 {
+        bail!("gemv_silu: k {k} must be a multiple of {chunk} and x, w 16-byte aligned")
+    }
+    let ctas = silu_pairs_plan(inter, multiprocessor_count(&stream), THREADS as usize / 32);
+    let name = format!("gemv_{}_m1_w2u4_silu", suffix(dtype)?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, ptx::GEMV)?;
+    let cfg = LaunchConfig {
+        grid_dim: (ctas, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n_i, k_i) = (inter as i32, k as i32);
+    let mut b = func.builder();
+    b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// `silu(x W_gate^T) * (x W_up^T)` into a fresh `[1, inter]` tensor.
+struct GemvSilu {
+    inter: usize,
+}
+
+impl CustomOp2 for GemvSilu {
+    fn name(&self) -> &'static str {
+        "gemv_silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("gemv_silu (CUDA) called with CPU tensors; use gemv::gate_up_silu")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        w: &CudaStorage,
+        w_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device.clone();
+        // SAFETY: the kernel writes every element before anything reads it.
+        let mut out = unsafe { uninit_storage(&dev, x.dtype(), self.inter, "gemv_silu")? };
+        let shape = Shape::from((1, self.inter));
+        launch_silu(x, x_l, w, w_l, &mut out, &Layout::contiguous(&shape))?;
+        Ok((out, shape))
+    }
+}
+
+/// CUDA `silu(x W[..inter]^T) * (x W[inter..]^T)` for one row x `[1, k]` and the fused
+/// `[gate | up]` weight W `[2 * inter, k]` (contiguous, one 16-bit or f32 dtype, k a multiple of
+/// 16 bytes, 16-byte aligned): `[1, inter]`, one launch, bit for bit `gemv` then
+/// `fused::silu_mul`.
+pub fn gemv_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &GemvSilu { inter })
 }
 
 /// `x W^T` into a fresh tensor.

@@ -225,8 +225,11 @@ impl LlamaModel {
 
     /// down(silu(gate) * up) through the fused SiLU-gate product (the same candle ops on the CPU).
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let gate_up = layer.gate_up_proj.forward(x)?;
-        let act = fused::silu_mul(&gate_up, self.cfg.intermediate_size)?;
+        let inter = self.cfg.intermediate_size;
+        let act = match &layer.gate_up_proj.bias {
+            None => gemv::gate_up_silu(x, &layer.gate_up_proj.weight, inter)?,
+            Some(_) => fused::silu_mul(&layer.gate_up_proj.forward(x)?, inter)?,
+        };
         self.all_reduce(layer.down_proj.forward(&act)?)
     }
 

@@ -124,6 +124,9 @@ mod tests {
         assert_eq!(starts, vec![0, 3]);
         // Only the blocks the prompt fills.
         assert_eq!(batch.seqs[0].block_table, vec![5, 2]);
-        assert!(batch.seqs.iter().all(|s| s.compute_logits && s.context_len == s.query_len));
+        assert!(batch
+            .seqs
+            .iter()
+            .all(|s| s.compute_logits && s.context_len == s.query_len));
     }
 }

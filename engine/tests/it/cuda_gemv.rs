@@ -4,10 +4,12 @@
 use super::cuda_model::{rel_l2, tiny_qwen2_dir, two_steps};
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
+use engine::model::fused::silu_mul;
 use engine::model::gemv::{
-    matmul_t, set_gemv_kernel_on_this_thread, set_gemv_warp_rows_on_this_thread,
+    gate_up_silu, matmul_t, set_gemv_kernel_on_this_thread, set_gemv_silu_epilogue_on_this_thread,
+    set_gemv_warp_rows_on_this_thread,
 };
-use engine::model::gemv_cuda::{gemv, gemv_into};
+use engine::model::gemv_cuda::{gemv, gemv_into, gemv_silu};
 use engine::model::KvCache;
 use engine::weights::{load_model, LoadFormat};
 use rand::rngs::StdRng;
@@ -192,6 +194,63 @@ fn gemv_off_or_out_of_range_is_candle_matmul() {
             set_gemv_kernel_on_this_thread(None);
             let want = x.matmul(&w.t().unwrap()).unwrap();
             assert_eq!(host(&got), host(&want), "{dtype:?} m={m} kernel {on}");
+        }
+    }
+}
+
+#[test]
+fn gate_up_silu_epilogue_is_gemv_then_silu_mul_bit_for_bit() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(23);
+    // (inter, k): Qwen2.5-1.5B's MLP, an odd count of pairs, fewer pairs than warps, the longest
+    // rows the warp-per-row kernel takes, the shortest 16-byte row of f32.
+    for dtype in DTYPES {
+        for (inter, k) in [(8960, 1536), (1537, 64), (5, 8), (3000, 2048), (7, 4)] {
+            if k * dtype.size_in_bytes() % 16 != 0 {
+                continue;
+            }
+            let what = format!("gate_up_silu {dtype:?} inter={inter} k={k}");
+            let (xv, wv) = (uniform(&mut rng, k), uniform(&mut rng, 2 * inter * k));
+            let x = upload(xv, 1, k, dtype, &dev);
+            let w = upload(wv, 2 * inter, k, dtype, &dev);
+            // The two launches the epilogue replaces.
+            let two = host(&silu_mul(&gemv(&x, &w).unwrap(), inter).unwrap());
+            let fused = gemv_silu(&x, &w, inter).expect("gemv_silu");
+            assert_eq!(fused.dims2().unwrap(), (1, inter), "{what}: shape");
+            let fused = host(&fused);
+            assert!(fused.iter().all(|v| v.is_finite()), "{what}: not finite");
+            assert_eq!(fused, two, "{what}: epilogue vs two launches");
+            // The model's entry point takes the kernel by default, the two launches when off.
+            assert_eq!(
+                host(&gate_up_silu(&x, &w, inter).unwrap()),
+                two,
+                "{what}: dispatch"
+            );
+            set_gemv_silu_epilogue_on_this_thread(Some(false));
+            assert_eq!(
+                host(&gate_up_silu(&x, &w, inter).unwrap()),
+                two,
+                "{what}: off"
+            );
+            set_gemv_silu_epilogue_on_this_thread(None);
+            // And silu(g) * u in f64 over the same rounded inputs.
+            let (xh, wh) = (host(&x), host(&w));
+            let dot = |r: usize| -> f64 {
+                let row = &wh[r * k..][..k];
+                xh.iter().zip(row).map(|(a, b)| *a as f64 * *b as f64).sum()
+            };
+            let (mut err2, mut norm2) = (0f64, 0f64);
+            for (i, got) in fused.iter().enumerate() {
+                let (g, u) = (dot(i), dot(inter + i));
+                let want = g / (1.0 + (-g).exp()) * u;
+                err2 += (*got as f64 - want).powi(2);
+                norm2 += want.powi(2);
+            }
+            let rel = (err2 / norm2.max(1e-30)).sqrt();
+            assert!(
+                rel < 2.0 * rel_l2_tolerance(dtype),
+                "{what}: relative L2 {rel:.3e}"
+            );
         }
     }
 }

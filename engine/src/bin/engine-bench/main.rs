@@ -278,6 +278,9 @@ fn prefill_batch(n: usize, block_size: usize, vocab: usize) -> ForwardBatch {
 /// of the warp-per-row kernel.
 const ONE_ROW_CTA: &str = "1-row GEMV on CTA-per-rows kernel";
 
+/// The MLP's SiLU-gate product as its own launch instead of the 1-row gate/up GEMV's epilogue.
+const SILU_OWN_LAUNCH: &str = "SiLU-gate as own launch";
+
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 const EAGER: &str = "eager (no CUDA graphs)";
 
@@ -288,6 +291,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         "as served",
         "cuBLAS for every projection",
         ONE_ROW_CTA,
+        SILU_OWN_LAUNCH,
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -308,6 +312,7 @@ fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> R
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
         "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
         ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
+        SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => {}
     }
