@@ -73,6 +73,10 @@ struct Cli {
     /// engine's default is 4:128).
     #[arg(long, value_delimiter = ',')]
     decode_splits: Vec<String>,
+    /// Time the prefill variants (paged-attention kernel only, 64x32 tiles, unfused ops) only up
+    /// to this many tokens: the paged kernel alone is quadratic and slow on long prompts.
+    #[arg(long, default_value_t = usize::MAX)]
+    prefill_variants_max: usize,
     /// Also write the table here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -348,6 +352,8 @@ struct PrefillRow {
     elementwise_ms: f64,
     unfused_ms: Option<f64>,
     floor_ms: f64,
+    /// TFLOP/s of each projection alone (`parts::PROJECTIONS` order).
+    proj_tflops: [f64; 4],
 }
 
 #[cfg(feature = "cuda")]
@@ -552,7 +558,7 @@ fn main() -> Result<()> {
         // prefill kernel), then with the unfused ops: the gaps are what each saves.
         #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
         let (mut no_flash, mut narrow, mut unfused) = (None, None, None);
-        if device.is_cuda() {
+        if device.is_cuda() && n <= cli.prefill_variants_max {
             set_flash_prefill(false);
             no_flash = Some(forward_ms(&device, &mut runner, &fb, reps, 1)?);
             set_flash_prefill(true);
@@ -569,6 +575,7 @@ fn main() -> Result<()> {
         }
         let mut host = parts::host_timer(&device);
         let gemm = parts::matmuls_ms(&device, dtype, &cfg, n, reps, &mut host)?;
+        let proj_tflops = parts::projection_tflops(&device, dtype, &cfg, n, reps, &mut host)?;
         let (attn, elementwise) = {
             let (_, cache) = runner_parts(&mut runner);
             (
@@ -587,6 +594,7 @@ fn main() -> Result<()> {
             elementwise_ms: elementwise,
             unfused_ms: unfused,
             floor_ms: floor,
+            proj_tflops,
         };
         eprintln!(
             "prefill {n}: {:.2} ms (paged-attention kernel only: {:?} ms), matmuls {gemm:.2} ms, attention {attn:.2} ms, floor {floor:.2} ms",
@@ -902,5 +910,21 @@ fn render(
         s,
         "\nMatmul floor = 2 x params x tokens / measured TFLOP/s (attention FLOPs not counted). Forward: as served (tensor-core prefill kernel for bf16/f16 with 128-row, 64-key tiles, fused ops); paged-attention kernel only / 64x32 prefill tiles / unfused ops: the same forward with that kernel / the tensor-core kernel's 64-row, 32-key tiles / the fused ops off. Parts, each alone over every layer at this token count: matmuls (the four projections), attention, fused elementwise (two add + RMSNorm, SiLU-gate product, bias + rotary + KV write); the rest of the forward is the embedding, rotary tables and the LM head of the last token."
     );
+    let _ = writeln!(
+        s,
+        "\n### Prefill projections alone (TFLOP/s; ceiling {tflops:.1})\n\n| tokens | {} | all four |\n|---:|---:|---:|---:|---:|---:|",
+        parts::PROJECTIONS.join(" | ")
+    );
+    for r in prows {
+        let flops = parts::projection_flops(cfg, r.tokens);
+        let cells: Vec<String> = r.proj_tflops.iter().map(|t| format!("{t:.0}")).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} |",
+            r.tokens,
+            cells.join(" | "),
+            flops / (r.matmuls_ms * 1e-3) / 1e12
+        );
+    }
     s
 }

@@ -25,10 +25,57 @@ pub fn matmuls_ms(
     reps: usize,
     time: Timer,
 ) -> Result<f64> {
+    projections_ms(device, dtype, cfg, n, reps, time, &[0, 1, 2, 3])
+}
+
+/// The four projections' names, in `projection_shapes` order.
+pub const PROJECTIONS: [&str; 4] = ["qkv", "o", "gate_up", "down"];
+
+/// `(in, out)` of the qkv, o, gate_up and down projections.
+fn projection_shapes(cfg: &ModelConfig) -> [(usize, usize); 4] {
     let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let q_out = cfg.num_attention_heads * hd;
     let qkv_out = q_out + 2 * cfg.num_key_value_heads * hd;
-    let shapes = [(h, qkv_out), (q_out, h), (h, 2 * inter), (inter, h)];
+    [(h, qkv_out), (q_out, h), (h, 2 * inter), (inter, h)]
+}
+
+/// FLOPs of the four projections over every layer at `n` rows.
+pub fn projection_flops(cfg: &ModelConfig, n: usize) -> f64 {
+    let per_row: usize = projection_shapes(cfg).iter().map(|(k, o)| k * o).sum();
+    2.0 * (n * per_row * cfg.num_hidden_layers) as f64
+}
+
+/// TFLOP/s of each projection alone over every layer at `n` rows (`PROJECTIONS` order).
+pub fn projection_tflops(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    n: usize,
+    reps: usize,
+    time: Timer,
+) -> Result<[f64; 4]> {
+    let shapes = projection_shapes(cfg);
+    let mut out = [0.0; 4];
+    for (i, (k, o)) in shapes.iter().enumerate() {
+        let ms = projections_ms(device, dtype, cfg, n, reps, time, &[i])?;
+        let flops = 2.0 * (n * k * o * cfg.num_hidden_layers) as f64;
+        out[i] = flops / (ms * 1e-3) / 1e12;
+    }
+    Ok(out)
+}
+
+/// Milliseconds of the projections `which` (indices into `projection_shapes`) over every layer.
+fn projections_ms(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    n: usize,
+    reps: usize,
+    time: Timer,
+    which: &[usize],
+) -> Result<f64> {
+    let all = projection_shapes(cfg);
+    let shapes: Vec<_> = which.iter().map(|&i| all[i]).collect();
     let layer_bytes: usize =
         shapes.iter().map(|(k, o)| k * o).sum::<usize>() * dtype.size_in_bytes();
     let sets = WEIGHT_BYTES_PER_PASS
