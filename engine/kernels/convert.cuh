@@ -38,3 +38,17 @@ __device__ __forceinline__ void widen16<__nv_bfloat16>(const uint4& raw, float* 
         dst[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
+
+// Value after a round trip through T (what an elementwise op in T would store).
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
+
+// Rotary ("rotate_half") of the pair (a, b) = (x[i], x[i + hd/2]) by cos c and sin s: products
+// rounded before the sum (no FMA contraction), so that every kernel that rotates stores the same
+// bits.
+__device__ __forceinline__ void rotate_pair(float& a, float& b, float c, float s) {
+    const float r1 = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    const float r2 = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+    a = r1;
+    b = r2;
+}

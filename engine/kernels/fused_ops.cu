@@ -17,10 +17,6 @@
 
 #include "convert.cuh"
 
-// Value after a round trip through T (what candle's elementwise op in T would store).
-template <typename T>
-__device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
-
 // V consecutive elements <-> f32: one 16-byte access per 8 16-bit elements (two for f32) when
 // V = 8 (the host checks sizes and alignment), element by element when V = 1.
 template <int V, typename T>
@@ -182,11 +178,7 @@ __device__ void qkv_rope_cache_impl(const T* __restrict__ qkv, const T* __restri
             load_v<V>(cos + t * half + i, c);
             load_v<V>(sin + t * half + i, s);
 #pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float r1 = a[k] * c[k] - b[k] * s[k], r2 = a[k] * s[k] + b[k] * c[k];
-                a[k] = r1;
-                b[k] = r2;
-            }
+            for (int k = 0; k < V; ++k) rotate_pair(a[k], b[k], c[k], s[k]);
         }
         T* d;
         if (head < num_heads) {

@@ -193,32 +193,64 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 // grid-stride: the host sizes the grid so that every warp gets the same number of groups (no
 // tail wave). WR = 2 for many rows; WR = 1 with deeper unrolling for few rows (more warps, more
 // bytes in flight). The host sends it rows of at most 256 chunks (one or two steps per lane);
-// longer rows go to the CTA-per-rows kernel, which was faster there. Needs the same alignment as the _v kernels.
-// CTAs per SM promised to the compiler (and assumed by the host): 64 registers per thread.
+// longer rows go to the CTA-per-rows kernel, which was faster there. Needs the same alignment as
+// the _v kernels. CTAs per SM promised to the compiler (and assumed by the host): 64 registers
+// per thread.
 //
-// gemv_<T>_m1_w2u4_silu: the same kernel over the fused [gate | up] weight [2n, K] of an MLP, with
-// SiLU-gate product as its epilogue: a warp's two rows are gate row g and up row n + g, and it
-// stores y[g] = silu(gate) * up, both rounded to T first (bit for bit the gemv + silu_mul pair:
-// each sum runs in the same order as in the plain kernel).
+// Two epilogues take a warp's two rows as a pair, each sum run in the same order as in the plain
+// kernel and rounded to T as it would store it, so each is bit for bit the plain kernel followed
+// by the fused_ops.cu kernel it replaces:
+// gemv_<T>_m1_w2u4_silu: over the MLP's fused [gate | up] weight [2n, K], rows g and n + g;
+//                  stores y[g] = silu(gate) * up (silu_mul).
+// gemv_<T>_m1_w2u8_rope: over the fused [q | k | v] weight [(H + 2 KV) hd, K] of one token, rows
+//                  i and i + hd/2 of a head (n = (H + 2 KV) hd/2 pairs); adds the bias, rotates
+//                  q and k heads, stores q into q_out [H, hd] and k, v into the paged caches at
+//                  the token's slot (qkv_rope_cache). 4 CTAs per SM (128 registers: 16 loads in
+//                  flight per lane).
 constexpr int WARP_ROW_CTAS = 8;
+constexpr int ROPE_CTAS = 4;
 
-template <typename T, int WR, int U, bool SILU>
+enum Epilogue { PLAIN, SILU, ROPE };
+
+// What the rotary epilogue needs beside y (= q_out).
+template <typename T>
+struct RopeArgs {
+    const T* bias;              // [(H + 2 KV) hd] or null
+    const T* cos;               // [hd / 2]: the token's row
+    const T* sin;
+    const int64_t* slot;        // [1]; < 0 or >= num_slots: k and v are not stored
+    T* key_cache;               // [num_blocks, block_size, KV, hd]
+    T* value_cache;
+    int num_heads, num_kv_heads, head_dim;
+    int64_t num_slots;
+};
+
+template <typename T, int WR, int U, Epilogue EPI>
 __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                            int n, int k) {
-    static_assert(!SILU || WR == 2, "a SiLU pair is one gate and one up row");
+                            int n, int k, const RopeArgs<T> ra) {
+    static_assert(EPI == PLAIN || WR == 2, "an epilogue takes a pair of rows");
     constexpr int E = Chunk<T>::E;
-    constexpr int STEP = SILU ? 1 : WR;  // outputs per row group
+    constexpr int STEP = EPI == PLAIN ? WR : 1;  // row groups are outputs (plain) or pairs
     const int chunks = k / E;
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * WARPS;
     const uint4* xr = reinterpret_cast<const uint4*>(x);
+    const int half = EPI == ROPE ? ra.head_dim / 2 : 1;
     for (int64_t row0 = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * STEP; row0 < n;
          row0 += warps * STEP) {
-        const uint4* wr[WR];
+        // The group's rows: row0 + r (plain), gate/up row0 and n + row0, or rotary pair j and
+        // j + hd/2 of head `head`.
+        const int64_t head = EPI == ROPE ? row0 / half : 0;
+        const int64_t j = row0 - head * half;
+        int64_t rows[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r)
-            wr[r] = reinterpret_cast<const uint4*>(
-                w + (SILU ? row0 + (int64_t)r * n : last_row(row0 + r, n)) * k);
+            rows[r] = EPI == PLAIN  ? last_row(row0 + r, n)
+                      : EPI == SILU ? row0 + (int64_t)r * n
+                                    : head * ra.head_dim + j + r * half;
+        const uint4* wr[WR];
+#pragma unroll
+        for (int r = 0; r < WR; ++r) wr[r] = reinterpret_cast<const uint4*>(w + rows[r] * k);
         float acc[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r) acc[r] = 0.f;
@@ -253,31 +285,64 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], o);
         }
-        if (lane == 0) {
-            if constexpr (SILU) {
-                // As silu_mul in fused_ops.cu, on the values the plain kernel would have stored.
-                const float g = to_f32(from_f32<T>(v[0])), u = to_f32(from_f32<T>(v[1]));
-                y[row0] = from_f32<T>(g / (1.f + expf(-g)) * u);
-            } else {
+        if (lane != 0) continue;
+        if constexpr (EPI == PLAIN) {
 #pragma unroll
-                for (int r = 0; r < WR; ++r)
-                    if (row0 + r < n) y[row0 + r] = from_f32<T>(v[r]);
+            for (int r = 0; r < WR; ++r)
+                if (row0 + r < n) y[row0 + r] = from_f32<T>(v[r]);
+        } else if constexpr (EPI == SILU) {
+            const float g = round_to<T>(v[0]), u = round_to<T>(v[1]);
+            y[row0] = from_f32<T>(g / (1.f + expf(-g)) * u);
+        } else {
+            float a = round_to<T>(v[0]), b = round_to<T>(v[1]);
+            if (ra.bias != nullptr) {
+                a = round_to<T>(a + to_f32(ra.bias[rows[0]]));
+                b = round_to<T>(b + to_f32(ra.bias[rows[1]]));
             }
+            if (head < ra.num_heads + ra.num_kv_heads)
+                rotate_pair(a, b, to_f32(ra.cos[j]), to_f32(ra.sin[j]));
+            T* d;
+            if (head < ra.num_heads) {
+                d = y + head * ra.head_dim;
+            } else {
+                const int64_t slot = *ra.slot;
+                if (slot < 0 || slot >= ra.num_slots) continue;
+                int64_t kv = head - ra.num_heads;
+                T* cache = ra.key_cache;
+                if (kv >= ra.num_kv_heads) {
+                    kv -= ra.num_kv_heads;
+                    cache = ra.value_cache;
+                }
+                d = cache + (slot * ra.num_kv_heads + kv) * ra.head_dim;
+            }
+            d[j] = from_f32<T>(a);
+            d[j + half] = from_f32<T>(b);
         }
     }
 }
 
 #define GEMV_W(SUFFIX, T, WR, U)                                                                \
-    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)               \
+    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
         gemv_##SUFFIX##_m1_w##WR##u##U(const T* x, const T* w, T* y, int n, int k) {            \
-        gemv_w_impl<T, WR, U, false>(x, w, y, n, k);                                            \
+        gemv_w_impl<T, WR, U, PLAIN>(x, w, y, n, k, RopeArgs<T>{});                             \
     }
 
 // y [1, n] = silu(x W[:n]^T) * (x W[n:]^T) for W [2n, k].
 #define GEMV_SILU(SUFFIX, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
         gemv_##SUFFIX##_m1_w2u4_silu(const T* x, const T* w, T* y, int n, int k) {              \
-        gemv_w_impl<T, 2, 4, true>(x, w, y, n, k);                                              \
+        gemv_w_impl<T, 2, 4, SILU>(x, w, y, n, k, RopeArgs<T>{});                               \
+    }
+
+// q_out [H, hd] (y) and the caches from one token's x [1, k] and W [(H + 2 KV) hd, k]; n pairs.
+#define GEMV_ROPE(SUFFIX, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS, ROPE_CTAS) gemv_##SUFFIX##_m1_w2u8_rope( \
+        const T* x, const T* w, T* q_out, int n, int k, const T* bias, const T* cos,            \
+        const T* sin, const int64_t* slot, T* key_cache, T* value_cache, int num_heads,         \
+        int num_kv_heads, int head_dim, int64_t num_slots) {                                    \
+        const RopeArgs<T> ra{bias,      cos,          sin,          slot,     key_cache,        \
+                             value_cache, num_heads, num_kv_heads, head_dim, num_slots};        \
+        gemv_w_impl<T, 2, 8, ROPE>(x, w, q_out, n, k, ra);                                      \
     }
 
 #define GEMV_M(SUFFIX, T, M)                                                                    \
@@ -293,6 +358,7 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #define GEMV(SUFFIX, T)   \
     GEMV_W(SUFFIX, T, 2, 4) \
     GEMV_SILU(SUFFIX, T)    \
+    GEMV_ROPE(SUFFIX, T)    \
     GEMV_W(SUFFIX, T, 1, 8) \
     GEMV_M(SUFFIX, T, 1)  \
     GEMV_M(SUFFIX, T, 2)  \

@@ -30,14 +30,39 @@ __device__ __forceinline__ uint4 load16(const void* src) {
     return __ldg(reinterpret_cast<const uint4*>(src));
 }
 
-template <typename T, int D>
+// The merged output element d of query row `row` over its `num_splits` partials (the combine of
+// the split-context launches; partials read through L2: another CTA may have written them).
+template <int D>
+__device__ __forceinline__ float combine_partials(const float* __restrict__ part_m,
+                                                  const float* __restrict__ part_l,
+                                                  const float* __restrict__ part_acc, size_t row,
+                                                  int d, int num_splits) {
+    // Unrolled so that 8 partitions' loads are in flight at once: the loop is latency-bound
+    // (one L2 round trip per partition otherwise, ~20 us per layer at 32 partitions).
+    float m = -INFINITY;
+#pragma unroll 8
+    for (int z = 0; z < num_splits; ++z) m = fmaxf(m, __ldcg(part_m + row * num_splits + z));
+    float l = 0.f, v = 0.f;
+    if (m != -INFINITY) {
+#pragma unroll 8
+        for (int z = 0; z < num_splits; ++z) {
+            const size_t pr = row * num_splits + z;
+            const float w = __expf(__ldcg(part_m + pr) - m);  // exp(-inf) = 0 for empty partitions
+            l += w * __ldcg(part_l + pr);
+            v += w * __ldcg(part_acc + pr * D + d);
+        }
+    }
+    return l > 0.f ? v / l : 0.f;
+}
+
+template <typename T, int D, bool COMBINE>
 __device__ void paged_attention_impl(
     T* __restrict__ out, float* __restrict__ part_m, float* __restrict__ part_l,
     float* __restrict__ part_acc, const T* __restrict__ q, const T* __restrict__ key_cache,
     const T* __restrict__ value_cache, const uint32_t* __restrict__ block_tables,
     const uint32_t* __restrict__ context_lens, const uint32_t* __restrict__ query_start,
-    int num_seqs, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
-    int qt, int gh, int qlen_hi, float scale) {
+    unsigned int* __restrict__ counters, int num_seqs, int num_heads, int num_kv_heads,
+    int block_size, int max_blocks_per_seq, int qt, int gh, int qlen_hi, float scale) {
     static_assert(D % 4 == 0 && D <= 256, "head_dim");
     constexpr int VEC = 16 / sizeof(T);         // elements per 16-byte load
     constexpr int ACC = MAX_ROWS * D / THREADS;  // output elements owned per thread
@@ -207,6 +232,27 @@ __device__ void paged_attention_impl(
             }
         }
     }
+    if (!COMBINE || num_splits == 1) return;  // one partition, or a combine launch follows
+    // The last of the group's partitions to finish merges them (counters[group] counts finished
+    // partitions; that CTA sets it back to 0 for the next launch).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const unsigned int group = blockIdx.y * gridDim.x + blockIdx.x;
+        last = atomicAdd(counters + group, 1u) == (unsigned int)num_splits - 1;
+        if (last) counters[group] = 0u;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = tid; e < rows * D; e += THREADS) {
+        const int r = e / D, d = e % D;
+        const int token = qstart + q_begin + r / heads_here, head = head0 + r % heads_here;
+        const size_t row = (size_t)token * num_heads + head;
+        out[row * D + d] =
+            from_f32<T>(combine_partials<D>(part_m, part_l, part_acc, row, d, num_splits));
+    }
 }
 
 // Merges the per-partition partials: grid (num_tokens * num_heads), D threads.
@@ -217,34 +263,35 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
     const size_t row = blockIdx.x;
     const int d = threadIdx.x;
     if (d >= D) return;
-    // Unrolled so that 8 partitions' loads are in flight at once: the loop is latency-bound
-    // (one L2 round trip per partition otherwise, ~20 us per layer at 32 partitions).
-    float m = -INFINITY;
-#pragma unroll 8
-    for (int z = 0; z < num_splits; ++z) m = fmaxf(m, part_m[row * num_splits + z]);
-    float l = 0.f, v = 0.f;
-    if (m != -INFINITY) {
-#pragma unroll 8
-        for (int z = 0; z < num_splits; ++z) {
-            const size_t pr = row * num_splits + z;
-            const float w = __expf(part_m[pr] - m);  // exp(-inf) = 0 for empty partitions
-            l += w * part_l[pr];
-            v += w * part_acc[pr * D + d];
-        }
-    }
-    out[row * D + d] = from_f32<T>(l > 0.f ? v / l : 0.f);
+    out[row * D + d] = from_f32<T>(combine_partials<D>(part_m, part_l, part_acc, row, d, num_splits));
 }
 
+// paged_attention_<T>_d<D>: writes partials for paged_attention_combine when split;
+// paged_attention_<T>_d<D>_combine: the last partition of each CTA group merges them itself
+// (counters: one zeroed u32 per (grid.x, grid.y) group, left zeroed).
 #define PAGED_ATTENTION(SUFFIX, T, D)                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_##SUFFIX##_d##D(      \
         T* out, float* part_m, float* part_l, float* part_acc, const T* q, const T* key_cache,  \
         const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,       \
         const uint32_t* query_start, int num_seqs, int num_heads, int num_kv_heads,              \
         int block_size, int max_blocks_per_seq, int qt, int gh, int qlen_hi, float scale) {       \
-        paged_attention_impl<T, D>(out, part_m, part_l, part_acc, q, key_cache, value_cache,     \
-                                   block_tables, context_lens, query_start, num_seqs, num_heads, \
-                                   num_kv_heads, block_size, max_blocks_per_seq, qt, gh,         \
-                                   qlen_hi, scale);                                              \
+        paged_attention_impl<T, D, false>(out, part_m, part_l, part_acc, q, key_cache,           \
+                                          value_cache, block_tables, context_lens, query_start,  \
+                                          nullptr, num_seqs, num_heads, num_kv_heads,            \
+                                          block_size, max_blocks_per_seq, qt, gh, qlen_hi,       \
+                                          scale);                                                \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_##SUFFIX##_d##D##_combine( \
+        T* out, float* part_m, float* part_l, float* part_acc, const T* q, const T* key_cache,  \
+        const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,       \
+        const uint32_t* query_start, unsigned int* counters, int num_seqs, int num_heads,        \
+        int num_kv_heads, int block_size, int max_blocks_per_seq, int qt, int gh, int qlen_hi,    \
+        float scale) {                                                                           \
+        paged_attention_impl<T, D, true>(out, part_m, part_l, part_acc, q, key_cache,            \
+                                         value_cache, block_tables, context_lens, query_start,   \
+                                         counters, num_seqs, num_heads, num_kv_heads,            \
+                                         block_size, max_blocks_per_seq, qt, gh, qlen_hi,        \
+                                         scale);                                                 \
     }                                                                                            \
     extern "C" __global__ void paged_attention_combine_##SUFFIX##_d##D(                          \
         T* out, const float* part_m, const float* part_l, const float* part_acc,                 \

@@ -36,6 +36,23 @@ pub struct AttentionMetadata {
     pub min_query_len: usize,
     /// Host copies of the same data (the CPU reference reads these).
     pub host: HostMetadata,
+    /// u32 `[num_seqs * SPLIT_COUNTERS_PER_SEQ]` zeros on CUDA for decode-only steps: lets the
+    /// paged kernel merge its context partitions in its last CTA instead of a combine launch
+    /// (each launch leaves them zeroed, so every layer of the step reuses them). None elsewhere.
+    pub split_counters: Option<Tensor>,
+}
+
+/// Split counters per sequence: enough for a decode step's CTA groups (at most two tiles per
+/// sequence times one group per query head) up to 128 heads.
+pub const SPLIT_COUNTERS_PER_SEQ: usize = 256;
+
+/// The zeroed split counters of a decode-only step of `num_seqs` sequences on `device` (None on
+/// the CPU).
+pub fn split_counters(num_seqs: usize, device: &Device) -> Result<Option<Tensor>> {
+    if !device.is_cuda() || num_seqs == 0 {
+        return Ok(None);
+    }
+    Tensor::zeros(num_seqs * SPLIT_COUNTERS_PER_SEQ, DType::U32, device).map(Some)
 }
 
 /// Host-side copy of `AttentionMetadata`'s tensors.
@@ -78,7 +95,13 @@ impl AttentionMetadata {
                 .copy_from_slice(&s.block_table);
         }
         let context_lens: Vec<u32> = seqs.iter().map(|s| s.context_len as u32).collect();
+        let decode_only = seqs.iter().all(|s| s.query_len == 1);
         Ok(Self {
+            split_counters: if decode_only {
+                split_counters(seqs.len(), device)?
+            } else {
+                None
+            },
             block_tables: Tensor::from_vec(flat, (seqs.len(), max_blocks), device)?,
             context_lens: Tensor::new(context_lens.as_slice(), device)?,
             query_start_loc: Tensor::new(query_start_loc.as_slice(), device)?,

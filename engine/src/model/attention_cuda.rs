@@ -182,6 +182,27 @@ thread_local! {
 }
 static DECODE_KERNEL: super::switch::Switch = super::switch::Switch::new(true, &DECODE_HERE);
 
+thread_local! {
+    static IN_KERNEL_COMBINE_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+/// Split-context paged attention merges its partitions in each CTA group's last CTA (on, when the
+/// step carries split counters) or in a separate combine launch (off).
+static IN_KERNEL_COMBINE: Switch = Switch::new(true, &IN_KERNEL_COMBINE_HERE);
+
+/// Turns the paged kernel's in-kernel combine on or off process-wide (side-by-side benchmarks).
+pub fn set_in_kernel_combine(on: bool) {
+    IN_KERNEL_COMBINE.set(on);
+}
+
+/// [`set_in_kernel_combine`] for launches on this thread (`None`: the process-wide value).
+pub fn set_in_kernel_combine_on_this_thread(on: Option<bool>) {
+    IN_KERNEL_COMBINE.set_on_this_thread(on);
+}
+
+fn in_kernel_combine() -> bool {
+    IN_KERNEL_COMBINE.on()
+}
+
 /// Turns the decode kernel (`paged_decode.cu`, for steps in which every sequence has one query
 /// token) on or off process-wide (on by default); off, such steps take the general paged kernel.
 /// For tests and side-by-side benchmarks.
@@ -538,6 +559,9 @@ struct PagedAttention {
     block_tables: Tensor,
     context_lens: Tensor,
     query_start_loc: Tensor,
+    /// Zeroed u32 counters (`AttentionMetadata::split_counters`): the split paged kernel merges
+    /// its partitions itself when they suffice for its CTA groups.
+    split_counters: Option<Tensor>,
     /// Upper bound of any sequence's context length (sizes the context partitions).
     max_context_len: usize,
     /// Bounds of the sequences' query lengths: whether the prefill kernel runs, and whether the
@@ -679,6 +703,18 @@ impl PagedAttention {
         } else {
             None
         };
+        // The partitions merged in the kernel's last CTA per group when counters cover the grid.
+        let groups = tiles * num_kv_heads * head_groups;
+        let counters = match &self.split_counters {
+            Some(c) if parts.is_some() && in_kernel_combine() && c.elem_count() >= groups => {
+                Some(c.storage_and_layout())
+            }
+            _ => None,
+        };
+        let counters_ptr = match &counters {
+            Some((s, l)) => Some(device_ptr(cuda_storage(s, "split_counters")?, l, &stream)?),
+            None => None,
+        };
 
         let suffix = dtype_suffix(dtype)?;
         let inputs = [
@@ -697,8 +733,13 @@ impl PagedAttention {
             (num_seqs as i32, num_heads as i32, num_kv_heads as i32);
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
         if paged {
+            let combine = if counters_ptr.is_some() {
+                "_combine"
+            } else {
+                ""
+            };
             let func = dev.get_or_load_custom_func(
-                &format!("paged_attention_{suffix}_d{head_dim}"),
+                &format!("paged_attention_{suffix}_d{head_dim}{combine}"),
                 "paged_attention",
                 ptx::PAGED_ATTENTION,
             )?;
@@ -717,6 +758,9 @@ impl PagedAttention {
             for p in outs.iter().chain(&ins) {
                 b.arg(p);
             }
+            if let Some((p, _)) = &counters_ptr {
+                b.arg(p);
+            }
             b.arg(&num_seqs_i)
                 .arg(&num_heads_i)
                 .arg(&kv_heads_i)
@@ -728,7 +772,7 @@ impl PagedAttention {
                 .arg(&scale);
             unsafe { b.launch(cfg) }.w()?;
 
-            if splits > 1 {
+            if splits > 1 && counters_ptr.is_none() {
                 let func = dev.get_or_load_custom_func(
                     &format!("paged_attention_combine_{suffix}_d{head_dim}"),
                     "paged_attention",
@@ -960,6 +1004,7 @@ pub fn paged_attention(
     )?;
     op.max_query_len = meta.max_query_len;
     op.min_query_len = meta.min_query_len;
+    op.split_counters = meta.split_counters.clone();
     q.contiguous()?.apply_op1_no_bwd(&op)
 }
 
@@ -991,6 +1036,8 @@ pub fn paged_attention_with(
 
 /// [`paged_attention_with`] writing into `out` (same shape and dtype as `q`, contiguous): lets a
 /// caller reuse a buffer, and lets tests poison the output to prove every element is written.
+/// `split_counters` (zeroed u32, see `AttentionMetadata::split_counters`) lets a split launch
+/// merge its partitions in the kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_into(
     out: &Tensor,
@@ -1002,8 +1049,9 @@ pub fn paged_attention_into(
     query_start_loc: &Tensor,
     max_context_len: Option<usize>,
     scale: f32,
+    split_counters: Option<&Tensor>,
 ) -> Result<()> {
-    let op = PagedAttention::new(
+    let mut op = PagedAttention::new(
         key_cache,
         value_cache,
         block_tables,
@@ -1012,6 +1060,7 @@ pub fn paged_attention_into(
         max_context_len,
         scale,
     )?;
+    op.split_counters = split_counters.cloned();
     out.inplace_op1(&PagedAttentionInto {
         op,
         q: q.contiguous()?,
@@ -1036,6 +1085,7 @@ impl PagedAttention {
             block_tables: block_tables.contiguous()?,
             context_lens: context_lens.contiguous()?,
             query_start_loc: query_start_loc.contiguous()?,
+            split_counters: None,
             max_context_len: max_context_len.unwrap_or(bound).min(bound),
             // Unknown: the token count bounds the longest, the shortest may be 1.
             max_query_len: usize::MAX,

@@ -30,7 +30,7 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{bail, CpuStorage, CudaStorage, DType, InplaceOp1, Layout, Result, Tensor};
 use candle_core::{Device, TensorId};
 
-use super::attention::{AttentionMetadata, HostMetadata};
+use super::attention::{split_counters, AttentionMetadata, HostMetadata};
 use super::llama::{LlamaModel, StepInputs};
 use super::switch::Switch;
 use super::{CausalLM, ForwardBatch, KvCache};
@@ -299,6 +299,7 @@ impl StaticInputs {
             max_context_len: width * block_size,
             max_query_len: 1,
             min_query_len: 1,
+            split_counters: split_counters(rows, device)?,
             // The capture step's (the CUDA kernels read the tensors).
             host: HostMetadata {
                 block_tables: step.packed[3 * rows..]

@@ -119,6 +119,59 @@ pub fn qkv_rope_cache(
     Ok(q)
 }
 
+/// [`qkv_rope_cache`] of the fused projection `x W^T` (`x` `[n, hidden]`, W
+/// `[(heads + 2 * kv_heads) * head_dim, hidden]`, unbiased): on CUDA one token takes the
+/// projection with the bias, rotary and cache write as its epilogue (one launch instead of two,
+/// same bits) when the kernels it needs are on and its rows fit; everything else is
+/// `gemv::matmul_t` then [`qkv_rope_cache`].
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_proj_rope_cache(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::gemv::gemv_rope_epilogue()
+        && head_dim.is_multiple_of(2)
+        && super::gemv::takes_pair_epilogue(x, w)
+    {
+        return super::fused_cuda::qkv_gemv_rope_cache(
+            x,
+            w,
+            bias,
+            cos,
+            sin,
+            key_cache,
+            value_cache,
+            slot_mapping,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        );
+    }
+    let qkv = super::gemv::matmul_t(x, w)?;
+    qkv_rope_cache(
+        &qkv,
+        bias,
+        cos,
+        sin,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor,
 };
 
-use super::attention_cuda::{device_ptr, device_ptr_mut, ptx};
+use super::attention_cuda::{device_ptr, device_ptr_mut, multiprocessor_count, ptx};
 
 const MODULE: &str = "fused_ops";
 
@@ -238,11 +238,12 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
     Ok(out)
 }
 
-/// CUDA `fused::qkv_rope_cache`: bias, rotary on q and k, q out, k and v into the paged caches,
-/// one launch (see `fused_ops.cu`).
+/// Checks the inputs of the rotary + cache write of `n` tokens of a fused projection `width`
+/// wide, and returns the cache's slot count.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_rope_cache(
-    qkv: &Tensor,
+fn check_rope_cache(
+    n: usize,
+    width: usize,
     bias: Option<&Tensor>,
     cos: &Tensor,
     sin: &Tensor,
@@ -252,14 +253,12 @@ pub fn qkv_rope_cache(
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-) -> Result<Tensor> {
-    let (n, width) = qkv.dims2()?;
+) -> Result<i64> {
     let heads = num_heads + 2 * num_kv_heads;
     let half = head_dim / 2;
     if !head_dim.is_multiple_of(2) || width != heads * head_dim {
         bail!(
-            "qkv_rope_cache: qkv {:?} vs {num_heads} + 2 x {num_kv_heads} heads of {head_dim}",
-            qkv.shape()
+            "qkv_rope_cache: width {width} vs {num_heads} + 2 x {num_kv_heads} heads of {head_dim}"
         )
     }
     if cos.dims2()? != (n, half) || sin.dims2()? != (n, half) {
@@ -290,6 +289,40 @@ pub fn qkv_rope_cache(
             slot_mapping.shape()
         )
     }
+    Ok((num_blocks * block_size) as i64)
+}
+
+/// CUDA `fused::qkv_rope_cache`: bias, rotary on q and k, q out, k and v into the paged caches,
+/// one launch (see `fused_ops.cu`).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_cache(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (n, width) = qkv.dims2()?;
+    let heads = num_heads + 2 * num_kv_heads;
+    let half = head_dim / 2;
+    let num_slots = check_rope_cache(
+        n,
+        width,
+        bias,
+        cos,
+        sin,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    )?;
     let mut dtyped = vec![qkv, cos, sin, key_cache, value_cache];
     dtyped.extend(bias);
     let dtype = same_dtype("qkv_rope_cache", &dtyped)?;
@@ -306,7 +339,6 @@ pub fn qkv_rope_cache(
     let dev = cuda_device(&qkv)?;
     const THREADS: usize = 128;
     let (h_i, kv_i, hd_i) = (num_heads as i32, num_kv_heads as i32, head_dim as i32);
-    let num_slots = (num_blocks * block_size) as i64;
     with_ptrs(&[&q, key_cache, value_cache], &ins, &|out, inp| {
         // 8-wide: hd/2 a multiple of 8 (rows of qkv, q, cos/sin and the caches stay aligned).
         let wide = vec8(&[half], out, inp);
@@ -329,6 +361,97 @@ pub fn qkv_rope_cache(
             .arg(&inp[2])
             .arg(&inp[3]);
         b.arg(&out[0]).arg(&out[1]).arg(&out[2]);
+        b.arg(&h_i).arg(&kv_i).arg(&hd_i).arg(&num_slots);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok(q)
+}
+
+/// CUDA `fused::qkv_proj_rope_cache` for one token: the fused projection `x W^T` with the bias,
+/// rotary and cache write as its epilogue (`gemv_<dtype>_m1_w2u8_rope` in `gemv.cu`), one launch,
+/// bit for bit the projection on the warp-per-row kernel followed by [`qkv_rope_cache`]. x
+/// `[1, k]`, W `[(heads + 2 kv_heads) hd, k]`, k a whole number of 16-byte chunks (at most
+/// `WARP_ROWS_MAX_CHUNKS`), x and W 16-byte aligned (the caller checks with
+/// `gemv::takes_pair_epilogue`).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_gemv_rope_cache(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (width, k2) = w.dims2()?;
+    if m != 1 || k != k2 {
+        bail!(
+            "qkv_gemv_rope_cache: x {:?} must be [1, k] and w {:?} [width, k]",
+            x.shape(),
+            w.shape()
+        )
+    }
+    let num_slots = check_rope_cache(
+        1,
+        width,
+        bias,
+        cos,
+        sin,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    )?;
+    let mut dtyped = vec![x, w, cos, sin, key_cache, value_cache];
+    dtyped.extend(bias);
+    let dtype = same_dtype("qkv_gemv_rope_cache", &dtyped)?;
+    let q = empty(x, &[1, num_heads, head_dim])?;
+    let slots = slot_mapping.to_dtype(DType::I64)?.contiguous()?;
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let mut ins = vec![x, w, &cos, &sin, &slots];
+    ins.extend(bias.as_ref());
+
+    let dev = cuda_device(x)?;
+    let pairs = width / 2;
+    let chunk = 16 / dtype.size_in_bytes();
+    let (pairs_i, k_i) = (pairs as i32, k as i32);
+    let (h_i, kv_i, hd_i) = (num_heads as i32, num_kv_heads as i32, head_dim as i32);
+    with_ptrs(&[&q, key_cache, value_cache], &ins, &|out, inp| {
+        if !k.is_multiple_of(chunk) || inp[0] % 16 != 0 || inp[1] % 16 != 0 {
+            bail!(
+                "qkv_gemv_rope_cache: k {k} must be a multiple of {chunk}, x and w 16-byte aligned"
+            )
+        }
+        let stream = dev.cuda_stream();
+        let ctas = super::gemv::rope_pairs_plan(pairs, multiprocessor_count(&stream), 4);
+        let func = dev.get_or_load_custom_func(
+            &format!("{}_m1_w2u8_rope", kernel("gemv", dtype)?),
+            "gemv",
+            ptx::GEMV,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (ctas, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let bias_ptr = inp.get(5).copied().unwrap_or(0);
+        let mut b = func.builder();
+        b.arg(&inp[0])
+            .arg(&inp[1])
+            .arg(&out[0])
+            .arg(&pairs_i)
+            .arg(&k_i);
+        b.arg(&bias_ptr).arg(&inp[2]).arg(&inp[3]).arg(&inp[4]);
+        b.arg(&out[1]).arg(&out[2]);
         b.arg(&h_i).arg(&kv_i).arg(&hd_i).arg(&num_slots);
         unsafe { b.launch(cfg) }.w()?;
         Ok(())

@@ -32,6 +32,28 @@ thread_local! {
 /// `fused::silu_mul` launch (off).
 static SILU_EPILOGUE: Switch = Switch::new(true, &SILU_EPILOGUE_HERE);
 
+thread_local! {
+    static ROPE_EPILOGUE_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+/// The bias, rotary and KV-cache write as the epilogue of a 1-row fused q/k/v projection (on) or
+/// as their own `fused::qkv_rope_cache` launch (off).
+static ROPE_EPILOGUE: Switch = Switch::new(true, &ROPE_EPILOGUE_HERE);
+
+/// Turns the rotary epilogue of 1-row q/k/v projections on or off process-wide.
+pub fn set_gemv_rope_epilogue(enabled: bool) {
+    ROPE_EPILOGUE.set(enabled);
+}
+
+/// [`set_gemv_rope_epilogue`] for calls on this thread (`None`: the process-wide value).
+pub fn set_gemv_rope_epilogue_on_this_thread(enabled: Option<bool>) {
+    ROPE_EPILOGUE.set_on_this_thread(enabled);
+}
+
+/// Whether a 1-row q/k/v projection on this thread takes the rotary epilogue (when it fits).
+pub fn gemv_rope_epilogue() -> bool {
+    ROPE_EPILOGUE.on()
+}
+
 /// Turns the SiLU-gate epilogue of 1-row gate/up projections on or off process-wide.
 pub fn set_gemv_silu_epilogue(enabled: bool) {
     SILU_EPILOGUE.set(enabled);
@@ -123,6 +145,12 @@ pub fn silu_pairs_plan(inter: usize, sms: usize, warps_per_cta: usize) -> u32 {
     even_rounds_ctas(inter, sms * 8 * warps_per_cta, warps_per_cta)
 }
 
+/// CTA count of the rotary-pair variant of the warp-per-row kernel (4 CTAs per SM) for `pairs`
+/// row pairs on `sms` SMs: as few CTAs as take the pairs in the rounds a full GPU would need.
+pub fn rope_pairs_plan(pairs: usize, sms: usize, warps_per_cta: usize) -> u32 {
+    even_rounds_ctas(pairs, sms * 4 * warps_per_cta, warps_per_cta)
+}
+
 /// The MLP's `silu(x W_gate^T) * (x W_up^T)` from the fused `[gate | up]` weight W
 /// `[2 * inter, k]`: on CUDA one row of x takes the warp-per-row kernel with the SiLU-gate
 /// product as its epilogue (one launch instead of two, same bits) when the fused kernels, the
@@ -138,19 +166,27 @@ pub fn gate_up_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 fn takes_silu_kernel(x: &Tensor, w: &Tensor, inter: usize) -> bool {
+    w.dims().first() == Some(&(2 * inter)) && SILU_EPILOGUE.on() && takes_pair_epilogue(x, w)
+}
+
+/// Whether the 1-row projection `x W^T` may take a paired-rows epilogue of the warp-per-row
+/// kernel (`gemv_*_m1_w2u*_{silu,rope}`): one contiguous 16-byte aligned row of x on CUDA whose
+/// length is a whole number of at most `WARP_ROWS_MAX_CHUNKS` 16-byte chunks, the GEMV kernel,
+/// its warp-per-row variant and the fused kernels all on. The caller checks its own switch and
+/// W's rows.
+#[cfg(feature = "cuda")]
+pub(crate) fn takes_pair_epilogue(x: &Tensor, w: &Tensor) -> bool {
     let elem = x.dtype().size_in_bytes();
     let chunk = 16 / elem;
-    let aligned = |t: &Tensor| (t.layout().start_offset() * elem) % 16 == 0;
-    match (x.dims(), w.dims()) {
-        (&[1, k], &[n, _]) => {
-            n == 2 * inter
-                && k.is_multiple_of(chunk)
+    let aligned = |t: &Tensor| (t.layout().start_offset() * elem).is_multiple_of(16);
+    match x.dims() {
+        &[1, k] => {
+            k.is_multiple_of(chunk)
                 && k / chunk <= WARP_ROWS_MAX_CHUNKS
                 && aligned(x)
                 && aligned(w)
                 && takes_kernel(x, w)
                 && gemv_warp_rows()
-                && SILU_EPILOGUE.on()
                 && super::fused::fused_kernels()
         }
         _ => false,
@@ -251,6 +287,19 @@ mod tests {
             let rounds = inter.div_ceil(ctas * 4);
             assert_eq!(rounds, inter.div_ceil(4224), "inter {inter}");
             assert!(ctas * 4 * rounds - inter < 5 * rounds, "inter {inter}");
+        }
+    }
+
+    #[test]
+    fn rope_pairs_plan_takes_every_pair_in_the_fewest_rounds() {
+        // Qwen2.5-1.5B's q/k/v: (12 + 2 x 2) heads x 64 pairs = 1,024 pairs, one round of 256 CTAs
+        // (2,112 warps resident at 4 CTAs per SM).
+        assert_eq!(rope_pairs_plan(1024, 132, 4), 256);
+        for pairs in [1, 64, 2112, 2113, 5120] {
+            let ctas = rope_pairs_plan(pairs, 132, 4) as usize;
+            let rounds = pairs.div_ceil(ctas * 4);
+            assert_eq!(rounds, pairs.div_ceil(2112), "pairs {pairs}");
+            assert!(ctas * 4 * rounds - pairs < 5 * rounds, "pairs {pairs}");
         }
     }
 

@@ -311,8 +311,9 @@ impl LlamaModel {
             None => x.clone(),
         };
         for (i, (layer, (kc, vc))) in self.layers.iter().zip(&cache.layers).enumerate() {
-            let (qkv, bias) = (layer.qkv_proj.matmul(&h)?, layer.qkv_proj.bias.as_ref());
-            let q = fused::qkv_rope_cache(&qkv, bias, &cos, &sin, kc, vc, slots, heads, kvh, hd)?;
+            let (w, bias) = (&layer.qkv_proj.weight, layer.qkv_proj.bias.as_ref());
+            let q =
+                fused::qkv_proj_rope_cache(&h, w, bias, &cos, &sin, kc, vc, slots, heads, kvh, hd)?;
             let attn = paged_attention(&q, kc, vc, meta, scale)?.reshape((n, heads * hd))?;
             let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
             (h, x) = fused::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;

@@ -5,7 +5,10 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use engine::model::fused::{add_rms_norm, qkv_rope_cache, silu_mul};
+use engine::model::fused::{add_rms_norm, qkv_proj_rope_cache, qkv_rope_cache, silu_mul};
+use engine::model::fused_cuda::qkv_gemv_rope_cache;
+use engine::model::gemv::set_gemv_rope_epilogue_on_this_thread;
+use engine::model::gemv_cuda::gemv;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -317,6 +320,135 @@ fn qkv_rope_cache_other_bias_settings() {
                 bias,
             };
             check_qkv_rope_cache(&c, dtype, 7 + heads as u64);
+        }
+    }
+}
+
+/// The rotary epilogue of the one-token q/k/v projection against its two launches (the
+/// projection on the warp-per-row kernel, then `qkv_rope_cache`): q and both caches bit for bit,
+/// unmapped slots untouched; and the model's entry point takes it, or the two launches when off.
+#[test]
+fn qkv_rope_epilogue_is_projection_then_qkv_rope_cache_bit_for_bit() {
+    let dev = gpu();
+    let mut seed = 300;
+    // (heads, kv heads, hd, hidden, bias, slot): Qwen2.5-1.5B; MHA without bias; hd/2 = 40 (not
+    // a multiple of 8: qkv_rope_cache's element-wise kernel); the token unmapped (-1) and past the
+    // cache. Rows of at most 256 16-byte chunks for every dtype (the warp-per-row kernel).
+    let cases = [
+        (12, 2, 128, 1024, true, 5i64),
+        (4, 4, 64, 512, false, 17),
+        (3, 1, 80, 256, true, -1),
+        (2, 2, 128, 64, true, 1_000_000),
+    ];
+    for (h, kvh, hd, k, with_bias, slot) in cases {
+        for dtype in DTYPES {
+            seed += 1;
+            let mut rng = StdRng::seed_from_u64(seed);
+            let what = format!(
+                "rope epilogue {dtype:?} {h}/{kvh}x{hd} k={k} bias={with_bias} slot={slot}"
+            );
+            let width = (h + 2 * kvh) * hd;
+            let num_blocks = 4;
+            let cache_shape = [num_blocks, BLOCK_SIZE, kvh, hd];
+            let x = upload(uniform(&mut rng, k, 1.0), &[1, k], dtype, &dev);
+            let w = upload(uniform(&mut rng, width * k, 0.1), &[width, k], dtype, &dev);
+            let bias =
+                with_bias.then(|| upload(uniform(&mut rng, width, 0.5), &[width], dtype, &dev));
+            let (cos, sin) = rotary_rows(&mut rng, 1, hd);
+            let cos = upload(cos, &[1, hd / 2], dtype, &dev);
+            let sin = upload(sin, &[1, hd / 2], dtype, &dev);
+            let slots = Tensor::new(&[slot], &dev).unwrap();
+            let poisoned = || {
+                Tensor::full(SENTINEL, cache_shape.as_slice(), &Device::Cpu)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .and_then(|t| t.to_device(&dev))
+                    .unwrap()
+            };
+            // The two launches.
+            let (kc0, vc0) = (poisoned(), poisoned());
+            let qkv = gemv(&x, &w).unwrap();
+            let q0 = qkv_rope_cache(
+                &qkv,
+                bias.as_ref(),
+                &cos,
+                &sin,
+                &kc0,
+                &vc0,
+                &slots,
+                h,
+                kvh,
+                hd,
+            )
+            .unwrap();
+            // The epilogue, called directly and through the model's entry point.
+            let (kc1, vc1) = (poisoned(), poisoned());
+            let q1 = qkv_gemv_rope_cache(
+                &x,
+                &w,
+                bias.as_ref(),
+                &cos,
+                &sin,
+                &kc1,
+                &vc1,
+                &slots,
+                h,
+                kvh,
+                hd,
+            )
+            .expect("qkv_gemv_rope_cache");
+            assert_eq!(q1.dims3().unwrap(), (1, h, hd), "{what}: q shape");
+            let (kc2, vc2) = (poisoned(), poisoned());
+            let q2 = qkv_proj_rope_cache(
+                &x,
+                &w,
+                bias.as_ref(),
+                &cos,
+                &sin,
+                &kc2,
+                &vc2,
+                &slots,
+                h,
+                kvh,
+                hd,
+            )
+            .unwrap();
+            let want = [host(&q0), host(&kc0), host(&vc0)];
+            for (path, got) in [
+                ("direct", [&q1, &kc1, &vc1]),
+                ("dispatch", [&q2, &kc2, &vc2]),
+            ] {
+                for ((name, g), w) in ["q", "key cache", "value cache"].iter().zip(got).zip(&want) {
+                    assert_eq!(&host(g), w, "{what}: {path} {name}");
+                }
+            }
+            assert!(
+                want[0].iter().all(|v| v.is_finite() && *v != SENTINEL),
+                "{what}: q"
+            );
+            // The caches changed exactly where the slot is mapped.
+            let written = (0..num_blocks as i64 * BLOCK_SIZE as i64).contains(&slot);
+            let untouched = want[1].iter().chain(&want[2]).all(|v| *v == SENTINEL);
+            assert_eq!(untouched, !written, "{what}: cache rows");
+            // Off: the two launches.
+            set_gemv_rope_epilogue_on_this_thread(Some(false));
+            let (kc3, vc3) = (poisoned(), poisoned());
+            let q3 = qkv_proj_rope_cache(
+                &x,
+                &w,
+                bias.as_ref(),
+                &cos,
+                &sin,
+                &kc3,
+                &vc3,
+                &slots,
+                h,
+                kvh,
+                hd,
+            )
+            .unwrap();
+            set_gemv_rope_epilogue_on_this_thread(None);
+            assert_eq!(host(&q3), want[0], "{what}: off");
+            assert_eq!(host(&kc3), want[1], "{what}: off, key cache");
         }
     }
 }

@@ -7,9 +7,11 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
+use engine::model::attention::SPLIT_COUNTERS_PER_SEQ;
 use engine::model::attention_cuda::{
-    decode_split, paged_attention_into, set_decode_kernel_on_this_thread, set_decode_split,
-    set_flash_wide_tiles_on_this_thread, set_prefill_kernel, write_kv_cache, PrefillKernel,
+    decode_split, paged_attention_into, paged_split, set_decode_kernel_on_this_thread,
+    set_decode_split, set_flash_wide_tiles_on_this_thread, set_in_kernel_combine_on_this_thread,
+    set_paged_split, set_prefill_kernel, write_kv_cache, PrefillKernel,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -118,6 +120,18 @@ fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
 /// Runs one case in one dtype on random inputs drawn from `seed` (same seed, same inputs), with
 /// `extra_cols` padding columns (block 0) in the block table, as CUDA-graph buckets have.
 fn run_attention(c: &Case, dtype: DType, seed: u64, extra_cols: usize) -> Run {
+    run_attention_counted(c, dtype, seed, extra_cols, false)
+}
+
+/// [`run_attention`], with split counters for the paged kernel's in-kernel combine when
+/// `counters` (checked to be left zeroed).
+fn run_attention_counted(
+    c: &Case,
+    dtype: DType,
+    seed: u64,
+    extra_cols: usize,
+    counters: bool,
+) -> Run {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(seed);
     let (h, kvh, d, bs) = (c.heads, c.kv_heads, c.head_dim, c.block_size);
@@ -167,8 +181,28 @@ fn run_attention(c: &Case, dtype: DType, seed: u64, extra_cols: usize) -> Run {
     let out = Tensor::full(f32::NAN, (n, h, d), &dev)
         .and_then(|t| t.to_dtype(dtype))
         .unwrap();
-    paged_attention_into(&out, &q, &kc, &vc, &bt, &cl, &qs, None, scale as f32)
-        .expect("paged_attention_into");
+    let split_counters = counters
+        .then(|| Tensor::zeros(c.seqs.len() * SPLIT_COUNTERS_PER_SEQ, DType::U32, &dev).unwrap());
+    paged_attention_into(
+        &out,
+        &q,
+        &kc,
+        &vc,
+        &bt,
+        &cl,
+        &qs,
+        None,
+        scale as f32,
+        split_counters.as_ref(),
+    )
+    .expect("paged_attention_into");
+    if let Some(sc) = &split_counters {
+        let left = sc.to_vec1::<u32>().unwrap();
+        assert!(
+            left.iter().all(|x| *x == 0),
+            "split counters not left zeroed"
+        );
+    }
     let got = host_f32(&out);
     let nan = got.iter().filter(|x| !x.is_finite()).count();
     assert_eq!(nan, 0, "{nan} output elements not written or not finite");
@@ -324,6 +358,52 @@ fn paged_attention_matches_reference() {
 /// every head size, batches 1, 3, 17 and 64 with contexts of 1 to 3000 keys crossing block and
 /// partition boundaries, shuffled blocks, padded block tables, and three context splits (one
 /// partition; the default; many short partitions, some empty).
+/// The paged kernel's split launches merging their partitions in each group's last CTA against
+/// the separate combine launch: bit for bit, every output written, counters left zeroed; decode
+/// steps (GQA and MHA, short to long contexts) and a mixed step with longer queries.
+#[test]
+fn paged_in_kernel_combine_matches_combine_launch() {
+    let shapes = [(12, 2, 128, 16), (4, 4, 64, 16), (16, 2, 96, 8)];
+    let batches: Vec<Vec<(usize, usize)>> = vec![
+        vec![(1, 1024)],
+        vec![(1, 1), (1, 33), (1, 3000)],
+        (1..=9).map(|i| (1, 100 * i + 7)).collect(),
+        vec![(3, 100), (1, 2000), (7, 700)],
+    ];
+    let default_split = paged_split();
+    set_decode_kernel_on_this_thread(Some(false));
+    let mut seed = 4000;
+    for &(heads, kv_heads, head_dim, block_size) in &shapes {
+        for seqs in &batches {
+            let c = Case {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size,
+                seqs: seqs.clone(),
+            };
+            for dtype in [DType::BF16, DType::F32] {
+                for (ctas, min_tiles) in [default_split, (64, 1)] {
+                    seed += 1;
+                    set_paged_split(ctas, min_tiles);
+                    set_in_kernel_combine_on_this_thread(Some(false));
+                    let launch = run_attention_counted(&c, dtype, seed, 0, true);
+                    set_in_kernel_combine_on_this_thread(None);
+                    let fused = run_attention_counted(&c, dtype, seed, 0, true);
+                    set_paged_split(default_split.0, default_split.1);
+                    let what = format!(
+                        "{heads}/{kv_heads} heads d{head_dim}, seqs {seqs:?}, {dtype:?}, split ({ctas}, {min_tiles})"
+                    );
+                    assert_eq!(fused.got, launch.got, "{what}: in-kernel vs launch");
+                    let err = rel_l2(&fused.got, &fused.reference(&c));
+                    assert!(err < tolerance(dtype), "{what}: rel error {err:.3e}");
+                }
+            }
+        }
+    }
+    set_decode_kernel_on_this_thread(None);
+}
+
 #[test]
 fn paged_decode_matches_reference() {
     // (heads, kv_heads, head_dim, block_size)
@@ -540,6 +620,7 @@ fn bench_paged_attention_decode() {
                 &qs,
                 Some(ctx),
                 scale,
+                None,
             )
             .unwrap()
         };

@@ -285,6 +285,13 @@ const ONE_ROW_CTA: &str = "1-row GEMV on CTA-per-rows kernel";
 /// The MLP's SiLU-gate product as its own launch instead of the 1-row gate/up GEMV's epilogue.
 const SILU_OWN_LAUNCH: &str = "SiLU-gate as own launch";
 
+/// The bias, rotary and KV-cache write as their own launch instead of the 1-row q/k/v GEMV's
+/// epilogue.
+const ROPE_OWN_LAUNCH: &str = "rotary + KV write as own launch";
+
+/// The split paged attention's combine as its own launch instead of in the kernel's last CTA.
+const COMBINE_OWN_LAUNCH: &str = "attention combine as own launch";
+
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 const EAGER: &str = "eager (no CUDA graphs)";
 
@@ -296,6 +303,8 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         "cuBLAS for every projection",
         ONE_ROW_CTA,
         SILU_OWN_LAUNCH,
+        ROPE_OWN_LAUNCH,
+        COMBINE_OWN_LAUNCH,
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -317,6 +326,8 @@ fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> R
         "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
         ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
         SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
+        ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
+        COMBINE_OWN_LAUNCH => engine::model::attention_cuda::set_in_kernel_combine(!on),
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => {}
     }
