@@ -246,12 +246,63 @@ __device__ void paged_attention_impl(
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int e = tid; e < rows * D; e += THREADS) {
-        const int r = e / D, d = e % D;
-        const int token = qstart + q_begin + r / heads_here, head = head0 + r % heads_here;
-        const size_t row = (size_t)token * num_heads + head;
-        out[row * D + d] =
-            from_f32<T>(combine_partials<D>(part_m, part_l, part_acc, row, d, num_splits));
+    // The merge of paged_attention_combine with the same arithmetic in the same order (same
+    // bits), its loads spread over the CTA: the rows' partial maxima and sums staged in shared
+    // memory (ks, vs; the host sends at most KT partitions), one thread per row for (m, l) and the
+    // weights (into ps), then every output element accumulating its partitions in order, 4
+    // partitions' loads in flight per element.
+    const int ns = num_splits;
+    auto out_row = [&](int r) {
+        return (size_t)(qstart + q_begin + r / heads_here) * num_heads + head0 + r % heads_here;
+    };
+    for (int i = tid; i < rows * ns; i += THREADS) {
+        const int r = i / ns, z = i % ns;
+        const size_t pr = out_row(r) * ns + z;
+        ks[r][z] = __ldcg(part_m + pr);
+        vs[r][z] = __ldcg(part_l + pr);
+    }
+    __syncthreads();
+    if (tid < rows) {
+        const int r = tid;
+        float m = -INFINITY;
+        for (int z = 0; z < ns; ++z) m = fmaxf(m, ks[r][z]);
+        float l = 0.f;
+        for (int z = 0; z < ns; ++z) {
+            const float w = m != -INFINITY ? __expf(ks[r][z] - m) : 0.f;
+            ps[r][z] = w;
+            l += w * vs[r][z];
+        }
+        row_l[r] = l;
+    }
+    __syncthreads();
+    float v[ACC];
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) v[a] = 0.f;
+    for (int z0 = 0; z0 < ns; z0 += 4) {
+        float pa[4][ACC];
+#pragma unroll
+        for (int zz = 0; zz < 4; ++zz)
+#pragma unroll
+            for (int a = 0; a < ACC; ++a) {
+                const int e = tid + THREADS * a, r = e / D, d = e % D, z = z0 + zz;
+                pa[zz][a] = r < rows && z < ns
+                                ? __ldcg(part_acc + (out_row(r) * ns + z) * D + d)
+                                : 0.f;
+            }
+#pragma unroll
+        for (int zz = 0; zz < 4; ++zz)
+#pragma unroll
+            for (int a = 0; a < ACC; ++a) {
+                const int e = tid + THREADS * a, r = e / D;
+                if (r < rows && z0 + zz < ns) v[a] += ps[r][z0 + zz] * pa[zz][a];
+            }
+    }
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) {
+        const int e = tid + THREADS * a, r = e / D, d = e % D;
+        if (r >= rows) continue;
+        const float l = row_l[r];
+        out[out_row(r) * D + d] = from_f32<T>(l > 0.f ? v[a] / l : 0.f);
     }
 }
 

@@ -703,10 +703,17 @@ impl PagedAttention {
         } else {
             None
         };
-        // The partitions merged in the kernel's last CTA per group when counters cover the grid.
+        // The partitions merged in the kernel's last CTA per group when counters cover the grid
+        // and there are at most KEY_TILE of them (the merge stages them in the key tile's shared
+        // memory).
         let groups = tiles * num_kv_heads * head_groups;
         let counters = match &self.split_counters {
-            Some(c) if parts.is_some() && in_kernel_combine() && c.elem_count() >= groups => {
+            Some(c)
+                if parts.is_some()
+                    && splits <= KEY_TILE
+                    && in_kernel_combine()
+                    && c.elem_count() >= groups =>
+            {
                 Some(c.storage_and_layout())
             }
             _ => None,

@@ -77,6 +77,11 @@ struct Cli {
     /// to this many tokens: the paged kernel alone is quadratic and slow on long prompts.
     #[arg(long, default_value_t = usize::MAX)]
     prefill_variants_max: usize,
+    /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
+    /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), combine
+    /// (in-kernel attention combine), warp-rows (warp-per-row GEMV), decode-kernel, fused.
+    #[arg(long, value_delimiter = ',')]
+    without: Vec<String>,
     /// Also write the table here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -339,6 +344,22 @@ fn set_variant(_: &Device, _: &str, _: bool, _: bool) -> Result<()> {
     Ok(())
 }
 
+/// Turns one optional path off for the whole run (`--without`).
+fn turn_off(path: &str) -> Result<()> {
+    match path {
+        "silu" => engine::model::gemv::set_gemv_silu_epilogue(false),
+        "rope" => engine::model::gemv::set_gemv_rope_epilogue(false),
+        "warp-rows" => engine::model::gemv::set_gemv_warp_rows(false),
+        "fused" => engine::model::fused::set_fused_kernels(false),
+        #[cfg(feature = "cuda")]
+        "combine" => engine::model::attention_cuda::set_in_kernel_combine(false),
+        #[cfg(feature = "cuda")]
+        "decode-kernel" => engine::model::attention_cuda::set_decode_kernel(false),
+        other => bail!("--without {other}: not one of silu, rope, warp-rows, fused, combine, decode-kernel (the last two need CUDA)"),
+    }
+    Ok(())
+}
+
 /// The CUDA-graph counters: (replays, failed captures, why the last capture failed).
 #[cfg(feature = "cuda")]
 fn graph_status() -> (usize, usize, Option<String>) {
@@ -406,6 +427,9 @@ fn main() -> Result<()> {
         engine::gpu_memory::keep_pool_memory(&device)?;
         engine::gpu_memory::set_event_tracking(&device, false)?;
         engine::model::cuda_graph::set_cuda_graphs(cli.cuda_graphs);
+    }
+    for path in &cli.without {
+        turn_off(path)?;
     }
     let dtype = resolve_dtype(cli.dtype, &device);
     let iters = cli.iters.max(1);
@@ -776,6 +800,9 @@ fn render(
         dtype,
         device
     );
+    if !cli.without.is_empty() {
+        let _ = writeln!(s, "Run without: {}.\n", cli.without.join(", "));
+    }
     let _ = writeln!(
         s,
         "Ceilings: device-to-device copy {copy_gbs:.0} GB/s (read + write, {} MiB), {:?} matmul {tflops:.1} TFLOP/s ({n}x{n}x{n}).\n",
