@@ -108,10 +108,10 @@ __device__ __forceinline__ void reduce_store(float (&acc)[M][R], T* __restrict__
     }
 }
 
-template <typename T, int M, int R = rows_per_cta<M>()>
+template <typename T, int M>
 __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k) {
-    constexpr int U = unroll<M>(), E = Chunk<T>::E;
+    constexpr int R = rows_per_cta<M>(), U = unroll<M>(), E = Chunk<T>::E;
     const int chunks = k / E;
     const int64_t row0 = (int64_t)blockIdx.x * R;
     const uint4* wr[R];
@@ -355,17 +355,7 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_impl<T, M>(x, w, y, n, k);                                                         \
     }
 
-// One row of x, R rows of W per CTA (gemv_<T>_m1_v_r<R>): the host picks R so that the grid
-// fills whole waves of resident CTAs (Qwen2.5-1.5B's down projection: 1,536 rows in 512 CTAs of 3
-// rows, one wave on 132 SMs, instead of 768 CTAs of 2 in 1.45 waves). Same sums, same bits.
-#define GEMV_M1_R(SUFFIX, T, R)                                                                 \
-    extern "C" __global__ void __launch_bounds__(THREADS, min_ctas<1>())                        \
-        gemv_##SUFFIX##_m1_v_r##R(const T* x, const T* w, T* y, int n, int k) {                 \
-        gemv_v_impl<T, 1, R>(x, w, y, n, k);                                                    \
-    }
-
 #define GEMV(SUFFIX, T)   \
-    GEMV_M1_R(SUFFIX, T, 3) \
     GEMV_W(SUFFIX, T, 2, 4) \
     GEMV_SILU(SUFFIX, T)    \
     GEMV_ROPE(SUFFIX, T)    \

@@ -54,28 +54,6 @@ pub fn gemv_rope_epilogue() -> bool {
     ROPE_EPILOGUE.on()
 }
 
-thread_local! {
-    static ONE_ROW_CTAS_HERE: Cell<Option<bool>> = const { Cell::new(None) };
-}
-/// 1-row projections on the CTA-per-rows kernel pick their rows per CTA to fill whole waves (on)
-/// or always take 2 (off).
-static ONE_ROW_CTAS: Switch = Switch::new(true, &ONE_ROW_CTAS_HERE);
-
-/// Turns the wave-filling rows per CTA of 1-row projections on or off process-wide.
-pub fn set_gemv_wave_rows(enabled: bool) {
-    ONE_ROW_CTAS.set(enabled);
-}
-
-/// [`set_gemv_wave_rows`] for calls on this thread (`None`: the process-wide value).
-pub fn set_gemv_wave_rows_on_this_thread(enabled: Option<bool>) {
-    ONE_ROW_CTAS.set_on_this_thread(enabled);
-}
-
-/// Whether a 1-row projection on the CTA-per-rows kernel picks its rows per CTA by waves.
-pub fn one_row_ctas() -> bool {
-    ONE_ROW_CTAS.on()
-}
-
 /// Turns the SiLU-gate epilogue of 1-row gate/up projections on or off process-wide.
 pub fn set_gemv_silu_epilogue(enabled: bool) {
     SILU_EPILOGUE.set(enabled);
@@ -159,22 +137,6 @@ pub fn warp_rows_plan(n: usize, sms: usize, warps_per_cta: usize) -> (&'static s
 fn even_rounds_ctas(groups: usize, resident: usize, warps_per_cta: usize) -> u32 {
     let rounds = groups.div_ceil(resident).max(1);
     groups.div_ceil(rounds).div_ceil(warps_per_cta) as u32
-}
-
-/// Rows of W per CTA (2 or 3) of the 1-row CTA-per-rows kernel for `n` rows on `sms` SMs (4
-/// resident CTAs each): 3 when its grid's last wave is fuller by more than 5%, so that no second,
-/// mostly idle wave trails the first (1,536 rows: 3; 8,192: 2).
-pub fn one_row_rows_per_cta(n: usize, sms: usize) -> usize {
-    let resident = (sms * 4).max(1);
-    let fill = |r: usize| {
-        let ctas = n.div_ceil(r);
-        ctas as f64 / (ctas.div_ceil(resident) * resident) as f64
-    };
-    if fill(3) > fill(2) + 0.05 {
-        3
-    } else {
-        2
-    }
 }
 
 /// CTA count of the SiLU-pair variant of the warp-per-row kernel for `inter` outputs (pairs of
@@ -313,22 +275,6 @@ mod tests {
                 warps * rounds - groups < 5 * rounds,
                 "n {n}: {warps} warps, {rounds} rounds"
             );
-        }
-    }
-
-    #[test]
-    fn one_row_rows_per_cta_fills_whole_waves() {
-        // 132 SMs x 4 = 528 resident CTAs. Qwen2.5-1.5B's down projection: 768 CTAs of 2 rows
-        // would take 1.45 waves, 512 of 3 rows one.
-        assert_eq!(one_row_rows_per_cta(1536, 132), 3);
-        // CodeLlama-34B's rows: 2 already fills 97% of the last wave.
-        assert_eq!(one_row_rows_per_cta(8192, 132), 2);
-        assert_eq!(one_row_rows_per_cta(10240, 132), 2);
-        // Fewer rows than a wave: the fewest rows per CTA (more CTAs, more loads in flight).
-        assert_eq!(one_row_rows_per_cta(37, 132), 2);
-        assert_eq!(one_row_rows_per_cta(1500, 132), 3);
-        for n in [1, 100, 1056, 1057, 4000, 44032] {
-            assert!((2..=3).contains(&one_row_rows_per_cta(n, 132)));
         }
     }
 

@@ -16,8 +16,7 @@ use super::attention_cuda::{
     device_ptr, device_ptr_mut, multiprocessor_count, ptx, uninit_storage,
 };
 use super::gemv::{
-    gemv_warp_rows, one_row_ctas, one_row_rows_per_cta, silu_pairs_plan, warp_rows_plan, MAX_ROWS,
-    WARP_ROWS_MAX_CHUNKS,
+    gemv_warp_rows, silu_pairs_plan, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS,
 };
 
 const MODULE: &str = "gemv";
@@ -91,11 +90,6 @@ fn launch(
     let short_rows = k / chunk <= WARP_ROWS_MAX_CHUNKS;
     let (variant, ctas) = if m == 1 && wide && short_rows && gemv_warp_rows() {
         warp_rows_plan(n, multiprocessor_count(&stream), THREADS as usize / 32)
-    } else if m == 1 && wide && one_row_ctas() {
-        match one_row_rows_per_cta(n, multiprocessor_count(&stream)) {
-            3 => ("_v_r3", n.div_ceil(3) as u32),
-            _ => ("_v", n.div_ceil(2) as u32),
-        }
     } else {
         let ctas = n.div_ceil(rows_per_cta(m)) as u32;
         (if wide { "_v" } else { "" }, ctas)

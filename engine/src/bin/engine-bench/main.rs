@@ -79,8 +79,7 @@ struct Cli {
     prefill_variants_max: usize,
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
     /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), combine
-    /// (in-kernel attention combine), warp-rows (warp-per-row GEMV), wave-rows (rows per CTA of
-    /// 1-row projections picked to fill whole waves), decode-kernel, fused.
+    /// (in-kernel attention combine), warp-rows (warp-per-row GEMV), decode-kernel, fused.
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
     /// Also write the table here.
@@ -351,13 +350,12 @@ fn turn_off(path: &str) -> Result<()> {
         "silu" => engine::model::gemv::set_gemv_silu_epilogue(false),
         "rope" => engine::model::gemv::set_gemv_rope_epilogue(false),
         "warp-rows" => engine::model::gemv::set_gemv_warp_rows(false),
-        "wave-rows" => engine::model::gemv::set_gemv_wave_rows(false),
         "fused" => engine::model::fused::set_fused_kernels(false),
         #[cfg(feature = "cuda")]
         "combine" => engine::model::attention_cuda::set_in_kernel_combine(false),
         #[cfg(feature = "cuda")]
         "decode-kernel" => engine::model::attention_cuda::set_decode_kernel(false),
-        other => bail!("--without {other}: not one of silu, rope, warp-rows, wave-rows, fused, combine, decode-kernel (the last two need CUDA)"),
+        other => bail!("--without {other}: not one of silu, rope, warp-rows, fused, combine, decode-kernel (the last two need CUDA)"),
     }
     Ok(())
 }
