@@ -7,7 +7,6 @@
 //! and the tensor-core prefill kernel (`flash_prefill.cu`).
 
 use super::attention::AttentionMetadata;
-use super::switch::Switch;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -18,7 +17,6 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape,
     Storage, Tensor,
 };
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -68,11 +66,10 @@ impl FlashTiles {
     }
 }
 
-thread_local! {
-    static FLASH_WIDE_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+crate::switch! {
+    /// The tensor-core prefill kernel's tiling: `FLASH_WIDE` (on) or `FLASH_NARROW` (off).
+    static FLASH_WIDE_TILES = true;
 }
-/// The tensor-core prefill kernel's tiling: `FLASH_WIDE` (on) or `FLASH_NARROW` (off).
-static FLASH_WIDE_TILES: Switch = Switch::new(true, &FLASH_WIDE_HERE);
 
 /// Chooses the tensor-core prefill kernel's tiling process-wide: 128 query rows x 64-key tiles
 /// (on, the default) or 64 rows x 32 keys (off). For side-by-side benchmarks.
@@ -177,17 +174,17 @@ pub fn set_prefill_kernel(kernel: PrefillKernel) {
     PAGED_PREFILL.store(kernel == PrefillKernel::Paged, Ordering::Relaxed);
 }
 
-thread_local! {
-    static DECODE_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+crate::switch! {
+    /// Decode-only steps on the decode kernel (on, from `DECODE_MIN_SEQS` sequences) or on the
+    /// general paged kernel (off).
+    static DECODE_KERNEL = true;
 }
-static DECODE_KERNEL: super::switch::Switch = super::switch::Switch::new(true, &DECODE_HERE);
 
-thread_local! {
-    static IN_KERNEL_COMBINE_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+crate::switch! {
+    /// Split-context paged attention merges its partitions in each CTA group's last CTA (on, when the
+    /// step carries split counters) or in a separate combine launch (off).
+    static IN_KERNEL_COMBINE = true;
 }
-/// Split-context paged attention merges its partitions in each CTA group's last CTA (on, when the
-/// step carries split counters) or in a separate combine launch (off).
-static IN_KERNEL_COMBINE: Switch = Switch::new(true, &IN_KERNEL_COMBINE_HERE);
 
 /// Turns the paged kernel's in-kernel combine on or off process-wide (side-by-side benchmarks).
 pub fn set_in_kernel_combine(on: bool) {

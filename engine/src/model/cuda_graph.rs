@@ -19,7 +19,6 @@
 //!   before the first capture, so that it never allocates one inside a capture.
 //! - A changed KV cache. Graphs hold the cache's addresses: they are dropped when it changes.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -32,7 +31,6 @@ use candle_core::{Device, TensorId};
 
 use super::attention::{split_counters, AttentionMetadata, HostMetadata};
 use super::llama::{LlamaModel, StepInputs};
-use super::switch::Switch;
 use super::{CausalLM, ForwardBatch, KvCache};
 
 /// Largest decode batch that is captured (larger ones are not launch-bound).
@@ -54,10 +52,9 @@ static REPLAYS: AtomicUsize = AtomicUsize::new(0);
 static FAILED_CAPTURES: AtomicUsize = AtomicUsize::new(0);
 static LAST_CAPTURE_ERROR: Mutex<Option<String>> = Mutex::new(None);
 
-thread_local! {
-    static GRAPHS_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+crate::switch! {
+    static GRAPHS = false;
 }
-static GRAPHS: Switch = Switch::new(false, &GRAPHS_HERE);
 
 /// Turns decode graphs on or off process-wide (off by default; `--cuda-graphs` turns them on).
 pub fn set_cuda_graphs(enabled: bool) {

@@ -79,43 +79,37 @@ pub fn split_rope(
     Ok((q, k, v.contiguous()?))
 }
 
+/// Where a fused q/k/v projection's output goes after the bias and rotary: `bias`
+/// `[(heads + 2 * kv_heads) * head_dim]`, `cos`/`sin` `[n, head_dim / 2]` (rows per token
+/// position), the paged caches `[num_blocks, block_size, kv_heads, head_dim]` and one slot per token
+/// (`slot_mapping`, i64 or u32; -1 or past the cache: not stored).
+#[derive(Debug, Clone, Copy)]
+pub struct RopeCache<'a> {
+    pub bias: Option<&'a Tensor>,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub key_cache: &'a Tensor,
+    pub value_cache: &'a Tensor,
+    pub slot_mapping: &'a Tensor,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
 /// From the unbiased fused projection output `qkv` `[n, (heads + 2 * kv_heads) * head_dim]`: adds
-/// `bias`, applies rotary to q and k (see `split_rope`), writes k and v into the paged caches at
-/// `slot_mapping` (as `attention::write_kv_cache`; -1 skipped) and returns q `[n, heads, hd]`.
-#[allow(clippy::too_many_arguments)]
-pub fn qkv_rope_cache(
-    qkv: &Tensor,
-    bias: Option<&Tensor>,
-    cos: &Tensor,
-    sin: &Tensor,
-    key_cache: &Tensor,
-    value_cache: &Tensor,
-    slot_mapping: &Tensor,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-) -> Result<Tensor> {
+/// the bias, applies rotary to q and k (see `split_rope`), writes k and v into the paged caches at
+/// their slots (as `attention::write_kv_cache`; -1 skipped) and returns q `[n, heads, hd]`.
+pub fn qkv_rope_cache(qkv: &Tensor, r: &RopeCache) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if on_fused_kernel(qkv) {
-        return super::fused_cuda::qkv_rope_cache(
-            qkv,
-            bias,
-            cos,
-            sin,
-            key_cache,
-            value_cache,
-            slot_mapping,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-        );
+        return super::fused_cuda::qkv_rope_cache(qkv, r);
     }
-    let qkv = match bias {
+    let qkv = match r.bias {
         Some(b) => qkv.broadcast_add(b)?,
         None => qkv.clone(),
     };
-    let (q, k, v) = split_rope(&qkv, cos, sin, num_heads, num_kv_heads, head_dim)?;
-    write_kv_cache(&k, &v, key_cache, value_cache, slot_mapping)?;
+    let (q, k, v) = split_rope(&qkv, r.cos, r.sin, r.num_heads, r.num_kv_heads, r.head_dim)?;
+    write_kv_cache(&k, &v, r.key_cache, r.value_cache, r.slot_mapping)?;
     Ok(q)
 }
 
@@ -124,52 +118,15 @@ pub fn qkv_rope_cache(
 /// projection with the bias, rotary and cache write as its epilogue (one launch instead of two,
 /// same bits) when the kernels it needs are on and its rows fit; everything else is
 /// `gemv::matmul_t` then [`qkv_rope_cache`].
-#[allow(clippy::too_many_arguments)]
-pub fn qkv_proj_rope_cache(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    cos: &Tensor,
-    sin: &Tensor,
-    key_cache: &Tensor,
-    value_cache: &Tensor,
-    slot_mapping: &Tensor,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-) -> Result<Tensor> {
+pub fn qkv_proj_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::gemv::gemv_rope_epilogue()
-        && head_dim.is_multiple_of(2)
+        && r.head_dim.is_multiple_of(2)
         && super::gemv::takes_pair_epilogue(x, w)
     {
-        return super::fused_cuda::qkv_gemv_rope_cache(
-            x,
-            w,
-            bias,
-            cos,
-            sin,
-            key_cache,
-            value_cache,
-            slot_mapping,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-        );
+        return super::fused_cuda::qkv_gemv_rope_cache(x, w, r);
     }
-    let qkv = super::gemv::matmul_t(x, w)?;
-    qkv_rope_cache(
-        &qkv,
-        bias,
-        cos,
-        sin,
-        key_cache,
-        value_cache,
-        slot_mapping,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-    )
+    qkv_rope_cache(&super::gemv::matmul_t(x, w)?, r)
 }
 
 #[cfg(test)]
@@ -242,19 +199,18 @@ mod tests {
                 [0, 1].map(|_| Tensor::ones((blocks, bs, kvh, hd), dtype, &Device::Cpu).unwrap())
             };
             let [kc, vc] = caches();
-            let q = qkv_rope_cache(
-                &qkv,
-                Some(&bias),
-                &cos,
-                &sin,
-                &kc,
-                &vc,
-                &slots,
-                heads,
-                kvh,
-                hd,
-            )
-            .unwrap();
+            let rope = RopeCache {
+                bias: Some(&bias),
+                cos: &cos,
+                sin: &sin,
+                key_cache: &kc,
+                value_cache: &vc,
+                slot_mapping: &slots,
+                num_heads: heads,
+                num_kv_heads: kvh,
+                head_dim: hd,
+            };
+            let q = qkv_rope_cache(&qkv, &rope).unwrap();
             // The model's sequence before fusion: biased projection, narrow, rope, cache write.
             let biased = qkv.broadcast_add(&bias).unwrap();
             let q0 = biased.narrow(1, 0, heads * hd).unwrap();

@@ -10,6 +10,7 @@ use candle_core::{
 };
 
 use super::attention_cuda::{device_ptr, device_ptr_mut, multiprocessor_count, ptx};
+use super::fused::RopeCache;
 
 const MODULE: &str = "fused_ops";
 
@@ -240,20 +241,8 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
 
 /// Checks the inputs of the rotary + cache write of `n` tokens of a fused projection `width`
 /// wide, and returns the cache's slot count.
-#[allow(clippy::too_many_arguments)]
-fn check_rope_cache(
-    n: usize,
-    width: usize,
-    bias: Option<&Tensor>,
-    cos: &Tensor,
-    sin: &Tensor,
-    key_cache: &Tensor,
-    value_cache: &Tensor,
-    slot_mapping: &Tensor,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-) -> Result<i64> {
+fn check_rope_cache(n: usize, width: usize, r: &RopeCache) -> Result<i64> {
+    let (num_heads, num_kv_heads, head_dim) = (r.num_heads, r.num_kv_heads, r.head_dim);
     let heads = num_heads + 2 * num_kv_heads;
     let half = head_dim / 2;
     if !head_dim.is_multiple_of(2) || width != heads * head_dim {
@@ -261,85 +250,78 @@ fn check_rope_cache(
             "qkv_rope_cache: width {width} vs {num_heads} + 2 x {num_kv_heads} heads of {head_dim}"
         )
     }
-    if cos.dims2()? != (n, half) || sin.dims2()? != (n, half) {
+    if r.cos.dims2()? != (n, half) || r.sin.dims2()? != (n, half) {
         bail!(
             "qkv_rope_cache: cos {:?} / sin {:?} must be [{n}, {half}]",
-            cos.shape(),
-            sin.shape()
+            r.cos.shape(),
+            r.sin.shape()
         )
     }
-    if let Some(b) = bias {
+    if let Some(b) = r.bias {
         if b.dims1()? != width {
             bail!("qkv_rope_cache: bias {:?} must be [{width}]", b.shape())
         }
     }
-    let (num_blocks, block_size, cache_heads, cache_dim) = key_cache.dims4()?;
-    if value_cache.shape() != key_cache.shape()
+    let (num_blocks, block_size, cache_heads, cache_dim) = r.key_cache.dims4()?;
+    if r.value_cache.shape() != r.key_cache.shape()
         || (cache_heads, cache_dim) != (num_kv_heads, head_dim)
     {
         bail!(
             "qkv_rope_cache: caches {:?} / {:?} vs {num_kv_heads} kv heads of {head_dim}",
-            key_cache.shape(),
-            value_cache.shape()
+            r.key_cache.shape(),
+            r.value_cache.shape()
         )
     }
-    if slot_mapping.dims1()? != n {
+    if r.slot_mapping.dims1()? != n {
         bail!(
             "qkv_rope_cache: slot_mapping {:?} must be [{n}]",
-            slot_mapping.shape()
+            r.slot_mapping.shape()
         )
     }
     Ok((num_blocks * block_size) as i64)
 }
 
+/// The contiguous inputs every rotary kernel reads beside its projection: cos, sin, the slots as
+/// i64, then the bias if any.
+fn rope_inputs(r: &RopeCache) -> Result<Vec<Tensor>> {
+    let mut ins = vec![
+        r.cos.contiguous()?,
+        r.sin.contiguous()?,
+        r.slot_mapping.to_dtype(DType::I64)?.contiguous()?,
+    ];
+    if let Some(b) = r.bias {
+        ins.push(b.contiguous()?);
+    }
+    Ok(ins)
+}
+
+/// The common dtype of a rotary op's tensors (`first` its projection input(s)).
+fn rope_dtype(what: &str, first: &[&Tensor], r: &RopeCache) -> Result<DType> {
+    let mut dtyped = first.to_vec();
+    dtyped.extend([r.cos, r.sin, r.key_cache, r.value_cache]);
+    dtyped.extend(r.bias);
+    same_dtype(what, &dtyped)
+}
+
 /// CUDA `fused::qkv_rope_cache`: bias, rotary on q and k, q out, k and v into the paged caches,
 /// one launch (see `fused_ops.cu`).
-#[allow(clippy::too_many_arguments)]
-pub fn qkv_rope_cache(
-    qkv: &Tensor,
-    bias: Option<&Tensor>,
-    cos: &Tensor,
-    sin: &Tensor,
-    key_cache: &Tensor,
-    value_cache: &Tensor,
-    slot_mapping: &Tensor,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-) -> Result<Tensor> {
+pub fn qkv_rope_cache(qkv: &Tensor, r: &RopeCache) -> Result<Tensor> {
     let (n, width) = qkv.dims2()?;
-    let heads = num_heads + 2 * num_kv_heads;
-    let half = head_dim / 2;
-    let num_slots = check_rope_cache(
-        n,
-        width,
-        bias,
-        cos,
-        sin,
-        key_cache,
-        value_cache,
-        slot_mapping,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-    )?;
-    let mut dtyped = vec![qkv, cos, sin, key_cache, value_cache];
-    dtyped.extend(bias);
-    let dtype = same_dtype("qkv_rope_cache", &dtyped)?;
-    let q = empty(qkv, &[n, num_heads, head_dim])?;
+    let (heads, half) = (r.num_heads + 2 * r.num_kv_heads, r.head_dim / 2);
+    let num_slots = check_rope_cache(n, width, r)?;
+    let dtype = rope_dtype("qkv_rope_cache", &[qkv], r)?;
+    let q = empty(qkv, &[n, r.num_heads, r.head_dim])?;
     if n == 0 {
         return Ok(q);
     }
-    let slots = slot_mapping.to_dtype(DType::I64)?.contiguous()?;
-    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
-    let bias = bias.map(|b| b.contiguous()).transpose()?;
-    let mut ins = vec![&qkv, &cos, &sin, &slots];
-    ins.extend(bias.as_ref());
+    let qkv = qkv.contiguous()?;
+    let extra = rope_inputs(r)?;
+    let ins: Vec<&Tensor> = std::iter::once(&qkv).chain(&extra).collect();
 
     let dev = cuda_device(&qkv)?;
     const THREADS: usize = 128;
-    let (h_i, kv_i, hd_i) = (num_heads as i32, num_kv_heads as i32, head_dim as i32);
-    with_ptrs(&[&q, key_cache, value_cache], &ins, &|out, inp| {
+    let (h_i, kv_i, hd_i) = (r.num_heads as i32, r.num_kv_heads as i32, r.head_dim as i32);
+    with_ptrs(&[&q, r.key_cache, r.value_cache], &ins, &|out, inp| {
         // 8-wide: hd/2 a multiple of 8 (rows of qkv, q, cos/sin and the caches stay aligned).
         let wide = vec8(&[half], out, inp);
         let func = dev.get_or_load_custom_func(
@@ -374,20 +356,7 @@ pub fn qkv_rope_cache(
 /// `[1, k]`, W `[(heads + 2 kv_heads) hd, k]`, k a whole number of 16-byte chunks (at most
 /// `WARP_ROWS_MAX_CHUNKS`), x and W 16-byte aligned (the caller checks with
 /// `gemv::takes_pair_epilogue`).
-#[allow(clippy::too_many_arguments)]
-pub fn qkv_gemv_rope_cache(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    cos: &Tensor,
-    sin: &Tensor,
-    key_cache: &Tensor,
-    value_cache: &Tensor,
-    slot_mapping: &Tensor,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-) -> Result<Tensor> {
+pub fn qkv_gemv_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (width, k2) = w.dims2()?;
     if m != 1 || k != k2 {
@@ -397,35 +366,18 @@ pub fn qkv_gemv_rope_cache(
             w.shape()
         )
     }
-    let num_slots = check_rope_cache(
-        1,
-        width,
-        bias,
-        cos,
-        sin,
-        key_cache,
-        value_cache,
-        slot_mapping,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-    )?;
-    let mut dtyped = vec![x, w, cos, sin, key_cache, value_cache];
-    dtyped.extend(bias);
-    let dtype = same_dtype("qkv_gemv_rope_cache", &dtyped)?;
-    let q = empty(x, &[1, num_heads, head_dim])?;
-    let slots = slot_mapping.to_dtype(DType::I64)?.contiguous()?;
-    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-    let bias = bias.map(|b| b.contiguous()).transpose()?;
-    let mut ins = vec![x, w, &cos, &sin, &slots];
-    ins.extend(bias.as_ref());
+    let num_slots = check_rope_cache(1, width, r)?;
+    let dtype = rope_dtype("qkv_gemv_rope_cache", &[x, w], r)?;
+    let q = empty(x, &[1, r.num_heads, r.head_dim])?;
+    let extra = rope_inputs(r)?;
+    let ins: Vec<&Tensor> = [x, w].into_iter().chain(&extra).collect();
 
     let dev = cuda_device(x)?;
     let pairs = width / 2;
     let chunk = 16 / dtype.size_in_bytes();
     let (pairs_i, k_i) = (pairs as i32, k as i32);
-    let (h_i, kv_i, hd_i) = (num_heads as i32, num_kv_heads as i32, head_dim as i32);
-    with_ptrs(&[&q, key_cache, value_cache], &ins, &|out, inp| {
+    let (h_i, kv_i, hd_i) = (r.num_heads as i32, r.num_kv_heads as i32, r.head_dim as i32);
+    with_ptrs(&[&q, r.key_cache, r.value_cache], &ins, &|out, inp| {
         if !k.is_multiple_of(chunk) || inp[0] % 16 != 0 || inp[1] % 16 != 0 {
             bail!(
                 "qkv_gemv_rope_cache: k {k} must be a multiple of {chunk}, x and w 16-byte aligned"

@@ -1,10 +1,6 @@
 //! Skinny projections `x W^T` (1..=`MAX_ROWS` rows of x): one bandwidth-bound CUDA kernel, candle's matmul otherwise.
 
-use std::cell::Cell;
-
 use candle_core::{Result, Tensor};
-
-use super::switch::Switch;
 
 /// Most rows of x the CUDA kernel takes (`engine/kernels/gemv.cu` is instantiated for 1..=8).
 pub const MAX_ROWS: usize = 8;
@@ -13,31 +9,27 @@ pub const MAX_ROWS: usize = 8;
 /// `days/gpu-engine/run10/gemv-bw.log`). A thread's override `Some(true)` takes it up to `MAX_ROWS`.
 pub const SERVED_ROWS: usize = 1;
 
-thread_local! {
-    static GEMV_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+crate::switch! {
+    static GEMV = true;
 }
-static GEMV: Switch = Switch::new(true, &GEMV_HERE);
 
-thread_local! {
-    static WARP_ROWS_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+crate::switch! {
+    /// One row of x on the warp-per-row kernel (on) or on the CTA-per-rows kernel the other row
+    /// counts use (off).
+    static WARP_ROWS = true;
 }
-/// One row of x on the warp-per-row kernel (on) or on the CTA-per-rows kernel the other row
-/// counts use (off).
-static WARP_ROWS: Switch = Switch::new(true, &WARP_ROWS_HERE);
 
-thread_local! {
-    static SILU_EPILOGUE_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+crate::switch! {
+    /// The MLP's SiLU-gate product as the epilogue of a 1-row gate/up projection (on) or as its own
+    /// `fused::silu_mul` launch (off).
+    static SILU_EPILOGUE = true;
 }
-/// The MLP's SiLU-gate product as the epilogue of a 1-row gate/up projection (on) or as its own
-/// `fused::silu_mul` launch (off).
-static SILU_EPILOGUE: Switch = Switch::new(true, &SILU_EPILOGUE_HERE);
 
-thread_local! {
-    static ROPE_EPILOGUE_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+crate::switch! {
+    /// The bias, rotary and KV-cache write as the epilogue of a 1-row fused q/k/v projection (on) or
+    /// as their own `fused::qkv_rope_cache` launch (off).
+    static ROPE_EPILOGUE = true;
 }
-/// The bias, rotary and KV-cache write as the epilogue of a 1-row fused q/k/v projection (on) or
-/// as their own `fused::qkv_rope_cache` launch (off).
-static ROPE_EPILOGUE: Switch = Switch::new(true, &ROPE_EPILOGUE_HERE);
 
 /// Turns the rotary epilogue of 1-row q/k/v projections on or off process-wide.
 pub fn set_gemv_rope_epilogue(enabled: bool) {

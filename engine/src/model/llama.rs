@@ -311,9 +311,18 @@ impl LlamaModel {
             None => x.clone(),
         };
         for (i, (layer, (kc, vc))) in self.layers.iter().zip(&cache.layers).enumerate() {
-            let (w, bias) = (&layer.qkv_proj.weight, layer.qkv_proj.bias.as_ref());
-            let q =
-                fused::qkv_proj_rope_cache(&h, w, bias, &cos, &sin, kc, vc, slots, heads, kvh, hd)?;
+            let rope = fused::RopeCache {
+                bias: layer.qkv_proj.bias.as_ref(),
+                cos: &cos,
+                sin: &sin,
+                key_cache: kc,
+                value_cache: vc,
+                slot_mapping: slots,
+                num_heads: heads,
+                num_kv_heads: kvh,
+                head_dim: hd,
+            };
+            let q = fused::qkv_proj_rope_cache(&h, &layer.qkv_proj.weight, &rope)?;
             let attn = paged_attention(&q, kc, vc, meta, scale)?.reshape((n, heads * hd))?;
             let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
             (h, x) = fused::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;

@@ -5,6 +5,21 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::LocalKey;
 
+/// Declares `static NAME: Switch` with its own per-thread override cell:
+/// `switch! { /// doc \n static NAME = true; }`.
+#[macro_export]
+macro_rules! switch {
+    ($(#[$doc:meta])* $vis:vis static $name:ident = $on:expr;) => {
+        $(#[$doc])*
+        $vis static $name: $crate::model::switch::Switch = {
+            thread_local! {
+                static HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+            }
+            $crate::model::switch::Switch::new($on, &HERE)
+        };
+    };
+}
+
 /// One switch: a process-wide value and a per-thread override (`None`: follow the process).
 pub struct Switch {
     on: AtomicBool,

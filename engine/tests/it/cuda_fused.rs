@@ -5,7 +5,9 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use engine::model::fused::{add_rms_norm, qkv_proj_rope_cache, qkv_rope_cache, silu_mul};
+use engine::model::fused::{
+    add_rms_norm, qkv_proj_rope_cache, qkv_rope_cache, silu_mul, RopeCache,
+};
 use engine::model::fused_cuda::qkv_gemv_rope_cache;
 use engine::model::gemv::set_gemv_rope_epilogue_on_this_thread;
 use engine::model::gemv_cuda::gemv;
@@ -227,15 +229,17 @@ fn check_qkv_rope_cache(c: &QkvCase, dtype: DType, seed: u64) {
     let slots = Tensor::new(gpu_slots.as_slice(), &dev).unwrap();
     let q = qkv_rope_cache(
         &qkv,
-        bias.as_ref(),
-        &cos,
-        &sin,
-        &kc,
-        &vc,
-        &slots,
-        h,
-        kvh,
-        hd,
+        &RopeCache {
+            bias: bias.as_ref(),
+            cos: &cos,
+            sin: &sin,
+            key_cache: &kc,
+            value_cache: &vc,
+            slot_mapping: &slots,
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: hd,
+        },
     )
     .expect("qkv_rope_cache");
     assert_eq!((q.dims3().unwrap(), q.dtype()), ((n, h, hd), dtype));
@@ -247,15 +251,17 @@ fn check_qkv_rope_cache(c: &QkvCase, dtype: DType, seed: u64) {
     let bias0 = bias.as_ref().map(cpu_f32);
     let q0 = qkv_rope_cache(
         &cpu_f32(&qkv),
-        bias0.as_ref(),
-        &cpu_f32(&cos),
-        &cpu_f32(&sin),
-        &kc0,
-        &vc0,
-        &slots0,
-        h,
-        kvh,
-        hd,
+        &RopeCache {
+            bias: bias0.as_ref(),
+            cos: &cpu_f32(&cos),
+            sin: &cpu_f32(&sin),
+            key_cache: &kc0,
+            value_cache: &vc0,
+            slot_mapping: &slots0,
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: hd,
+        },
     )
     .expect("reference");
     let what = format!("qkv_rope_cache {h}/{kvh}x{hd} n={n} bias={}", c.bias);
@@ -364,59 +370,28 @@ fn qkv_rope_epilogue_is_projection_then_qkv_rope_cache_bit_for_bit() {
                     .and_then(|t| t.to_device(&dev))
                     .unwrap()
             };
+            // Fresh caches per path; everything else shared.
+            let caches: Vec<(Tensor, Tensor)> = (0..4).map(|_| (poisoned(), poisoned())).collect();
+            let rope = |i: usize| RopeCache {
+                bias: bias.as_ref(),
+                cos: &cos,
+                sin: &sin,
+                key_cache: &caches[i].0,
+                value_cache: &caches[i].1,
+                slot_mapping: &slots,
+                num_heads: h,
+                num_kv_heads: kvh,
+                head_dim: hd,
+            };
+            let ((kc0, vc0), (kc1, vc1), (kc2, vc2)) = (&caches[0], &caches[1], &caches[2]);
             // The two launches.
-            let (kc0, vc0) = (poisoned(), poisoned());
-            let qkv = gemv(&x, &w).unwrap();
-            let q0 = qkv_rope_cache(
-                &qkv,
-                bias.as_ref(),
-                &cos,
-                &sin,
-                &kc0,
-                &vc0,
-                &slots,
-                h,
-                kvh,
-                hd,
-            )
-            .unwrap();
+            let q0 = qkv_rope_cache(&gemv(&x, &w).unwrap(), &rope(0)).unwrap();
             // The epilogue, called directly and through the model's entry point.
-            let (kc1, vc1) = (poisoned(), poisoned());
-            let q1 = qkv_gemv_rope_cache(
-                &x,
-                &w,
-                bias.as_ref(),
-                &cos,
-                &sin,
-                &kc1,
-                &vc1,
-                &slots,
-                h,
-                kvh,
-                hd,
-            )
-            .expect("qkv_gemv_rope_cache");
+            let q1 = qkv_gemv_rope_cache(&x, &w, &rope(1)).expect("qkv_gemv_rope_cache");
             assert_eq!(q1.dims3().unwrap(), (1, h, hd), "{what}: q shape");
-            let (kc2, vc2) = (poisoned(), poisoned());
-            let q2 = qkv_proj_rope_cache(
-                &x,
-                &w,
-                bias.as_ref(),
-                &cos,
-                &sin,
-                &kc2,
-                &vc2,
-                &slots,
-                h,
-                kvh,
-                hd,
-            )
-            .unwrap();
-            let want = [host(&q0), host(&kc0), host(&vc0)];
-            for (path, got) in [
-                ("direct", [&q1, &kc1, &vc1]),
-                ("dispatch", [&q2, &kc2, &vc2]),
-            ] {
+            let q2 = qkv_proj_rope_cache(&x, &w, &rope(2)).unwrap();
+            let want = [host(&q0), host(kc0), host(vc0)];
+            for (path, got) in [("direct", [&q1, kc1, vc1]), ("dispatch", [&q2, kc2, vc2])] {
                 for ((name, g), w) in ["q", "key cache", "value cache"].iter().zip(got).zip(&want) {
                     assert_eq!(&host(g), w, "{what}: {path} {name}");
                 }
@@ -431,24 +406,10 @@ fn qkv_rope_epilogue_is_projection_then_qkv_rope_cache_bit_for_bit() {
             assert_eq!(untouched, !written, "{what}: cache rows");
             // Off: the two launches.
             set_gemv_rope_epilogue_on_this_thread(Some(false));
-            let (kc3, vc3) = (poisoned(), poisoned());
-            let q3 = qkv_proj_rope_cache(
-                &x,
-                &w,
-                bias.as_ref(),
-                &cos,
-                &sin,
-                &kc3,
-                &vc3,
-                &slots,
-                h,
-                kvh,
-                hd,
-            )
-            .unwrap();
+            let q3 = qkv_proj_rope_cache(&x, &w, &rope(3)).unwrap();
             set_gemv_rope_epilogue_on_this_thread(None);
             assert_eq!(host(&q3), want[0], "{what}: off");
-            assert_eq!(host(&kc3), want[1], "{what}: off, key cache");
+            assert_eq!(host(&caches[3].0), want[1], "{what}: off, key cache");
         }
     }
 }

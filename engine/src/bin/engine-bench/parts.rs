@@ -139,7 +139,7 @@ pub fn elementwise_ms(
     reps: usize,
     time: Timer,
 ) -> Result<f64> {
-    use engine::model::fused::{add_rms_norm, qkv_rope_cache, silu_mul};
+    use engine::model::fused::{add_rms_norm, qkv_rope_cache, silu_mul, RopeCache};
     let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let rand = |shape: &[usize]| -> Result<Tensor> {
@@ -160,18 +160,18 @@ pub fn elementwise_ms(
         time(&mut || {
             for (k, v) in &cache.layers {
                 let _ = add_rms_norm(&x, &residual, &weight, eps)?;
-                let _ = qkv_rope_cache(
-                    &qkv,
-                    bias.as_ref(),
-                    &cos,
-                    &sin,
-                    k,
-                    v,
-                    &slots,
-                    heads,
-                    kvh,
-                    hd,
-                )?;
+                let rope = RopeCache {
+                    bias: bias.as_ref(),
+                    cos: &cos,
+                    sin: &sin,
+                    key_cache: k,
+                    value_cache: v,
+                    slot_mapping: &slots,
+                    num_heads: heads,
+                    num_kv_heads: kvh,
+                    head_dim: hd,
+                };
+                let _ = qkv_rope_cache(&qkv, &rope)?;
                 let _ = silu_mul(&gate_up, inter)?;
                 let _ = add_rms_norm(&x, &residual, &weight, eps)?;
             }
