@@ -325,16 +325,10 @@ fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> R
     if variant != "as served" {
         engine::model::cuda_graph::set_cuda_graphs(cuda_graphs && !on);
     }
-    match variant {
-        "cudarc event tracking on" => engine::gpu_memory::set_event_tracking(device, on)?,
-        "unfused ops" => engine::model::fused::set_fused_kernels(!on),
-        "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
-        ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
-        SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
-        ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
-        COMBINE_OWN_LAUNCH => engine::model::attention_cuda::set_in_kernel_combine(!on),
-        "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
-        _ => {}
+    if variant == "cudarc event tracking on" {
+        engine::gpu_memory::set_event_tracking(device, on)?;
+    } else {
+        set_path(variant, on);
     }
     Ok(())
 }
@@ -344,20 +338,40 @@ fn set_variant(_: &Device, _: &str, _: bool, _: bool) -> Result<()> {
     Ok(())
 }
 
+/// Takes the variant `variant` of an engine path (`on`) or goes back to the engine's own (off);
+/// false when `variant` names no path of this build.
+fn set_path(variant: &str, on: bool) -> bool {
+    match variant {
+        "unfused ops" => engine::model::fused::set_fused_kernels(!on),
+        "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
+        ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
+        SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
+        ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
+        #[cfg(feature = "cuda")]
+        COMBINE_OWN_LAUNCH => engine::model::attention_cuda::set_in_kernel_combine(!on),
+        #[cfg(feature = "cuda")]
+        "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
+        _ => return false,
+    }
+    true
+}
+
+/// `--without` keys and the variant each takes for the whole run.
+const WITHOUT: [(&str, &str); 6] = [
+    ("silu", SILU_OWN_LAUNCH),
+    ("rope", ROPE_OWN_LAUNCH),
+    ("warp-rows", ONE_ROW_CTA),
+    ("fused", "unfused ops"),
+    ("combine", COMBINE_OWN_LAUNCH),
+    ("decode-kernel", "paged kernel for decode"),
+];
+
 /// Turns one optional path off for the whole run (`--without`).
 fn turn_off(path: &str) -> Result<()> {
-    match path {
-        "silu" => engine::model::gemv::set_gemv_silu_epilogue(false),
-        "rope" => engine::model::gemv::set_gemv_rope_epilogue(false),
-        "warp-rows" => engine::model::gemv::set_gemv_warp_rows(false),
-        "fused" => engine::model::fused::set_fused_kernels(false),
-        #[cfg(feature = "cuda")]
-        "combine" => engine::model::attention_cuda::set_in_kernel_combine(false),
-        #[cfg(feature = "cuda")]
-        "decode-kernel" => engine::model::attention_cuda::set_decode_kernel(false),
-        other => bail!("--without {other}: not one of silu, rope, warp-rows, fused, combine, decode-kernel (the last two need CUDA)"),
+    match WITHOUT.iter().find(|(key, _)| *key == path) {
+        Some((_, variant)) if set_path(variant, true) => Ok(()),
+        _ => bail!("--without {path}: not one of silu, rope, warp-rows, fused, combine, decode-kernel (the last two need CUDA)"),
     }
-    Ok(())
 }
 
 /// The CUDA-graph counters: (replays, failed captures, why the last capture failed).
