@@ -11,6 +11,7 @@ use candle_core::{
 
 use super::attention_cuda::{device_ptr, device_ptr_mut, multiprocessor_count, ptx};
 use super::fused::RopeCache;
+use super::gemv_cuda;
 
 const MODULE: &str = "fused_ops";
 
@@ -384,15 +385,16 @@ pub fn qkv_gemv_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tens
             )
         }
         let stream = dev.cuda_stream();
-        let ctas = super::gemv::rope_pairs_plan(pairs, multiprocessor_count(&stream), 4);
+        let warps = gemv_cuda::THREADS as usize / 32;
+        let ctas = super::gemv::rope_pairs_plan(pairs, multiprocessor_count(&stream), warps);
         let func = dev.get_or_load_custom_func(
             &format!("{}_m1_w2u8_rope", kernel("gemv", dtype)?),
-            "gemv",
+            gemv_cuda::MODULE,
             ptx::GEMV,
         )?;
         let cfg = LaunchConfig {
             grid_dim: (ctas, 1, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (gemv_cuda::THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let bias_ptr = inp.get(5).copied().unwrap_or(0);

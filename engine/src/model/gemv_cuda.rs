@@ -19,9 +19,10 @@ use super::gemv::{
     gemv_warp_rows, silu_pairs_plan, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS,
 };
 
-const MODULE: &str = "gemv";
+/// The kernels' module name (`fused_cuda.rs` launches the rotary epilogue from it too).
+pub(super) const MODULE: &str = "gemv";
 /// Threads per CTA (`THREADS` in gemv.cu).
-const THREADS: u32 = 128;
+pub(super) const THREADS: u32 = 128;
 
 /// Rows of W per CTA for `m` rows of x (`rows_per_cta` in gemv.cu).
 fn rows_per_cta(m: usize) -> usize {
@@ -68,7 +69,10 @@ fn check(x_l: &Layout, w_l: &Layout, out_l: &Layout, dtypes: [DType; 3]) -> Resu
     Ok([m, n, k])
 }
 
-/// Launches `gemv_<dtype>_m<m>[_v]` writing `out`.
+/// Launches the kernel writing `out`: `x W^T` (`silu` None: `gemv_<dtype>_m<m>[_v]` or, for one
+/// row, the warp-per-row `gemv_<dtype>_m1_w*`), or with the SiLU-gate epilogue over the fused
+/// `[gate | up]` weight W `[2 * inter, k]` (`Some(inter)`: `gemv_<dtype>_m1_w2u4_silu`, `out`
+/// `[1, inter]`).
 fn launch(
     x: &CudaStorage,
     x_l: &Layout,
@@ -76,8 +80,20 @@ fn launch(
     w_l: &Layout,
     out: &mut CudaStorage,
     out_l: &Layout,
+    silu: Option<usize>,
 ) -> Result<()> {
-    let [m, n, k] = check(x_l, w_l, out_l, [x.dtype(), w.dtype(), out.dtype()])?;
+    let dtypes = [x.dtype(), w.dtype(), out.dtype()];
+    let [m, n, k] = match silu {
+        None => check(x_l, w_l, out_l, dtypes)?,
+        Some(inter) => {
+            let gate_up = Layout::contiguous(Shape::from((1, 2 * inter)));
+            let [m, n, k] = check(x_l, w_l, &gate_up, dtypes)?;
+            if m != 1 || n != 2 * inter || !out_l.is_contiguous() {
+                bail!("gemv_silu: x [1, k], w [2 * {inter}, k] expected, got {m} rows and {n} weight rows")
+            }
+            [m, n, k]
+        }
+    };
     let dtype = x.dtype();
     let dev: CudaDevice = x.device.clone();
     let stream = dev.cuda_stream();
@@ -88,16 +104,26 @@ fn launch(
     let chunk = 16 / dtype.size_in_bytes();
     let wide = k.is_multiple_of(chunk) && x_ptr % 16 == 0 && w_ptr % 16 == 0;
     let short_rows = k / chunk <= WARP_ROWS_MAX_CHUNKS;
-    let (variant, ctas) = if m == 1 && wide && short_rows && gemv_warp_rows() {
-        warp_rows_plan(n, multiprocessor_count(&stream), THREADS as usize / 32)
-    } else {
-        let ctas = n.div_ceil(rows_per_cta(m)) as u32;
-        (if wide { "_v" } else { "" }, ctas)
-    };
-    let name = if variant.starts_with('w') {
-        format!("gemv_{}_m1_{variant}", suffix(dtype)?)
-    } else {
-        format!("gemv_{}_m{m}{variant}", suffix(dtype)?)
+    let sfx = suffix(dtype)?;
+    let warps = THREADS as usize / 32;
+    // Kernel, grid and the row count it takes (the outputs: W's rows, or the gate/up pairs).
+    let (name, ctas, rows) = match silu {
+        Some(inter) => {
+            if !wide {
+                bail!("gemv_silu: k {k} must be a multiple of {chunk} and x, w 16-byte aligned")
+            }
+            let ctas = silu_pairs_plan(inter, multiprocessor_count(&stream), warps);
+            (format!("gemv_{sfx}_m1_w2u4_silu"), ctas, inter)
+        }
+        None if m == 1 && wide && short_rows && gemv_warp_rows() => {
+            let (variant, ctas) = warp_rows_plan(n, multiprocessor_count(&stream), warps);
+            (format!("gemv_{sfx}_m1_{variant}"), ctas, n)
+        }
+        None => {
+            let ctas = n.div_ceil(rows_per_cta(m)) as u32;
+            let variant = if wide { "_v" } else { "" };
+            (format!("gemv_{sfx}_m{m}{variant}"), ctas, n)
+        }
     };
     let func = dev.get_or_load_custom_func(&name, MODULE, ptx::GEMV)?;
     let cfg = LaunchConfig {
@@ -105,48 +131,7 @@ fn launch(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (n_i, k_i) = (n as i32, k as i32);
-    let mut b = func.builder();
-    b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
-}
-
-/// Launches `gemv_<dtype>_m1_w2u4_silu`: `out` `[1, inter]` = silu(x W[..inter]^T) * x W[inter..]^T
-/// for the fused `[gate | up]` weight W `[2 * inter, k]`.
-fn launch_silu(
-    x: &CudaStorage,
-    x_l: &Layout,
-    w: &CudaStorage,
-    w_l: &Layout,
-    out: &mut CudaStorage,
-    out_l: &Layout,
-) -> Result<()> {
-    let (_, inter) = out_l.shape().dims2()?;
-    let gate_up = Layout::contiguous(Shape::from((1, 2 * inter)));
-    let [m, n, k] = check(x_l, w_l, &gate_up, [x.dtype(), w.dtype(), out.dtype()])?;
-    if m != 1 || n != 2 * inter || !out_l.is_contiguous() {
-        bail!("gemv_silu: x [1, k], w [2 * {inter}, k] expected, got {m} rows and {n} weight rows")
-    }
-    let dtype = x.dtype();
-    let dev: CudaDevice = x.device.clone();
-    let stream = dev.cuda_stream();
-    let (x_ptr, _g1) = device_ptr(x, x_l, &stream)?;
-    let (w_ptr, _g2) = device_ptr(w, w_l, &stream)?;
-    let (y_ptr, _g3) = device_ptr_mut(out, out_l, &stream)?;
-    let chunk = 16 / dtype.size_in_bytes();
-    if !k.is_multiple_of(chunk) || x_ptr % 16 != 0 || w_ptr % 16 != 0 {
-        bail!("gemv_silu: k {k} must be a multiple of {chunk} and x, w 16-byte aligned")
-    }
-    let ctas = silu_pairs_plan(inter, multiprocessor_count(&stream), THREADS as usize / 32);
-    let name = format!("gemv_{}_m1_w2u4_silu", suffix(dtype)?);
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx::GEMV)?;
-    let cfg = LaunchConfig {
-        grid_dim: (ctas, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (n_i, k_i) = (inter as i32, k as i32);
+    let (n_i, k_i) = (rows as i32, k as i32);
     let mut b = func.builder();
     b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
     unsafe { b.launch(cfg) }.w()?;
@@ -184,7 +169,15 @@ impl CustomOp2 for GemvSilu {
         // SAFETY: the kernel writes every element before anything reads it.
         let mut out = unsafe { uninit_storage(&dev, x.dtype(), self.inter, "gemv_silu")? };
         let shape = Shape::from((1, self.inter));
-        launch_silu(x, x_l, w, w_l, &mut out, &Layout::contiguous(&shape))?;
+        launch(
+            x,
+            x_l,
+            w,
+            w_l,
+            &mut out,
+            &Layout::contiguous(&shape),
+            Some(self.inter),
+        )?;
         Ok((out, shape))
     }
 }
@@ -229,7 +222,7 @@ impl CustomOp2 for Gemv {
         // SAFETY: the kernel writes every element before anything reads it.
         let mut out = unsafe { uninit_storage(&dev, x.dtype(), numel, "gemv")? };
         let shape = Shape::from((m, n));
-        launch(x, x_l, w, w_l, &mut out, &Layout::contiguous(&shape))?;
+        launch(x, x_l, w, w_l, &mut out, &Layout::contiguous(&shape), None)?;
         Ok((out, shape))
     }
 }
@@ -264,7 +257,7 @@ impl InplaceOp1 for GemvInto<'_> {
         let (x_s, x_l) = self.x.storage_and_layout();
         let (w_s, w_l) = self.w.storage_and_layout();
         match (&*x_s, &*w_s) {
-            (Storage::Cuda(x), Storage::Cuda(w)) => launch(x, x_l, w, w_l, out, out_l),
+            (Storage::Cuda(x), Storage::Cuda(w)) => launch(x, x_l, w, w_l, out, out_l, None),
             _ => bail!("gemv_into: x and w must live on the CUDA device"),
         }
     }
