@@ -30,31 +30,6 @@ __device__ __forceinline__ uint4 load16(const void* src) {
     return __ldg(reinterpret_cast<const uint4*>(src));
 }
 
-// The merged output element d of query row `row` over its `num_splits` partials (the combine of
-// the split-context launches; partials read through L2: another CTA may have written them).
-template <int D>
-__device__ __forceinline__ float combine_partials(const float* __restrict__ part_m,
-                                                  const float* __restrict__ part_l,
-                                                  const float* __restrict__ part_acc, size_t row,
-                                                  int d, int num_splits) {
-    // Unrolled so that 8 partitions' loads are in flight at once: the loop is latency-bound
-    // (one L2 round trip per partition otherwise, ~20 us per layer at 32 partitions).
-    float m = -INFINITY;
-#pragma unroll 8
-    for (int z = 0; z < num_splits; ++z) m = fmaxf(m, __ldcg(part_m + row * num_splits + z));
-    float l = 0.f, v = 0.f;
-    if (m != -INFINITY) {
-#pragma unroll 8
-        for (int z = 0; z < num_splits; ++z) {
-            const size_t pr = row * num_splits + z;
-            const float w = __expf(__ldcg(part_m + pr) - m);  // exp(-inf) = 0 for empty partitions
-            l += w * __ldcg(part_l + pr);
-            v += w * __ldcg(part_acc + pr * D + d);
-        }
-    }
-    return l > 0.f ? v / l : 0.f;
-}
-
 template <typename T, int D, bool COMBINE>
 __device__ void paged_attention_impl(
     T* __restrict__ out, float* __restrict__ part_m, float* __restrict__ part_l,
@@ -314,7 +289,22 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
     const size_t row = blockIdx.x;
     const int d = threadIdx.x;
     if (d >= D) return;
-    out[row * D + d] = from_f32<T>(combine_partials<D>(part_m, part_l, part_acc, row, d, num_splits));
+    // Unrolled so that 8 partitions' loads are in flight at once: the loop is latency-bound
+    // (one L2 round trip per partition otherwise, ~20 us per layer at 32 partitions).
+    float m = -INFINITY;
+#pragma unroll 8
+    for (int z = 0; z < num_splits; ++z) m = fmaxf(m, part_m[row * num_splits + z]);
+    float l = 0.f, v = 0.f;
+    if (m != -INFINITY) {
+#pragma unroll 8
+        for (int z = 0; z < num_splits; ++z) {
+            const size_t pr = row * num_splits + z;
+            const float w = __expf(part_m[pr] - m);  // exp(-inf) = 0 for empty partitions
+            l += w * part_l[pr];
+            v += w * part_acc[pr * D + d];
+        }
+    }
+    out[row * D + d] = from_f32<T>(l > 0.f ? v / l : 0.f);
 }
 
 // paged_attention_<T>_d<D>: writes partials for paged_attention_combine when split;
