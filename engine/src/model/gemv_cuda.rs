@@ -138,60 +138,11 @@ fn launch(
     Ok(())
 }
 
-/// `silu(x W_gate^T) * (x W_up^T)` into a fresh `[1, inter]` tensor.
-struct GemvSilu {
-    inter: usize,
+/// `x W^T` into a fresh tensor (`silu` None), or `silu(x W_gate^T) * (x W_up^T)` into a fresh
+/// `[1, inter]` one (`Some(inter)`).
+struct Gemv {
+    silu: Option<usize>,
 }
-
-impl CustomOp2 for GemvSilu {
-    fn name(&self) -> &'static str {
-        "gemv_silu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("gemv_silu (CUDA) called with CPU tensors; use gemv::gate_up_silu")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_l: &Layout,
-        w: &CudaStorage,
-        w_l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device.clone();
-        // SAFETY: the kernel writes every element before anything reads it.
-        let mut out = unsafe { uninit_storage(&dev, x.dtype(), self.inter, "gemv_silu")? };
-        let shape = Shape::from((1, self.inter));
-        launch(
-            x,
-            x_l,
-            w,
-            w_l,
-            &mut out,
-            &Layout::contiguous(&shape),
-            Some(self.inter),
-        )?;
-        Ok((out, shape))
-    }
-}
-
-/// CUDA `silu(x W[..inter]^T) * (x W[inter..]^T)` for one row x `[1, k]` and the fused
-/// `[gate | up]` weight W `[2 * inter, k]` (contiguous, one 16-bit or f32 dtype, k a multiple of
-/// 16 bytes, 16-byte aligned): `[1, inter]`, one launch, bit for bit `gemv` then
-/// `fused::silu_mul`.
-pub fn gemv_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
-    x.apply_op2_no_bwd(w, &GemvSilu { inter })
-}
-
-/// `x W^T` into a fresh tensor.
-struct Gemv;
 
 impl CustomOp2 for Gemv {
     fn name(&self) -> &'static str {
@@ -205,7 +156,7 @@ impl CustomOp2 for Gemv {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!("gemv (CUDA) called with CPU tensors; use gemv::matmul_t")
+        bail!("gemv (CUDA) called with CPU tensors; use gemv::matmul_t or gemv::gate_up_silu")
     }
 
     fn cuda_fwd(
@@ -215,22 +166,38 @@ impl CustomOp2 for Gemv {
         w: &CudaStorage,
         w_l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (m, _) = x_l.shape().dims2()?;
-        let (n, _) = w_l.shape().dims2()?;
+        let shape = match self.silu {
+            Some(inter) => Shape::from((1, inter)),
+            None => Shape::from((x_l.shape().dims2()?.0, w_l.shape().dims2()?.0)),
+        };
         let dev = x.device.clone();
-        let numel = m * n;
         // SAFETY: the kernel writes every element before anything reads it.
-        let mut out = unsafe { uninit_storage(&dev, x.dtype(), numel, "gemv")? };
-        let shape = Shape::from((m, n));
-        launch(x, x_l, w, w_l, &mut out, &Layout::contiguous(&shape), None)?;
+        let mut out = unsafe { uninit_storage(&dev, x.dtype(), shape.elem_count(), "gemv")? };
+        launch(
+            x,
+            x_l,
+            w,
+            w_l,
+            &mut out,
+            &Layout::contiguous(&shape),
+            self.silu,
+        )?;
         Ok((out, shape))
     }
+}
+
+/// CUDA `silu(x W[..inter]^T) * (x W[inter..]^T)` for one row x `[1, k]` and the fused
+/// `[gate | up]` weight W `[2 * inter, k]` (contiguous, one 16-bit or f32 dtype, k a multiple of
+/// 16 bytes, 16-byte aligned): `[1, inter]`, one launch, bit for bit `gemv` then
+/// `fused::silu_mul`.
+pub fn gemv_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &Gemv { silu: Some(inter) })
 }
 
 /// CUDA `x W^T` for x `[m, k]` (1..=`MAX_ROWS` rows) and W `[n, k]`, contiguous, one dtype
 /// (f32, f16, bf16): `[m, n]` in that dtype.
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.apply_op2_no_bwd(w, &Gemv)
+    x.apply_op2_no_bwd(w, &Gemv { silu: None })
 }
 
 /// [`gemv`] writing into `out` (`[m, n]`, contiguous, the same dtype; sharing storage with neither
