@@ -8,6 +8,8 @@
 // the row, the source stride and both base addresses (chosen by the host).
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 template <typename U>
 __device__ void reshape_and_cache_impl(const U* __restrict__ src, U* __restrict__ cache,
                                        const int64_t* __restrict__ slot_mapping, int64_t row_units,
@@ -24,6 +26,7 @@ __device__ void reshape_and_cache_impl(const U* __restrict__ src, U* __restrict_
     extern "C" __global__ void NAME(const U* src, U* cache, const int64_t* slot_mapping,   \
                                     int64_t row_units, int64_t src_stride,                 \
                                     int64_t num_slots) {                                   \
+        pdl_enter();                                                                       \
         reshape_and_cache_impl<U>(src, cache, slot_mapping, row_units, src_stride,         \
                                   num_slots);                                              \
     }

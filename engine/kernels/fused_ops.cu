@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "pdl.cuh"
 
 // V consecutive elements <-> f32: one 16-byte access per 8 16-bit elements (two for f32) when
 // V = 8 (the host checks sizes and alignment), element by element when V = 1.
@@ -76,6 +77,7 @@ template <typename T, int V>
 __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__ residual,
                                   const T* __restrict__ weight, T* __restrict__ normed,
                                   T* __restrict__ sum, int hidden, float eps) {
+    pdl_enter();
     const int64_t row = (int64_t)blockIdx.x * hidden;
     float ss = 0.f;
     for (int c = threadIdx.x * 8; c < hidden; c += blockDim.x * 8) {
@@ -124,6 +126,7 @@ __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__
 template <typename T, int V>
 __device__ void silu_mul_impl(const T* __restrict__ gate_up, T* __restrict__ out, int64_t n,
                               int64_t inter) {
+    pdl_enter();
     // Rows over grid.y, columns over grid.x: no per-element division.
     for (int64_t t = blockIdx.y; t < n; t += gridDim.y) {
         const T* gu = gate_up + t * 2 * inter;
@@ -149,6 +152,7 @@ __device__ void qkv_rope_cache_impl(const T* __restrict__ qkv, const T* __restri
                                     T* __restrict__ q_out, T* __restrict__ key_cache,
                                     T* __restrict__ value_cache, int num_heads, int num_kv_heads,
                                     int head_dim, int64_t num_slots) {
+    pdl_enter();
     const int64_t t = blockIdx.x;
     const int half = head_dim / 2;
     const int per_head = half / V;

@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "pdl.cuh"
 
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
@@ -118,6 +119,10 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #pragma unroll
     for (int r = 0; r < R; ++r)
         wr[r] = reinterpret_cast<const uint4*>(w + last_row(row0 + r, n) * k);
+    // The CTA's rows of W into L2 while the kernel before may still run (pdl.cuh).
+    if (threadIdx.x < R)
+        prefetch_l2(w + last_row(row0 + threadIdx.x, n) * k, (uint32_t)(k * sizeof(T)));
+    pdl_enter();
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     float acc[M][R];
 #pragma unroll
@@ -163,6 +168,7 @@ template <typename T, int M>
 __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                           int n, int k) {
     constexpr int R = rows_per_cta<M>();
+    pdl_enter();
     const int64_t row0 = (int64_t)blockIdx.x * R;
     const T* wr[R];
 #pragma unroll
@@ -236,18 +242,26 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     const int64_t warps = (int64_t)gridDim.x * WARPS;
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     const int half = EPI == ROPE ? ra.head_dim / 2 : 1;
-    for (int64_t row0 = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * STEP; row0 < n;
-         row0 += warps * STEP) {
-        // The group's rows: row0 + r (plain), gate/up row0 and n + row0, or rotary pair j and
-        // j + hd/2 of head `head`.
+    // Row r of the group starting at row0: row0 + r (plain), gate/up row0 and n + row0, or
+    // rotary pair j and j + hd/2 of head row0 / (hd/2).
+    auto group_row = [&](int64_t row0, int r) -> int64_t {
+        const int64_t head = EPI == ROPE ? row0 / half : 0;
+        const int64_t j = row0 - head * half;
+        return EPI == PLAIN  ? last_row(row0 + r, n)
+               : EPI == SILU ? row0 + (int64_t)r * n
+                             : head * ra.head_dim + j + r * half;
+    };
+    const int64_t first = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * STEP;
+    // The warp's first group of rows into L2 while the kernel before may still run (pdl.cuh).
+    if (first < n && lane < WR)
+        prefetch_l2(w + group_row(first, lane) * k, (uint32_t)(k * sizeof(T)));
+    pdl_enter();
+    for (int64_t row0 = first; row0 < n; row0 += warps * STEP) {
         const int64_t head = EPI == ROPE ? row0 / half : 0;
         const int64_t j = row0 - head * half;
         int64_t rows[WR];
 #pragma unroll
-        for (int r = 0; r < WR; ++r)
-            rows[r] = EPI == PLAIN  ? last_row(row0 + r, n)
-                      : EPI == SILU ? row0 + (int64_t)r * n
-                                    : head * ra.head_dim + j + r * half;
+        for (int r = 0; r < WR; ++r) rows[r] = group_row(row0, r);
         const uint4* wr[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r) wr[r] = reinterpret_cast<const uint4*>(w + rows[r] * k);

@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "pdl.cuh"
 #include "paged_common.cuh"
 
 #define KT 32        // keys per shared-memory tile
@@ -316,6 +317,7 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
         const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,       \
         const uint32_t* query_start, int num_seqs, int num_heads, int num_kv_heads,              \
         int block_size, int max_blocks_per_seq, int qt, int gh, int qlen_hi, float scale) {       \
+        pdl_enter();                                                                             \
         paged_attention_impl<T, D, false>(out, part_m, part_l, part_acc, q, key_cache,           \
                                           value_cache, block_tables, context_lens, query_start,  \
                                           nullptr, num_seqs, num_heads, num_kv_heads,            \
@@ -328,6 +330,7 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
         const uint32_t* query_start, unsigned int* counters, int num_seqs, int num_heads,        \
         int num_kv_heads, int block_size, int max_blocks_per_seq, int qt, int gh, int qlen_hi,    \
         float scale) {                                                                           \
+        pdl_enter();                                                                             \
         paged_attention_impl<T, D, true>(out, part_m, part_l, part_acc, q, key_cache,            \
                                          value_cache, block_tables, context_lens, query_start,   \
                                          counters, num_seqs, num_heads, num_kv_heads,            \
@@ -337,6 +340,7 @@ __device__ void paged_attention_combine_impl(T* __restrict__ out, const float* _
     extern "C" __global__ void paged_attention_combine_##SUFFIX##_d##D(                          \
         T* out, const float* part_m, const float* part_l, const float* part_acc,                 \
         int num_splits) {                                                                        \
+        pdl_enter();                                                                             \
         paged_attention_combine_impl<T, D>(out, part_m, part_l, part_acc, num_splits);           \
     }
 

@@ -29,6 +29,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "pdl.cuh"
 
 #define DEC_WARPS 4
 #define DEC_THREADS (32 * DEC_WARPS)
@@ -362,6 +363,7 @@ __device__ void paged_decode_combine_impl(T* __restrict__ out, const float* __re
             const T* key_cache, const T* value_cache, const uint32_t* block_tables,              \
             const uint32_t* context_lens, const uint32_t* query_start, int num_heads,            \
             int num_kv_heads, int block_size, int max_blocks_per_seq, float scale_log2) {        \
+        pdl_enter();                                                                             \
         paged_decode_impl<T, D, G>(out, part_m, part_l, part_acc, q, key_cache, value_cache,     \
                                    block_tables, context_lens, query_start, num_heads,           \
                                    num_kv_heads, block_size, max_blocks_per_seq, scale_log2);    \
@@ -375,6 +377,7 @@ __device__ void paged_decode_combine_impl(T* __restrict__ out, const float* __re
         T* out, const float* part_m, const float* part_l, const float* part_acc,                 \
         const uint32_t* context_lens, const uint32_t* query_start, int num_heads,                \
         int num_splits) {                                                                        \
+        pdl_enter();                                                                            \
         paged_decode_combine_impl<T, D>(out, part_m, part_l, part_acc, context_lens,            \
                                         query_start, num_heads, num_splits);                     \
     }

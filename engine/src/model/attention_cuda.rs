@@ -7,6 +7,7 @@
 //! and the tensor-core prefill kernel (`flash_prefill.cu`).
 
 use super::attention::AttentionMetadata;
+use super::pdl;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -518,14 +519,14 @@ impl InplaceOp3 for ReshapeAndCache {
             block_dim: ((row_units as u32).clamp(32, 256), 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = func.builder();
+        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&src_ptr)
             .arg(&dst_ptr)
             .arg(&slot_ptr)
             .arg(&row_units)
             .arg(&stride_units)
             .arg(&num_slots);
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 }
@@ -758,7 +759,7 @@ impl PagedAttention {
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = func.builder();
+            let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
             for p in outs.iter().chain(&ins) {
                 b.arg(p);
             }
@@ -774,7 +775,7 @@ impl PagedAttention {
                 .arg(&gh_i)
                 .arg(&qlen_hi)
                 .arg(&scale);
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(cfg) }?;
 
             if splits > 1 && counters_ptr.is_none() {
                 let func = dev.get_or_load_custom_func(
@@ -788,12 +789,12 @@ impl PagedAttention {
                     block_dim: (head_dim as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                let mut b = func.builder();
+                let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
                 for p in &outs {
                     b.arg(p);
                 }
                 b.arg(&splits_i);
-                unsafe { b.launch(cfg) }.w()?;
+                unsafe { b.launch(cfg) }?;
             }
         }
         // Last: the combine above also wrote (meaningless) rows of the prefill kernel's sequences.
@@ -912,7 +913,7 @@ impl PagedAttention {
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = func.builder();
+        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         for p in outs.iter().chain(&ins) {
             b.arg(p);
         }
@@ -921,7 +922,7 @@ impl PagedAttention {
             .arg(&block_size_i)
             .arg(&max_blocks_i)
             .arg(&scale_log2);
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(cfg) }?;
 
         if splits > 1 {
             let func = dev.get_or_load_custom_func(
@@ -935,13 +936,13 @@ impl PagedAttention {
                 block_dim: (head_dim as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = func.builder();
+            let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
             for p in &outs {
                 b.arg(p);
             }
             let [.., cl_ptr, qs_ptr] = &ins;
             b.arg(cl_ptr).arg(qs_ptr).arg(&num_heads_i).arg(&splits_i);
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(cfg) }?;
         }
         drop(parts); // freed in stream order after the kernels
         Ok(())

@@ -91,7 +91,9 @@ pub fn last_capture_error() -> Option<String> {
 /// The captured decode graphs of one model.
 #[derive(Default)]
 pub struct DecodeGraphs {
-    graphs: HashMap<(usize, usize), Captured>,
+    /// By batch bucket, block-table width and whether the kernels were captured with
+    /// programmatic dependent launch (`pdl`: the launch attribute is part of the graph).
+    graphs: HashMap<(usize, usize, bool), Captured>,
     /// The KV cache the graphs were captured against (every layer's K and V tensor).
     cache: Vec<(TensorId, TensorId)>,
     /// f32 `[rows, vocab]` per batch bucket, shared by its graphs: each replay's logits are
@@ -153,7 +155,7 @@ impl DecodeGraphs {
         }
         let block_size = key_cache.dim(1)?;
         let step = PaddedStep::new(batch, rows, width);
-        let key = (rows, width);
+        let key = (rows, width, super::pdl::pdl());
         if !self.graphs.contains_key(&key) {
             match self.capture(model, &step, cache, block_size) {
                 Ok(c) => {

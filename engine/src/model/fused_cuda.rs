@@ -3,15 +3,15 @@
 //! Same contract as the CPU references in `fused.rs`. Each op is one kernel launch on candle's
 //! stream; outputs are fresh contiguous tensors except the paged caches, written in place.
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{
     bail, CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Result, Storage, Tensor,
 };
 
 use super::attention_cuda::{device_ptr, device_ptr_mut, multiprocessor_count, ptx};
 use super::fused::RopeCache;
-use super::gemv_cuda;
+use super::{gemv_cuda, pdl};
 
 const MODULE: &str = "fused_ops";
 
@@ -187,10 +187,11 @@ pub fn add_rms_norm(
             MODULE,
             ptx::FUSED_OPS,
         )?;
-        let mut b = func.builder();
+        let stream = dev.cuda_stream();
+        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&inp[0]).arg(&inp[1]).arg(&inp[2]);
         b.arg(&out[0]).arg(&out[1]).arg(&hidden_i).arg(&eps);
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     })?;
     Ok((normed, sum))
@@ -232,9 +233,10 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = func.builder();
+        let stream = dev.cuda_stream();
+        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&inp[0]).arg(&out[0]).arg(&n_i).arg(&inter_i);
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     })?;
     Ok(out)
@@ -337,7 +339,8 @@ pub fn qkv_rope_cache(qkv: &Tensor, r: &RopeCache) -> Result<Tensor> {
             shared_mem_bytes: 0,
         };
         let bias_ptr = inp.get(4).copied().unwrap_or(0);
-        let mut b = func.builder();
+        let stream = dev.cuda_stream();
+        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&inp[0])
             .arg(&bias_ptr)
             .arg(&inp[1])
@@ -345,7 +348,7 @@ pub fn qkv_rope_cache(qkv: &Tensor, r: &RopeCache) -> Result<Tensor> {
             .arg(&inp[3]);
         b.arg(&out[0]).arg(&out[1]).arg(&out[2]);
         b.arg(&h_i).arg(&kv_i).arg(&hd_i).arg(&num_slots);
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     })?;
     Ok(q)
@@ -398,7 +401,7 @@ pub fn qkv_gemv_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tens
             shared_mem_bytes: 0,
         };
         let bias_ptr = inp.get(5).copied().unwrap_or(0);
-        let mut b = func.builder();
+        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&inp[0])
             .arg(&inp[1])
             .arg(&out[0])
@@ -407,7 +410,7 @@ pub fn qkv_gemv_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tens
         b.arg(&bias_ptr).arg(&inp[2]).arg(&inp[3]).arg(&inp[4]);
         b.arg(&out[1]).arg(&out[2]);
         b.arg(&h_i).arg(&kv_i).arg(&hd_i).arg(&num_slots);
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(cfg) }?;
         Ok(())
     })?;
     Ok(q)

@@ -5,8 +5,8 @@
 //! graph can capture it.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, DType, InplaceOp1, Layout, Result, Shape, Storage,
     Tensor,
@@ -18,6 +18,7 @@ use super::attention_cuda::{
 use super::gemv::{
     gemv_warp_rows, silu_pairs_plan, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS,
 };
+use super::pdl::Launch;
 
 /// The kernels' module name (`fused_cuda.rs` launches the rotary epilogue from it too).
 pub(super) const MODULE: &str = "gemv";
@@ -132,9 +133,9 @@ fn launch(
         shared_mem_bytes: 0,
     };
     let (n_i, k_i) = (rows as i32, k as i32);
-    let mut b = func.builder();
+    let mut b = Launch::new(func.into_cuda_function(), &stream);
     b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(cfg) }?;
     Ok(())
 }
 

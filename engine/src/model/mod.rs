@@ -29,6 +29,8 @@ pub mod llama;
 pub mod lm_head;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+#[cfg(feature = "cuda")]
+pub mod pdl;
 pub mod switch;
 pub mod tp;
 

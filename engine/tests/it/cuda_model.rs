@@ -1,6 +1,7 @@
 //! The model on the GPU (feature `cuda`, run on the GPU machine): bf16 CUDA logits against the CPU
 //! f32 reference for the same random weights, SmolLM2's greedy answer equal to the CPU's, and
-//! decode steps replayed from CUDA graphs against the eager forward.
+//! decode steps replayed from CUDA graphs against the eager forward, and the same steps with and
+//! without programmatic dependent launch.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -498,4 +499,82 @@ fn lm_head_16bit_gives_f32_logits_of_its_values() {
             assert!(err < 1e-5, "{dtype:?} ({n}, {vocab}, {hidden}): {err:.3e}");
         }
     }
+}
+
+/// Bits of every logit of each output, in order.
+fn logit_bits(outs: &[Tensor]) -> Vec<Vec<u32>> {
+    outs.iter()
+        .map(|t| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        })
+        .collect()
+}
+
+/// Programmatic dependent launch changes when the engine's kernels start, never what they compute:
+/// a prefill and decode steps of two and one sequences, eagerly and replayed from CUDA graphs, give
+/// the same bits with and without it. At the tiny shape and at the Qwen2.5-1.5B shape (dummy
+/// weights, bf16), where the served kernels run with grids of several waves and weight
+/// prefetches into L2. A kernel that read its predecessor's output before `pdl_wait` would race
+/// and show here as a mismatch.
+#[test]
+fn cuda_pdl_matches_ordinary_launches() {
+    use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
+    use engine::model::pdl::set_pdl_on_this_thread;
+    let gpu = cuda();
+    engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
+    let tiny = tiny_qwen2_dir(12);
+    let qwen = std::env::temp_dir().join(format!("pdl-qwen2.5-{}.json", std::process::id()));
+    std::fs::write(
+        &qwen,
+        include_str!("../../../configs/qwen2.5-1.5b-instruct.json"),
+    )
+    .unwrap();
+    for (path, format) in [
+        (tiny.clone(), LoadFormat::Safetensors),
+        (qwen.clone(), LoadFormat::Dummy),
+    ] {
+        let mut runs = Vec::new();
+        for pdl in [false, true] {
+            set_pdl_on_this_thread(Some(pdl));
+            let model = load_model(&path, format, DType::BF16, &gpu, 3).unwrap();
+            let cfg = model.config().clone();
+            let mut cache = KvCache::new(&cfg, 16, BLOCK_SIZE, DType::BF16, &gpu).unwrap();
+            let [pre, two] = two_steps(cfg.vocab_size as u32);
+            let one = ForwardBatch {
+                token_ids: vec![two.token_ids[0]],
+                positions: vec![two.positions[0]],
+                slot_mapping: vec![two.slot_mapping[0]],
+                seqs: vec![two.seqs[0].clone()],
+            };
+            set_cuda_graphs_on_this_thread(Some(false));
+            let mut outs = vec![model.forward(&pre, &mut cache).unwrap()];
+            for graphs in [false, true, true] {
+                set_cuda_graphs_on_this_thread(Some(graphs));
+                for step in [&two, &one] {
+                    outs.push(model.forward(step, &mut cache).unwrap());
+                }
+            }
+            runs.push(logit_bits(&outs));
+        }
+        set_pdl_on_this_thread(None);
+        set_cuda_graphs_on_this_thread(None);
+        for (i, (off, on)) in runs[0].iter().zip(&runs[1]).enumerate() {
+            let differ = off.iter().zip(on).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differ,
+                0,
+                "{}: output {i} differs in {differ} of {} logits with PDL",
+                path.display(),
+                off.len()
+            );
+        }
+        eprintln!(
+            "{}: {} outputs bit for bit with and without PDL",
+            path.display(),
+            runs[0].len()
+        );
+    }
+    std::fs::remove_dir_all(&tiny).ok();
+    std::fs::remove_file(&qwen).ok();
 }

@@ -79,7 +79,8 @@ struct Cli {
     prefill_variants_max: usize,
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
     /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), combine
-    /// (in-kernel attention combine), warp-rows (warp-per-row GEMV), decode-kernel, fused.
+    /// (in-kernel attention combine), warp-rows (warp-per-row GEMV), decode-kernel, fused, pdl
+    /// (programmatic dependent launch).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
     /// Also write the table here.
@@ -297,6 +298,10 @@ const ROPE_OWN_LAUNCH: &str = "rotary + KV write as own launch";
 /// The split paged attention's combine as its own launch instead of in the kernel's last CTA.
 const COMBINE_OWN_LAUNCH: &str = "attention combine as own launch";
 
+/// The engine's kernels as ordinary launches instead of with programmatic dependent launch (the
+/// one variant that keeps CUDA graphs: its graphs are captured apart).
+const NO_PDL: &str = "ordinary launches (no PDL)";
+
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 const EAGER: &str = "eager (no CUDA graphs)";
 
@@ -310,6 +315,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         SILU_OWN_LAUNCH,
         ROPE_OWN_LAUNCH,
         COMBINE_OWN_LAUNCH,
+        NO_PDL,
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -322,7 +328,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
 
 #[cfg(feature = "cuda")]
 fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> Result<()> {
-    if variant != "as served" {
+    if variant != "as served" && variant != NO_PDL {
         engine::model::cuda_graph::set_cuda_graphs(cuda_graphs && !on);
     }
     if variant == "cudarc event tracking on" {
@@ -350,6 +356,8 @@ fn set_path(variant: &str, on: bool) -> bool {
         #[cfg(feature = "cuda")]
         COMBINE_OWN_LAUNCH => engine::model::attention_cuda::set_in_kernel_combine(!on),
         #[cfg(feature = "cuda")]
+        NO_PDL => engine::model::pdl::set_pdl(!on),
+        #[cfg(feature = "cuda")]
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => return false,
     }
@@ -357,20 +365,21 @@ fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-const WITHOUT: [(&str, &str); 6] = [
+const WITHOUT: [(&str, &str); 7] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
     ("fused", "unfused ops"),
     ("combine", COMBINE_OWN_LAUNCH),
     ("decode-kernel", "paged kernel for decode"),
+    ("pdl", NO_PDL),
 ];
 
 /// Turns one optional path off for the whole run (`--without`).
 fn turn_off(path: &str) -> Result<()> {
     match WITHOUT.iter().find(|(key, _)| *key == path) {
         Some((_, variant)) if set_path(variant, true) => Ok(()),
-        _ => bail!("--without {path}: not one of silu, rope, warp-rows, fused, combine, decode-kernel (the last two need CUDA)"),
+        _ => bail!("--without {path}: not one of silu, rope, warp-rows, fused, combine, decode-kernel, pdl (the last three need CUDA)"),
     }
 }
 
@@ -878,7 +887,7 @@ fn render(
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "CUDA graphs (--cuda-graphs): \"as served\" decode steps replay one graph per batch and block-table bucket, every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}.\n"
+            "CUDA graphs (--cuda-graphs): \"as served\" and \"{NO_PDL}\" decode steps replay one graph per batch and block-table bucket (each its own), every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}.\n"
         );
     }
     if !dparts.is_empty() {

@@ -1,0 +1,97 @@
+//! Launches of the engine's own kernels with programmatic dependent launch (PDL, Hopper): a kernel
+//! may start while the one before it in the stream finishes, prefetch its weights, and wait in
+//! `griddepcontrol.wait` (engine/kernels/pdl.cuh) until that one's writes are visible.
+//!
+//! Only kernels that call `pdl_wait()` before they read an earlier kernel's output or write
+//! anything may be launched here: the attribute lets them start early, the wait keeps them
+//! correct. On a GPU below sm_90, or with the switch off, the launch is an ordinary one. Inside a
+//! CUDA graph capture the attribute becomes a programmatic edge between the two kernel nodes.
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaStream, DeviceRepr, LaunchConfig,
+};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::Result;
+
+crate::switch! {
+    /// Kernels of `engine/kernels` launched with the programmatic stream-serialization attribute
+    /// (on) or as ordinary launches (off).
+    static PDL = true;
+}
+
+/// Turns programmatic dependent launch on or off process-wide (side-by-side benchmarks).
+pub fn set_pdl(on: bool) {
+    PDL.set(on);
+}
+
+/// [`set_pdl`] for launches on this thread (`None`: the process-wide value).
+pub fn set_pdl_on_this_thread(on: Option<bool>) {
+    PDL.set_on_this_thread(on);
+}
+
+/// Whether launches on this thread carry the attribute.
+pub fn pdl() -> bool {
+    PDL.on()
+}
+
+/// A kernel launch being built: the function, the stream and pointers to the arguments, which
+/// must outlive the launch (`'a`).
+pub struct Launch<'a> {
+    func: CudaFunction,
+    stream: &'a CudaStream,
+    args: Vec<*mut c_void>,
+    _args: PhantomData<&'a ()>,
+}
+
+impl<'a> Launch<'a> {
+    /// Starts a launch of `func` (one of engine/kernels' functions, with the wait) on `stream`.
+    pub fn new(func: CudaFunction, stream: &'a CudaStream) -> Self {
+        Self {
+            func,
+            stream,
+            args: Vec::with_capacity(16),
+            _args: PhantomData,
+        }
+    }
+
+    /// Appends one kernel argument (a scalar or a device pointer as `u64`).
+    pub fn arg<T: DeviceRepr>(&mut self, value: &'a T) -> &mut Self {
+        self.args.push(value as *const T as *mut c_void);
+        self
+    }
+
+    /// Queues the kernel, with the PDL attribute when [`pdl`] is on.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters, and the kernel must call `pdl_wait()`
+    /// before it touches anything an earlier kernel writes or reads.
+    pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
+        self.stream.context().bind_to_thread().w()?;
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(pdl()),
+        };
+        sys::cuLaunchKernelEx(
+            &config,
+            self.func.cu_function(),
+            self.args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+        .w()
+    }
+}
