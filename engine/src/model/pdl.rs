@@ -5,7 +5,7 @@
 //! Only kernels that call `pdl_wait()` before they read an earlier kernel's output or write
 //! anything may be launched here: the attribute lets them start early, the wait keeps them
 //! correct. On a GPU below sm_90, or with the switch off, the launch is an ordinary one. Inside a
-//! CUDA graph capture the attribute becomes a programmatic edge between the two kernel nodes.
+//! CUDA graph capture, `pdl_capture` gives the kernel a programmatic edge from the kernel before.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -70,6 +70,7 @@ impl<'a> Launch<'a> {
     /// before it touches anything an earlier kernel writes or reads.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
         self.stream.context().bind_to_thread().w()?;
+        let on = pdl();
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
@@ -83,15 +84,20 @@ impl<'a> Launch<'a> {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: u32::from(pdl()),
+            numAttrs: u32::from(on),
         };
-        sys::cuLaunchKernelEx(
-            &config,
-            self.func.cu_function(),
-            self.args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-        .result()
-        .w()
+        let func = self.func.cu_function();
+        let args = self.args.as_mut_ptr();
+        // SAFETY: the caller's contract; `config`, `attr` and the arguments outlive the call.
+        let launch = || {
+            unsafe { sys::cuLaunchKernelEx(&config, func, args, std::ptr::null_mut()) }
+                .result()
+                .w()
+        };
+        if on {
+            super::pdl_capture::chained(self.stream, launch)
+        } else {
+            launch()
+        }
     }
 }

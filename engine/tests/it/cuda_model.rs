@@ -548,6 +548,7 @@ fn cuda_pdl_matches_ordinary_launches() {
                 seqs: vec![two.seqs[0].clone()],
             };
             set_cuda_graphs_on_this_thread(Some(false));
+            let edges_before = engine::model::pdl_capture::programmatic_edges();
             let mut outs = vec![model.forward(&pre, &mut cache).unwrap()];
             for graphs in [false, true, true] {
                 set_cuda_graphs_on_this_thread(Some(graphs));
@@ -555,6 +556,15 @@ fn cuda_pdl_matches_ordinary_launches() {
                     outs.push(model.forward(step, &mut cache).unwrap());
                 }
             }
+            let edges = engine::model::pdl_capture::programmatic_edges() - edges_before;
+            assert_eq!(
+                engine::model::cuda_graph::last_capture_error(),
+                None,
+                "a capture failed"
+            );
+            // With PDL the captured graphs chain the engine's kernels by programmatic edges.
+            assert_eq!(edges > 0, pdl, "{edges} programmatic edges with PDL {pdl}");
+            eprintln!("PDL {pdl}: {edges} programmatic edges in the captured graphs");
             runs.push(logit_bits(&outs));
         }
         set_pdl_on_this_thread(None);

@@ -385,15 +385,16 @@ fn turn_off(path: &str) -> Result<()> {
 
 /// The CUDA-graph counters: (replays, failed captures, why the last capture failed).
 #[cfg(feature = "cuda")]
-fn graph_status() -> (usize, usize, Option<String>) {
+fn graph_status() -> (usize, usize, Option<String>, usize) {
     use engine::model::cuda_graph::{graph_counts, last_capture_error};
+    use engine::model::pdl_capture::programmatic_edges;
     let (replays, failed) = graph_counts();
-    (replays, failed, last_capture_error())
+    (replays, failed, last_capture_error(), programmatic_edges())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn graph_status() -> (usize, usize, Option<String>) {
-    (0, 0, None)
+fn graph_status() -> (usize, usize, Option<String>, usize) {
+    (0, 0, None, 0)
 }
 
 struct PrefillRow {
@@ -581,7 +582,7 @@ fn main() -> Result<()> {
         }
     }
     let graphs = (cli.cuda_graphs && device.is_cuda()).then(graph_status);
-    if let Some((replays, failed, error)) = &graphs {
+    if let Some((replays, failed, error, _)) = &graphs {
         eprintln!("CUDA graphs: {replays} replays, {failed} failed captures ({error:?})");
     }
 
@@ -806,7 +807,7 @@ fn render(
     tflops: f64,
     rows: &[DecodeRow],
     variants: &[(usize, Vec<(f64, f64)>)],
-    graphs: Option<(usize, usize, Option<String>)>,
+    graphs: Option<(usize, usize, Option<String>, usize)>,
     dparts: &[DecodeParts],
     sweep: &[(String, Vec<(usize, f64)>)],
     prows: &[PrefillRow],
@@ -881,13 +882,13 @@ fn render(
         }
         let _ = writeln!(s);
     }
-    if let Some((replays, failed, error)) = graphs {
+    if let Some((replays, failed, error, edges)) = graphs {
         let fallback = error
             .map(|e| format!(" (\"as served\" ran eagerly after the failure: {e})"))
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "CUDA graphs (--cuda-graphs): \"as served\" and \"{NO_PDL}\" decode steps replay one graph per batch and block-table bucket (each its own), every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}.\n"
+            "CUDA graphs (--cuda-graphs): \"as served\" and \"{NO_PDL}\" decode steps replay one graph per batch and block-table bucket (each its own), every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}, {edges} kernel-to-kernel edges made programmatic (PDL).\n"
         );
     }
     if !dparts.is_empty() {
