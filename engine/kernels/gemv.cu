@@ -73,6 +73,16 @@ __device__ __forceinline__ int64_t last_row(int64_t r, int n) {
     return r < n ? r : (int64_t)n - 1;
 }
 
+// Weights prefetched into L2 before pdl_wait() only up to this size: a larger matrix streams
+// past the L2 while the kernel before still runs, and the prefetched rows of its first wave would
+// be evicted again before they are read.
+#ifndef PREFETCH_MAX_BYTES
+#define PREFETCH_MAX_BYTES (8 << 20)
+#endif
+__device__ __forceinline__ bool prefetch_pays(int64_t weight_bytes) {
+    return weight_bytes <= (int64_t)PREFETCH_MAX_BYTES;
+}
+
 // A W chunk: read once, so it bypasses L1 and leaves it to x.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     uint4 r;
@@ -120,7 +130,7 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     for (int r = 0; r < R; ++r)
         wr[r] = reinterpret_cast<const uint4*>(w + last_row(row0 + r, n) * k);
     // The CTA's rows of W into L2 while the kernel before may still run (pdl.cuh).
-    if (threadIdx.x < R)
+    if (threadIdx.x < R && prefetch_pays((int64_t)n * k * (int64_t)sizeof(T)))
         prefetch_l2(w + last_row(row0 + threadIdx.x, n) * k, (uint32_t)(k * sizeof(T)));
     pdl_enter();
     const uint4* xr = reinterpret_cast<const uint4*>(x);
@@ -253,7 +263,8 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     };
     const int64_t first = ((int64_t)blockIdx.x * WARPS + threadIdx.x / 32) * STEP;
     // The warp's first group of rows into L2 while the kernel before may still run (pdl.cuh).
-    if (first < n && lane < WR)
+    const int64_t w_rows = EPI == PLAIN ? n : 2 * (int64_t)n;
+    if (first < n && lane < WR && prefetch_pays(w_rows * k * (int64_t)sizeof(T)))
         prefetch_l2(w + group_row(first, lane) * k, (uint32_t)(k * sizeof(T)));
     pdl_enter();
     for (int64_t row0 = first; row0 < n; row0 += warps * STEP) {

@@ -91,9 +91,7 @@ pub fn last_capture_error() -> Option<String> {
 /// The captured decode graphs of one model.
 #[derive(Default)]
 pub struct DecodeGraphs {
-    /// By batch bucket, block-table width and whether the kernels were captured with
-    /// programmatic dependent launch (`pdl`: the launch attribute is part of the graph).
-    graphs: HashMap<(usize, usize, bool), Captured>,
+    graphs: HashMap<(usize, usize), Captured>,
     /// The KV cache the graphs were captured against (every layer's K and V tensor).
     cache: Vec<(TensorId, TensorId)>,
     /// f32 `[rows, vocab]` per batch bucket, shared by its graphs: each replay's logits are
@@ -155,7 +153,7 @@ impl DecodeGraphs {
         }
         let block_size = key_cache.dim(1)?;
         let step = PaddedStep::new(batch, rows, width);
-        let key = (rows, width, super::pdl::pdl());
+        let key = (rows, width);
         if !self.graphs.contains_key(&key) {
             match self.capture(model, &step, cache, block_size) {
                 Ok(c) => {
@@ -338,6 +336,10 @@ fn capture(
     let forward = || model.logits(&model.hidden_states(&inputs.step, cache)?);
     // Thread-local: the warm-up and the capture run on this thread, under one guard.
     let _uploads_cached = cuda.enable_cuda_graph_htod_cache();
+    // Captured without programmatic dependent launch (`pdl`): a graph's kernels already follow
+    // each other without launch gaps, and with programmatic edges batch-1 replays were slower
+    // (Qwen2.5-1.5B shape, H200: 1.67-1.70 ms against 1.59-1.61; days/gpu-engine/run27).
+    let _no_pdl = NoPdl::on_this_thread();
     for _ in 0..WARMUP_FORWARDS {
         forward()?;
     }
@@ -356,6 +358,23 @@ fn capture(
         inputs,
         logits,
     })
+}
+
+/// Turns programmatic dependent launch off on this thread until dropped.
+struct NoPdl(Option<bool>);
+
+impl NoPdl {
+    fn on_this_thread() -> Self {
+        let before = super::pdl::pdl_on_this_thread();
+        super::pdl::set_pdl_on_this_thread(Some(false));
+        Self(before)
+    }
+}
+
+impl Drop for NoPdl {
+    fn drop(&mut self) {
+        super::pdl::set_pdl_on_this_thread(self.0);
+    }
 }
 
 /// Gives the device's cuBLAS handle a workspace of its own (kept for the life of the process).

@@ -4,8 +4,11 @@
 //!
 //! Only kernels that call `pdl_wait()` before they read an earlier kernel's output or write
 //! anything may be launched here: the attribute lets them start early, the wait keeps them
-//! correct. On a GPU below sm_90, or with the switch off, the launch is an ordinary one. Inside a
-//! CUDA graph capture, `pdl_capture` gives the kernel a programmatic edge from the kernel before.
+//! correct. On a GPU below sm_90, or with the switch off, the launch is an ordinary one.
+//!
+//! CUDA graph captures run with the switch off on their thread (`cuda_graph`): in a graph the
+//! kernels already follow each other without launch gaps, and programmatic edges made batch-1
+//! replays slower (days/gpu-engine/run27).
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -30,6 +33,11 @@ pub fn set_pdl(on: bool) {
 /// [`set_pdl`] for launches on this thread (`None`: the process-wide value).
 pub fn set_pdl_on_this_thread(on: Option<bool>) {
     PDL.set_on_this_thread(on);
+}
+
+/// This thread's override, if any.
+pub fn pdl_on_this_thread() -> Option<bool> {
+    PDL.this_thread()
 }
 
 /// Whether launches on this thread carry the attribute.
@@ -94,10 +102,6 @@ impl<'a> Launch<'a> {
                 .result()
                 .w()
         };
-        if on {
-            super::pdl_capture::chained(self.stream, launch)
-        } else {
-            launch()
-        }
+        launch()
     }
 }

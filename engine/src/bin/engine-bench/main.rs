@@ -298,8 +298,8 @@ const ROPE_OWN_LAUNCH: &str = "rotary + KV write as own launch";
 /// The split paged attention's combine as its own launch instead of in the kernel's last CTA.
 const COMBINE_OWN_LAUNCH: &str = "attention combine as own launch";
 
-/// The engine's kernels as ordinary launches instead of with programmatic dependent launch (the
-/// one variant that keeps CUDA graphs: its graphs are captured apart).
+/// The engine's kernels as ordinary launches instead of with programmatic dependent launch
+/// (eager launches only: CUDA graphs are captured without it).
 const NO_PDL: &str = "ordinary launches (no PDL)";
 
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
@@ -328,7 +328,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
 
 #[cfg(feature = "cuda")]
 fn set_variant(device: &Device, variant: &str, on: bool, cuda_graphs: bool) -> Result<()> {
-    if variant != "as served" && variant != NO_PDL {
+    if variant != "as served" {
         engine::model::cuda_graph::set_cuda_graphs(cuda_graphs && !on);
     }
     if variant == "cudarc event tracking on" {
@@ -385,16 +385,15 @@ fn turn_off(path: &str) -> Result<()> {
 
 /// The CUDA-graph counters: (replays, failed captures, why the last capture failed).
 #[cfg(feature = "cuda")]
-fn graph_status() -> (usize, usize, Option<String>, usize) {
+fn graph_status() -> (usize, usize, Option<String>) {
     use engine::model::cuda_graph::{graph_counts, last_capture_error};
-    use engine::model::pdl_capture::programmatic_edges;
     let (replays, failed) = graph_counts();
-    (replays, failed, last_capture_error(), programmatic_edges())
+    (replays, failed, last_capture_error())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn graph_status() -> (usize, usize, Option<String>, usize) {
-    (0, 0, None, 0)
+fn graph_status() -> (usize, usize, Option<String>) {
+    (0, 0, None)
 }
 
 struct PrefillRow {
@@ -582,7 +581,7 @@ fn main() -> Result<()> {
         }
     }
     let graphs = (cli.cuda_graphs && device.is_cuda()).then(graph_status);
-    if let Some((replays, failed, error, _)) = &graphs {
+    if let Some((replays, failed, error)) = &graphs {
         eprintln!("CUDA graphs: {replays} replays, {failed} failed captures ({error:?})");
     }
 
@@ -807,7 +806,7 @@ fn render(
     tflops: f64,
     rows: &[DecodeRow],
     variants: &[(usize, Vec<(f64, f64)>)],
-    graphs: Option<(usize, usize, Option<String>, usize)>,
+    graphs: Option<(usize, usize, Option<String>)>,
     dparts: &[DecodeParts],
     sweep: &[(String, Vec<(usize, f64)>)],
     prows: &[PrefillRow],
@@ -882,13 +881,13 @@ fn render(
         }
         let _ = writeln!(s);
     }
-    if let Some((replays, failed, error, edges)) = graphs {
+    if let Some((replays, failed, error)) = graphs {
         let fallback = error
             .map(|e| format!(" (\"as served\" ran eagerly after the failure: {e})"))
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "CUDA graphs (--cuda-graphs): \"as served\" and \"{NO_PDL}\" decode steps replay one graph per batch and block-table bucket (each its own), every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}, {edges} kernel-to-kernel edges made programmatic (PDL).\n"
+            "CUDA graphs (--cuda-graphs): \"as served\" decode steps replay one graph per batch and block-table bucket, every other variant runs eagerly; {replays} replays, {failed} failed captures{fallback}.\n"
         );
     }
     if !dparts.is_empty() {
