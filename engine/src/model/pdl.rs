@@ -94,14 +94,14 @@ impl<'a> Launch<'a> {
             attrs: &mut attr,
             numAttrs: u32::from(on),
         };
-        let func = self.func.cu_function();
-        let args = self.args.as_mut_ptr();
-        // SAFETY: the caller's contract; `config`, `attr` and the arguments outlive the call.
-        let launch = || {
-            unsafe { sys::cuLaunchKernelEx(&config, func, args, std::ptr::null_mut()) }
-                .result()
-                .w()
-        };
-        launch()
+        // `config`, `attr` and the arguments outlive the call.
+        sys::cuLaunchKernelEx(
+            &config,
+            self.func.cu_function(),
+            self.args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+        .w()
     }
 }
