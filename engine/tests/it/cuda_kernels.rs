@@ -388,8 +388,9 @@ fn paged_in_kernel_combine_matches_combine_launch() {
                     set_paged_split(ctas, min_tiles);
                     set_in_kernel_combine_on_this_thread(Some(false));
                     let launch = run_attention_counted(&c, dtype, seed, 0, true);
-                    set_in_kernel_combine_on_this_thread(None);
+                    set_in_kernel_combine_on_this_thread(Some(true));
                     let fused = run_attention_counted(&c, dtype, seed, 0, true);
+                    set_in_kernel_combine_on_this_thread(None);
                     set_paged_split(default_split.0, default_split.1);
                     let what = format!(
                         "{heads}/{kv_heads} heads d{head_dim}, seqs {seqs:?}, {dtype:?}, split ({ctas}, {min_tiles})"

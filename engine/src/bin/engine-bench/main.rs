@@ -78,8 +78,8 @@ struct Cli {
     #[arg(long, default_value_t = usize::MAX)]
     prefill_variants_max: usize,
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
-    /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), combine
-    /// (in-kernel attention combine), warp-rows (warp-per-row GEMV), decode-kernel, fused, pdl
+    /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), warp-rows
+    /// (warp-per-row GEMV), decode-kernel, fused, pdl
     /// (programmatic dependent launch).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
@@ -295,8 +295,9 @@ const SILU_OWN_LAUNCH: &str = "SiLU-gate as own launch";
 /// epilogue.
 const ROPE_OWN_LAUNCH: &str = "rotary + KV write as own launch";
 
-/// The split paged attention's combine as its own launch instead of in the kernel's last CTA.
-const COMBINE_OWN_LAUNCH: &str = "attention combine as own launch";
+/// The split paged attention's partitions merged in the kernel's last CTA instead of by the
+/// combine launch (off in the engine).
+const COMBINE_IN_KERNEL: &str = "attention combine in the kernel";
 
 /// The engine's kernels as ordinary launches instead of with programmatic dependent launch
 /// (eager launches only: CUDA graphs are captured without it).
@@ -314,7 +315,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         ONE_ROW_CTA,
         SILU_OWN_LAUNCH,
         ROPE_OWN_LAUNCH,
-        COMBINE_OWN_LAUNCH,
+        COMBINE_IN_KERNEL,
         NO_PDL,
         "paged kernel for decode",
         "unfused ops",
@@ -354,7 +355,7 @@ fn set_path(variant: &str, on: bool) -> bool {
         SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
         ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
         #[cfg(feature = "cuda")]
-        COMBINE_OWN_LAUNCH => engine::model::attention_cuda::set_in_kernel_combine(!on),
+        COMBINE_IN_KERNEL => engine::model::attention_cuda::set_in_kernel_combine(on),
         #[cfg(feature = "cuda")]
         NO_PDL => engine::model::pdl::set_pdl(!on),
         #[cfg(feature = "cuda")]
@@ -365,12 +366,11 @@ fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-const WITHOUT: [(&str, &str); 7] = [
+const WITHOUT: [(&str, &str); 6] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
     ("fused", "unfused ops"),
-    ("combine", COMBINE_OWN_LAUNCH),
     ("decode-kernel", "paged kernel for decode"),
     ("pdl", NO_PDL),
 ];
@@ -379,7 +379,7 @@ const WITHOUT: [(&str, &str); 7] = [
 fn turn_off(path: &str) -> Result<()> {
     match WITHOUT.iter().find(|(key, _)| *key == path) {
         Some((_, variant)) if set_path(variant, true) => Ok(()),
-        _ => bail!("--without {path}: not one of silu, rope, warp-rows, fused, combine, decode-kernel, pdl (the last three need CUDA)"),
+        _ => bail!("--without {path}: not one of silu, rope, warp-rows, fused, decode-kernel, pdl (the last two need CUDA)"),
     }
 }
 
