@@ -36,9 +36,10 @@ pub struct AttentionMetadata {
     pub min_query_len: usize,
     /// Host copies of the same data (the CPU reference reads these).
     pub host: HostMetadata,
-    /// u32 `[num_seqs * SPLIT_COUNTERS_PER_SEQ]` zeros on CUDA for decode-only steps: lets the
-    /// paged kernel merge its context partitions in its last CTA instead of a combine launch
-    /// (each launch leaves them zeroed, so every layer of the step reuses them). None elsewhere.
+    /// u32 `[num_seqs * SPLIT_COUNTERS_PER_SEQ]` zeros on CUDA for decode-only steps while the
+    /// in-kernel combine is on (`attention_cuda::set_in_kernel_combine`): lets the paged kernel
+    /// merge its context partitions in its last CTA instead of a combine launch (each launch
+    /// leaves them zeroed, so every layer of the step reuses them). None elsewhere.
     pub split_counters: Option<Tensor>,
 }
 
@@ -47,9 +48,13 @@ pub struct AttentionMetadata {
 pub const SPLIT_COUNTERS_PER_SEQ: usize = 256;
 
 /// The zeroed split counters of a decode-only step of `num_seqs` sequences on `device` (None on
-/// the CPU).
+/// the CPU, and while the in-kernel combine is off: nothing would read them).
 pub fn split_counters(num_seqs: usize, device: &Device) -> Result<Option<Tensor>> {
     if !device.is_cuda() || num_seqs == 0 {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    if !super::attention_cuda::in_kernel_combine() {
         return Ok(None);
     }
     Tensor::zeros(num_seqs * SPLIT_COUNTERS_PER_SEQ, DType::U32, device).map(Some)

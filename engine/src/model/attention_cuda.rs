@@ -202,7 +202,8 @@ pub fn set_in_kernel_combine_on_this_thread(on: Option<bool>) {
     IN_KERNEL_COMBINE.set_on_this_thread(on);
 }
 
-fn in_kernel_combine() -> bool {
+/// Whether split launches on this thread merge their partitions in the kernel.
+pub(crate) fn in_kernel_combine() -> bool {
     IN_KERNEL_COMBINE.on()
 }
 
