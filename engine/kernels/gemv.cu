@@ -73,15 +73,13 @@ __device__ __forceinline__ int64_t last_row(int64_t r, int n) {
     return r < n ? r : (int64_t)n - 1;
 }
 
-// Only matrices up to this size prefetch rows into L2 before pdl_wait() (q/k/v and o at the
+// Only matrices up to this size prefetch rows into L2 before pdl_enter() (q/k/v and o at the
 // Qwen2.5-1.5B shape): for larger ones the first rows are a small part of the stream, and the
 // prefetch would compete for L2 with the kernel still running. A judgement, not a measurement:
 // in graphs (run27) the bound made no difference.
-#ifndef PREFETCH_MAX_BYTES
-#define PREFETCH_MAX_BYTES (8 << 20)
-#endif
+constexpr int64_t PREFETCH_MAX_BYTES = 8 << 20;
 __device__ __forceinline__ bool prefetch_pays(int64_t weight_bytes) {
-    return weight_bytes <= (int64_t)PREFETCH_MAX_BYTES;
+    return weight_bytes <= PREFETCH_MAX_BYTES;
 }
 
 // A W chunk: read once, so it bypasses L1 and leaves it to x.

@@ -2,30 +2,21 @@
 // stream-serialization attribute (engine/src/model/pdl.rs) may start while the kernel before it
 // in the stream still runs. Each such kernel:
 //   1. may read what no earlier kernel writes (weights) and prefetch it into L2;
-//   2. calls pdl_wait() in every thread before it reads anything an earlier kernel wrote and
-//      before it writes anything (the wait returns once the kernel before has completed and its
-//      writes are visible; that one waited for its own predecessor, so all earlier work is done);
-//   3. calls pdl_launch_dependents() right after, letting the next kernel's CTAs start early.
-// Without the attribute, or below sm_90, both are no-ops and the launch is ordered as usual.
+//   2. calls pdl_enter() in every thread before it reads anything an earlier kernel wrote and
+//      before it writes anything: its wait returns once the kernel before has completed and its
+//      writes are visible (that one waited for its own predecessor, so all earlier work is done),
+//      and it then lets the next kernel's CTAs start early.
+// Without the attribute, or below sm_90, pdl_enter() is a no-op and the launch is ordered as usual.
 #pragma once
 #include <stdint.h>
 
-__device__ __forceinline__ void pdl_wait() {
+// Waits for the kernel before (griddepcontrol.wait), then lets the next kernel's CTAs start
+// (griddepcontrol.launch_dependents): the kernel's own work follows.
+__device__ __forceinline__ void pdl_enter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-}
-
-// pdl_wait() then pdl_launch_dependents(): the kernel's own work follows.
-__device__ __forceinline__ void pdl_enter() {
-    pdl_wait();
-    pdl_launch_dependents();
 }
 
 // Asks the copy engine to bring `bytes` (a multiple of 16, from a 16-byte aligned address) of

@@ -2,7 +2,7 @@
 //! may start while the one before it in the stream finishes, prefetch its weights, and wait in
 //! `griddepcontrol.wait` (engine/kernels/pdl.cuh) until that one's writes are visible.
 //!
-//! Only kernels that call `pdl_wait()` before they read an earlier kernel's output or write
+//! Only kernels that call `pdl_enter()` before they read an earlier kernel's output or write
 //! anything may be launched here: the attribute lets them start early, the wait keeps them
 //! correct. On a GPU below sm_90, or with the switch off, the launch is an ordinary one.
 //!
@@ -74,7 +74,7 @@ impl<'a> Launch<'a> {
     /// Queues the kernel, with the PDL attribute when [`pdl`] is on.
     ///
     /// # Safety
-    /// The arguments must match the kernel's parameters, and the kernel must call `pdl_wait()`
+    /// The arguments must match the kernel's parameters, and the kernel must call `pdl_enter()`
     /// before it touches anything an earlier kernel writes or reads.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
         self.stream.context().bind_to_thread().w()?;

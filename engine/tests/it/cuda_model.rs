@@ -517,7 +517,7 @@ fn logit_bits(outs: &[Tensor]) -> Vec<Vec<u32>> {
 /// also check that the capture turns it off and back on). At the tiny shape and at the
 /// Qwen2.5-1.5B shape (dummy weights, bf16), where the served kernels run with grids of several
 /// waves and weight prefetches into L2. A kernel that read its predecessor's output before
-/// `pdl_wait` would race and show here as a mismatch.
+/// `pdl_enter` would race and show here as a mismatch.
 #[test]
 fn cuda_pdl_matches_ordinary_launches() {
     use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
