@@ -79,8 +79,7 @@ struct Cli {
     prefill_variants_max: usize,
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
     /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), warp-rows
-    /// (warp-per-row GEMV), decode-kernel, fused, pdl
-    /// (programmatic dependent launch).
+    /// (warp-per-row GEMV), fused, decode-kernel, pdl (programmatic dependent launch).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
     /// Also write the table here.
@@ -379,7 +378,13 @@ const WITHOUT: [(&str, &str); 6] = [
 fn turn_off(path: &str) -> Result<()> {
     match WITHOUT.iter().find(|(key, _)| *key == path) {
         Some((_, variant)) if set_path(variant, true) => Ok(()),
-        _ => bail!("--without {path}: not one of silu, rope, warp-rows, fused, decode-kernel, pdl (the last two need CUDA)"),
+        _ => {
+            let keys: Vec<&str> = WITHOUT.iter().map(|(key, _)| *key).collect();
+            bail!(
+                "--without {path}: not one of {} (the last two need CUDA)",
+                keys.join(", ")
+            )
+        }
     }
 }
 
