@@ -516,7 +516,7 @@ impl InplaceOp3 for ReshapeAndCache {
             4 => "reshape_and_cache_u32",
             _ => "reshape_and_cache_u16",
         };
-        let func = dev.get_or_load_custom_func(name, "cache_ops", ptx::CACHE_OPS)?;
+        let mut b = pdl::Launch::new(&dev, name, "cache_ops", ptx::CACHE_OPS)?;
         let row_units = (row_bytes / unit) as i64;
         let stride_units = (src_stride_bytes / unit) as i64;
         let num_slots = (num_blocks * block_size) as i64;
@@ -525,7 +525,6 @@ impl InplaceOp3 for ReshapeAndCache {
             block_dim: ((row_units as u32).clamp(32, 256), 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&src_ptr)
             .arg(&dst_ptr)
             .arg(&slot_ptr)
@@ -749,7 +748,8 @@ impl PagedAttention {
             } else {
                 ""
             };
-            let func = dev.get_or_load_custom_func(
+            let mut b = pdl::Launch::new(
+                &dev,
                 &format!("paged_attention_{suffix}_d{head_dim}{combine}"),
                 "paged_attention",
                 ptx::PAGED_ATTENTION,
@@ -765,7 +765,6 @@ impl PagedAttention {
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
             for p in outs.iter().chain(&ins) {
                 b.arg(p);
             }
@@ -784,7 +783,8 @@ impl PagedAttention {
             unsafe { b.launch(cfg) }?;
 
             if splits > 1 && counters_ptr.is_none() {
-                let func = dev.get_or_load_custom_func(
+                let mut b = pdl::Launch::new(
+                    &dev,
                     &format!("paged_attention_combine_{suffix}_d{head_dim}"),
                     "paged_attention",
                     ptx::PAGED_ATTENTION,
@@ -795,7 +795,6 @@ impl PagedAttention {
                     block_dim: (head_dim as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
                 for p in &outs {
                     b.arg(p);
                 }
@@ -905,7 +904,8 @@ impl PagedAttention {
         let (num_heads_i, kv_heads_i) = (num_heads as i32, num_kv_heads as i32);
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
-        let func = dev.get_or_load_custom_func(
+        let mut b = pdl::Launch::new(
+            &dev,
             &format!("paged_decode_{suffix}_d{head_dim}_g{g}"),
             "paged_decode",
             ptx::PAGED_DECODE,
@@ -919,7 +919,6 @@ impl PagedAttention {
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         for p in outs.iter().chain(&ins) {
             b.arg(p);
         }
@@ -931,7 +930,8 @@ impl PagedAttention {
         unsafe { b.launch(cfg) }?;
 
         if splits > 1 {
-            let func = dev.get_or_load_custom_func(
+            let mut b = pdl::Launch::new(
+                &dev,
                 &format!("paged_decode_combine_{suffix}_d{head_dim}"),
                 "paged_decode",
                 ptx::PAGED_DECODE,
@@ -942,7 +942,6 @@ impl PagedAttention {
                 block_dim: (head_dim as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
             for p in &outs {
                 b.arg(p);
             }

@@ -182,13 +182,12 @@ pub fn add_rms_norm(
     let hidden_i = hidden as i32;
     with_ptrs(&[&normed, &sum], &[&x, &residual, &weight], &|out, inp| {
         let wide = vec8(&[hidden], out, inp);
-        let func = dev.get_or_load_custom_func(
+        let mut b = pdl::Launch::new(
+            &dev,
             &wide_kernel("add_rms_norm", dtype, wide)?,
             MODULE,
             ptx::FUSED_OPS,
         )?;
-        let stream = dev.cuda_stream();
-        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&inp[0]).arg(&inp[1]).arg(&inp[2]);
         b.arg(&out[0]).arg(&out[1]).arg(&hidden_i).arg(&eps);
         unsafe { b.launch(cfg) }?;
@@ -218,7 +217,8 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
     let (n_i, inter_i) = (n as i64, inter as i64);
     with_ptrs(&[&out], &[&gate_up], &|out, inp| {
         let wide = vec8(&[inter], out, inp);
-        let func = dev.get_or_load_custom_func(
+        let mut b = pdl::Launch::new(
+            &dev,
             &wide_kernel("silu_mul", dtype, wide)?,
             MODULE,
             ptx::FUSED_OPS,
@@ -233,8 +233,6 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let stream = dev.cuda_stream();
-        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&inp[0]).arg(&out[0]).arg(&n_i).arg(&inter_i);
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -327,7 +325,8 @@ pub fn qkv_rope_cache(qkv: &Tensor, r: &RopeCache) -> Result<Tensor> {
     with_ptrs(&[&q, r.key_cache, r.value_cache], &ins, &|out, inp| {
         // 8-wide: hd/2 a multiple of 8 (rows of qkv, q, cos/sin and the caches stay aligned).
         let wide = vec8(&[half], out, inp);
-        let func = dev.get_or_load_custom_func(
+        let mut b = pdl::Launch::new(
+            &dev,
             &wide_kernel("qkv_rope_cache", dtype, wide)?,
             MODULE,
             ptx::FUSED_OPS,
@@ -339,8 +338,6 @@ pub fn qkv_rope_cache(qkv: &Tensor, r: &RopeCache) -> Result<Tensor> {
             shared_mem_bytes: 0,
         };
         let bias_ptr = inp.get(4).copied().unwrap_or(0);
-        let stream = dev.cuda_stream();
-        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&inp[0])
             .arg(&bias_ptr)
             .arg(&inp[1])
@@ -390,7 +387,8 @@ pub fn qkv_gemv_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tens
         let stream = dev.cuda_stream();
         let warps = gemv_cuda::THREADS as usize / 32;
         let ctas = super::gemv::rope_pairs_plan(pairs, multiprocessor_count(&stream), warps);
-        let func = dev.get_or_load_custom_func(
+        let mut b = pdl::Launch::new(
+            &dev,
             &format!("{}_m1_w2u8_rope", kernel("gemv", dtype)?),
             gemv_cuda::MODULE,
             ptx::GEMV,
@@ -401,7 +399,6 @@ pub fn qkv_gemv_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tens
             shared_mem_bytes: 0,
         };
         let bias_ptr = inp.get(5).copied().unwrap_or(0);
-        let mut b = pdl::Launch::new(func.into_cuda_function(), &stream);
         b.arg(&inp[0])
             .arg(&inp[1])
             .arg(&out[0])

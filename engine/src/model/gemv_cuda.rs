@@ -126,14 +126,13 @@ fn launch(
             (format!("gemv_{sfx}_m{m}{variant}"), ctas, n)
         }
     };
-    let func = dev.get_or_load_custom_func(&name, MODULE, ptx::GEMV)?;
+    let mut b = Launch::new(&dev, &name, MODULE, ptx::GEMV)?;
     let cfg = LaunchConfig {
         grid_dim: (ctas, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     let (n_i, k_i) = (rows as i32, k as i32);
-    let mut b = Launch::new(func.into_cuda_function(), &stream);
     b.arg(&x_ptr).arg(&w_ptr).arg(&y_ptr).arg(&n_i).arg(&k_i);
     unsafe { b.launch(cfg) }?;
     Ok(())

@@ -12,11 +12,12 @@
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaStream, DeviceRepr, LaunchConfig,
 };
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::Result;
 
 crate::switch! {
@@ -45,24 +46,27 @@ pub fn pdl() -> bool {
     PDL.on()
 }
 
-/// A kernel launch being built: the function, the stream and pointers to the arguments, which
-/// must outlive the launch (`'a`).
+/// A kernel launch being built: the function, the device's stream and pointers to the arguments,
+/// which must outlive the launch (`'a`).
 pub struct Launch<'a> {
     func: CudaFunction,
-    stream: &'a CudaStream,
+    stream: Arc<CudaStream>,
     args: Vec<*mut c_void>,
     _args: PhantomData<&'a ()>,
 }
 
 impl<'a> Launch<'a> {
-    /// Starts a launch of `func` (one of engine/kernels' functions, with the wait) on `stream`.
-    pub fn new(func: CudaFunction, stream: &'a CudaStream) -> Self {
-        Self {
-            func,
-            stream,
+    /// Starts a launch of kernel `name` (one of engine/kernels' functions, with the wait) of
+    /// `module`, loaded from `ptx` on first use, on `dev`'s stream.
+    pub fn new(dev: &CudaDevice, name: &str, module: &str, ptx: &str) -> Result<Self> {
+        Ok(Self {
+            func: dev
+                .get_or_load_custom_func(name, module, ptx)?
+                .into_cuda_function(),
+            stream: dev.cuda_stream(),
             args: Vec::with_capacity(16),
             _args: PhantomData,
-        }
+        })
     }
 
     /// Appends one kernel argument (a scalar or a device pointer as `u64`).
