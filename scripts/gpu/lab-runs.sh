@@ -49,6 +49,9 @@ OUT=${OUT:-/tmp/lab-out}
 LAB=/root/llmlab
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 BUDGET=${BUDGET:-555}   # seconds this call may use before packing
+# The engine command lines of every burst (dummy weights, the seed-001 settings).
+QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
+CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
 mkdir -p "$OUT" "$LAB"
 DAYS=$LAB/days
 mkdir -p "$DAYS"
@@ -166,7 +169,6 @@ if [ "$STAGE" = b ]; then
         --engine-args '--device cuda --max-model-len 2048' --out "$DAYS" 2>&1 | tail -25
 
     echo "== 2. seed-001 burst under four policies (Qwen2.5-1.5B shape)"
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     bench_policies "$DAYS/day-008-scheduling" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 90 fcfs fair static adaptive
     compare_runs "$DAYS/day-008-scheduling"
 
@@ -188,12 +190,10 @@ if [ "$STAGE" = c ]; then
     fi
     if [ "${QWEN_POLICIES:-1}" = 1 ]; then
         echo "== 1. seed-001 burst under four policies (Qwen2.5-1.5B shape)"
-        QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
         bench_policies "$DAYS/day-008-scheduling" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 60 fcfs fair static adaptive
         compare_runs "$DAYS/day-008-scheduling"
     fi
     echo "== 2. seed-001 burst, CodeLlama-34B shape (dummy, bf16)"
-    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     bench_policies "$DAYS/day-009-codellama34b" "$CL" "$LAB/llama2/tokenizer.json" 120 fcfs fair static
     compare_runs "$DAYS/day-009-codellama34b"
     echo "== 3. kv-scaling, CodeLlama-34B shape ($(left) s left)"
@@ -210,12 +210,10 @@ if [ "$STAGE" = d ]; then
         --dtype bfloat16 --device cuda --out "$DAYS/engine-bench.md" > "$DAYS/engine-bench.log" 2>&1
     tail -22 "$DAYS/engine-bench.log"
     echo "== 2. fair quantum 16 vs 8 beside fcfs, Qwen2.5-1.5B shape"
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     bench_policies "$DAYS/fair-quantum-qwen" "$QWEN" "$LAB/qwen2.5/tokenizer.json" 45 fcfs fair
     SUFFIX=-q8 bench_policies "$DAYS/fair-quantum-qwen" "$QWEN --fair-quantum 8" "$LAB/qwen2.5/tokenizer.json" 45 fair
     compare_runs "$DAYS/fair-quantum-qwen"
     echo "== 3. fair quantum 8, CodeLlama-34B shape"
-    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     SUFFIX=-q8 bench_policies "$DAYS/fair-quantum-codellama34b" "$CL --fair-quantum 8" "$LAB/llama2/tokenizer.json" 100 fair
 fi
 if [ "$STAGE" = e ]; then
@@ -227,7 +225,6 @@ if [ "$STAGE" = e ]; then
     timeout 120 "$LAB/engine-it" --test-threads=1 --nocapture cuda_tp cuda_bf16_logits \
         > "$DAYS/cuda-tests-tp.log" 2>&1
     grep -E "^test |test result|relative|panicked" "$DAYS/cuda-tests-tp.log" | tail -20
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     echo "== 1. -tp 2 on a one-GPU machine"
     # shellcheck disable=SC2086
     timeout 60 "$LAB/engine" $QWEN -tp 2 --port 8199 > "$DAYS/tp2-one-gpu.log" 2>&1
@@ -299,7 +296,6 @@ if [ "$STAGE" = g ]; then
     fi
     if [ -x "$LAB/engine" ] && [ -x "$LAB/probe" ] && [ -f "$LAB/llama2/tokenizer.json" ]; then
         echo "== 3. fcfs vs fair, seed-001 burst, CodeLlama-34B shape ($(left) s left)"
-        CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
         # One line per engine step in the serve logs (composition and milliseconds).
         export ENGINE_RUST_LOG=${ENGINE_RUST_LOG:-info,engine::core=debug}
         # Optional first fair run with other flags, e.g. FAIR2="-ftq1|--fair-first-token-quantum 1".
@@ -317,8 +313,6 @@ if [ "$STAGE" = h ]; then
     # depends on what ran just before): fcfs, fair and fair --fair-first-token-quantum 1 at the
     # CodeLlama-34B shape, then at the Qwen2.5-1.5B shape.
     export ENGINE_RUST_LOG=${ENGINE_RUST_LOG:-info,engine::core=debug}
-    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     FTQ="--fair-first-token-quantum 1"
     round() {  # DIR FLAGS TOKENIZER SECONDS ROUND VARIANT... (VARIANT = policy or policy:ftq1)
         local dir=$1 flags=$2 tok=$3 per=$4 r=$5; shift 5
@@ -351,8 +345,6 @@ fi
 if [ "$STAGE" = f ]; then
     dir=$DAYS/day-011-tensor-parallel/sigint-exit
     mkdir -p "$dir"
-    CL="--model configs/codellama-34b.json --load-format dummy --tokenizer $LAB/llama2 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
-    QWEN="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --tokenizer $LAB/qwen2.5 --device cuda --max-model-len 4096 --max-num-seqs 16 ${EXTRA_FLAGS:-}"
     port=8400
     for run in cl-1 cl-2 qwen-1 qwen-2; do
         case $run in cl-*) flags=$CL tok=$LAB/llama2/tokenizer.json ;; *) flags=$QWEN tok=$LAB/qwen2.5/tokenizer.json ;; esac
