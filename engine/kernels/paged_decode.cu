@@ -24,6 +24,14 @@
 // The warps' (m, l, acc) merge through shared memory at the end; the CTA then writes `out` (one
 // partition) or (m, l, acc) partials, which paged_decode_combine merges. Empty partitions (short
 // contexts) exit at once and write nothing; the combine reads only the partitions a context uses.
+//
+// paged_decode_<T>_d<D>_g<G>_cluster (sm_90): the partitions of one (sequence, head tile) are one
+// thread-block cluster (cluster dims (1, 1, splits), splits <= 8). Each CTA leaves its (m, l, acc)
+// in shared memory; after a cluster barrier every CTA merges a slice of the output elements,
+// reading the partitions through distributed shared memory with the combine kernel's arithmetic
+// in its order (same bits), and a second barrier keeps the shared memory alive until all have
+// read it. No partials in global memory, no combine launch. Empty partitions take part (m = -inf).
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -73,7 +81,7 @@ __device__ __forceinline__ int decode_partition(int nkeys, int splits) {
 
 }  // namespace
 
-template <typename T, int D, int G>
+template <typename T, int D, int G, bool CLUSTER>
 __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_m,
                                   float* __restrict__ part_l, float* __restrict__ part_acc,
                                   const T* __restrict__ q, const T* __restrict__ key_cache,
@@ -97,6 +105,8 @@ __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_
     __shared__ uint4 kst[DEC_WARPS][DEC_CHUNK][STAGE_ROW];
     __shared__ __align__(16) float qs[G][D];
     __shared__ float wm[DEC_WARPS][G], wl[DEC_WARPS][G];
+    // The CTA's merged partition for its cluster: m [G], l [G], acc [G][D].
+    __shared__ float cpart[CLUSTER ? G * (D + 2) : 1];
 
     const int seq = blockIdx.x;
     const int qstart = (int)query_start[seq];
@@ -107,7 +117,8 @@ __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_
     const int splits = gridDim.z;
     const int partition = decode_partition(nkeys, splits);
     const int key_begin = blockIdx.z * partition;
-    if (key_begin >= nkeys) return;  // empty partition: the combine does not read it
+    // An empty partition: the combine does not read it (a cluster's CTA stays for the barriers).
+    if (!CLUSTER && key_begin >= nkeys) return;
     const int key_end = min(key_begin + partition, nkeys);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -310,7 +321,13 @@ __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_
             a += wt * aw;
         }
         const size_t orow = token * num_heads + head0 + h;
-        if (splits == 1) {
+        if (CLUSTER) {
+            cpart[2 * G + h * D + d] = a;
+            if (d == 0) {
+                cpart[h] = mx;
+                cpart[G + h] = lsum;
+            }
+        } else if (splits == 1) {
             out[orow * D + d] = from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
         } else {
             const size_t pr = orow * splits + blockIdx.z;
@@ -320,6 +337,32 @@ __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_
                 part_l[pr] = lsum;
             }
         }
+    }
+    if constexpr (CLUSTER) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // The merge of paged_decode_combine over the cluster's CTAs (rank = blockIdx.z = the
+        // partition), spread over every thread of the cluster.
+        namespace cg = cooperative_groups;
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();
+        const int used = (nkeys + partition - 1) / partition;
+        for (int i = (int)blockIdx.z * DEC_THREADS + tid; i < gh * D; i += splits * DEC_THREADS) {
+            const int h = i / D, d = i % D;
+            float mx = -INFINITY;
+#pragma unroll 8
+            for (int z = 0; z < used; ++z) mx = fmaxf(mx, *cluster.map_shared_rank(&cpart[h], z));
+            float lsum = 0.f, a = 0.f;
+#pragma unroll 8
+            for (int z = 0; z < used; ++z) {
+                const float* pz = cluster.map_shared_rank(cpart, z);
+                const float wt = exp2f(pz[h] - mx);
+                lsum += wt * pz[G + h];
+                a += wt * pz[2 * G + h * D + d];
+            }
+            out[(token * num_heads + head0 + h) * D + d] = from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
+        }
+        cluster.sync();  // no CTA leaves while another reads its shared memory
+#endif
     }
 }
 
@@ -356,18 +399,22 @@ __device__ void paged_decode_combine_impl(T* __restrict__ out, const float* __re
     out[row * D + d] = from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
 }
 
-#define PAGED_DECODE_G(SUFFIX, T, D, G)                                                           \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                    \
-        paged_decode_##SUFFIX##_d##D##_g##G(                                                     \
-            T* out, float* part_m, float* part_l, float* part_acc, const T* q,                   \
-            const T* key_cache, const T* value_cache, const uint32_t* block_tables,              \
-            const uint32_t* context_lens, const uint32_t* query_start, int num_heads,            \
-            int num_kv_heads, int block_size, int max_blocks_per_seq, float scale_log2) {        \
+#define PAGED_DECODE_V(NAME, T, D, G, CLUSTER)                                                   \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS) NAME(                              \
+        T* out, float* part_m, float* part_l, float* part_acc, const T* q, const T* key_cache,   \
+        const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,        \
+        const uint32_t* query_start, int num_heads, int num_kv_heads, int block_size,            \
+        int max_blocks_per_seq, float scale_log2) {                                              \
         pdl_enter();                                                                             \
-        paged_decode_impl<T, D, G>(out, part_m, part_l, part_acc, q, key_cache, value_cache,     \
-                                   block_tables, context_lens, query_start, num_heads,           \
-                                   num_kv_heads, block_size, max_blocks_per_seq, scale_log2);    \
+        paged_decode_impl<T, D, G, CLUSTER>(out, part_m, part_l, part_acc, q, key_cache,         \
+                                            value_cache, block_tables, context_lens,             \
+                                            query_start, num_heads, num_kv_heads, block_size,    \
+                                            max_blocks_per_seq, scale_log2);                     \
     }
+
+#define PAGED_DECODE_G(SUFFIX, T, D, G)                                                          \
+    PAGED_DECODE_V(paged_decode_##SUFFIX##_d##D##_g##G, T, D, G, false)                          \
+    PAGED_DECODE_V(paged_decode_##SUFFIX##_d##D##_g##G##_cluster, T, D, G, true)
 
 #define PAGED_DECODE(SUFFIX, T, D)                                                               \
     PAGED_DECODE_G(SUFFIX, T, D, 1)                                                              \

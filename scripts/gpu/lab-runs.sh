@@ -28,7 +28,8 @@
 #     engine, probe, the Llama-2 tokenizer and GGUF part ab after stage a): -> gpu-engine/$RUN/
 #     (env: RUN (default run4), BENCH_QWEN=0, BENCH_34B=0, EB_FLAGS for the Qwen2.5 engine-bench, PER_POLICY,
 #     CL_POLICIES, FAIR2="suffix|flags", TESTS to replace the CUDA test filters, BUDGET,
-#     EB34_FLAGS to replace the CodeLlama-34B engine-bench's sizes)
+#     EB34_FLAGS to replace the CodeLlama-34B engine-bench's sizes, EB2_FLAGS for a second Qwen2.5
+#     engine-bench with other flags -> engine-bench-2.md)
 #       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model
 #          logits, and SmolLM2 logits/greedy when stage a ran first
 #       1. engine-bench at the Qwen2.5-1.5B shape; 2. engine-bench at the CodeLlama-34B shape
@@ -281,6 +282,13 @@ if [ "$STAGE" = g ]; then
         timeout 240 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
             --dtype bfloat16 --device cuda --prefill 1024,2048,4096 ${EB_FLAGS:-} --out "$dir/engine-bench.md" > "$dir/engine-bench.log" 2>&1
         tail -24 "$dir/engine-bench.log"
+    fi
+    if [ -n "${EB2_FLAGS:-}" ]; then
+        echo "== 1b. engine-bench again, Qwen2.5-1.5B shape, $EB2_FLAGS ($(left) s left)"
+        # shellcheck disable=SC2086
+        timeout 200 "$LAB/engine-bench" --model configs/qwen2.5-1.5b-instruct.json --load-format dummy \
+            --dtype bfloat16 --device cuda $EB2_FLAGS --out "$dir/engine-bench-2.md" > "$dir/engine-bench-2.log" 2>&1
+        tail -24 "$dir/engine-bench-2.log"
     fi
     # SM clock, power and temperature every 200 ms from here on (sustained-load throttling).
     nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \

@@ -225,6 +225,14 @@ pub fn decode_kernel() -> bool {
 /// 3.92 against 5.77 ms; days/gpu-engine/run10, run9).
 pub const DECODE_MIN_SEQS: usize = 16;
 
+static DECODE_MIN: AtomicUsize = AtomicUsize::new(DECODE_MIN_SEQS);
+
+/// Sets the fewest sequences a decode-only step needs to take the decode kernel (default
+/// `DECODE_MIN_SEQS`); for side-by-side benchmarks.
+pub fn set_decode_min_seqs(n: usize) {
+    DECODE_MIN.store(n, Ordering::Relaxed);
+}
+
 /// Overrides the decode-kernel choice for ops called on this thread: `Some(true)` takes it for
 /// every decode-only step whatever its size, `Some(false)` never, `None` follows the switch and
 /// `DECODE_MIN_SEQS`. For tests that compare kernels while other threads run.
@@ -236,7 +244,7 @@ pub fn set_decode_kernel_on_this_thread(on: Option<bool>) {
 fn takes_decode_kernel(num_seqs: usize) -> bool {
     DECODE_KERNEL
         .this_thread()
-        .unwrap_or_else(|| decode_kernel() && num_seqs >= DECODE_MIN_SEQS)
+        .unwrap_or_else(|| decode_kernel() && num_seqs >= DECODE_MIN.load(Ordering::Relaxed))
 }
 
 /// The decode kernel's split: partitions of at least 128 keys (one 32-key chunk per warp of the
@@ -254,6 +262,42 @@ pub fn decode_split() -> (usize, usize) {
     DECODE_SPLIT.get()
 }
 
+crate::switch! {
+    /// A split decode launch of at most `DECODE_CLUSTER_MAX` partitions runs as thread-block
+    /// clusters that merge their partitions through distributed shared memory (on) or writes
+    /// partials for the combine launch (off).
+    static DECODE_CLUSTER = true;
+}
+
+/// Most partitions a clustered decode launch merges (the portable cluster size).
+pub const DECODE_CLUSTER_MAX: usize = 8;
+
+/// Turns the decode kernel's cluster merge on or off process-wide (side-by-side benchmarks).
+pub fn set_decode_cluster(on: bool) {
+    DECODE_CLUSTER.set(on);
+}
+
+/// [`set_decode_cluster`] for launches on this thread (`None`: the process-wide value).
+pub fn set_decode_cluster_on_this_thread(on: Option<bool>) {
+    DECODE_CLUSTER.set_on_this_thread(on);
+}
+
+/// Query heads per decode CTA when set (one of `DECODE_HEAD_TILES`); 0: the smallest tile that
+/// holds the GQA group.
+static DECODE_HEAD_TILE: AtomicUsize = AtomicUsize::new(0);
+
+/// Overrides the decode kernel's query heads per CTA (`None`: the smallest tile that holds the
+/// GQA group); for side-by-side benchmarks. Errors on a size the kernel is not built for.
+pub fn set_decode_head_tile(tile: Option<usize>) -> Result<()> {
+    if let Some(g) = tile {
+        if !DECODE_HEAD_TILES.contains(&g) {
+            bail!("decode head tile {g}: not one of {DECODE_HEAD_TILES:?}")
+        }
+    }
+    DECODE_HEAD_TILE.store(tile.unwrap_or(0), Ordering::Relaxed);
+    Ok(())
+}
+
 /// Threads per CTA of the decode kernel (`DEC_THREADS` in paged_decode.cu).
 const DECODE_THREADS: u32 = 128;
 /// Keys per warp step of the decode kernel (`DEC_CHUNK`): partitions are whole chunks.
@@ -264,6 +308,10 @@ const DECODE_HEAD_TILES: [usize; 3] = [1, 4, 8];
 
 /// Query heads per decode CTA for a GQA group of `group` heads.
 fn decode_head_tile(group: usize) -> usize {
+    let set = DECODE_HEAD_TILE.load(Ordering::Relaxed);
+    if set != 0 {
+        return set;
+    }
     let max = DECODE_HEAD_TILES[DECODE_HEAD_TILES.len() - 1];
     DECODE_HEAD_TILES
         .into_iter()
@@ -878,7 +926,8 @@ impl PagedAttention {
         let (ctas_per_sm, min_partition) = decode_split();
         let target = ctas_per_sm * multiprocessor_count(&stream);
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
-        let parts = if splits > 1 {
+        let cluster = splits > 1 && splits <= DECODE_CLUSTER_MAX && DECODE_CLUSTER.on();
+        let parts = if splits > 1 && !cluster {
             Some(Partials::alloc(
                 &dev,
                 num_seqs * num_heads * splits,
@@ -904,12 +953,16 @@ impl PagedAttention {
         let (num_heads_i, kv_heads_i) = (num_heads as i32, num_kv_heads as i32);
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let variant = if cluster { "_cluster" } else { "" };
         let mut b = pdl::Launch::new(
             &dev,
-            &format!("paged_decode_{suffix}_d{head_dim}_g{g}"),
+            &format!("paged_decode_{suffix}_d{head_dim}_g{g}{variant}"),
             "paged_decode",
             ptx::PAGED_DECODE,
         )?;
+        if cluster {
+            b.cluster((1, 1, splits as u32));
+        }
         let cfg = LaunchConfig {
             grid_dim: (
                 num_seqs as u32,
@@ -929,7 +982,7 @@ impl PagedAttention {
             .arg(&scale_log2);
         unsafe { b.launch(cfg) }?;
 
-        if splits > 1 {
+        if splits > 1 && !cluster {
             let mut b = pdl::Launch::new(
                 &dev,
                 &format!("paged_decode_combine_{suffix}_d{head_dim}"),

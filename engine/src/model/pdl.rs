@@ -52,6 +52,8 @@ pub struct Launch<'a> {
     func: CudaFunction,
     stream: Arc<CudaStream>,
     args: Vec<*mut c_void>,
+    /// Thread-block cluster dimensions (sm_90), none when `None`.
+    cluster: Option<(u32, u32, u32)>,
     _args: PhantomData<&'a ()>,
 }
 
@@ -65,8 +67,16 @@ impl<'a> Launch<'a> {
                 .into_cuda_function(),
             stream: dev.cuda_stream(),
             args: Vec::with_capacity(16),
+            cluster: None,
             _args: PhantomData,
         })
+    }
+
+    /// Launches the grid as thread-block clusters of `dims` CTAs (sm_90; at most 8 CTAs, the
+    /// portable cluster size; the grid must be a whole number of clusters).
+    pub fn cluster(&mut self, dims: (u32, u32, u32)) -> &mut Self {
+        self.cluster = Some(dims);
+        self
     }
 
     /// Appends one kernel argument (a scalar or a device pointer as `u64`).
@@ -75,17 +85,30 @@ impl<'a> Launch<'a> {
         self
     }
 
-    /// Queues the kernel, with the PDL attribute when [`pdl`] is on.
+    /// Queues the kernel, with the PDL attribute when [`pdl`] is on and the cluster dimensions
+    /// when set.
     ///
     /// # Safety
     /// The arguments must match the kernel's parameters, and the kernel must call `pdl_enter()`
     /// before it touches anything an earlier kernel writes or reads.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
         self.stream.context().bind_to_thread().w()?;
-        let on = pdl();
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
+        let mut num_attrs = 0;
+        if pdl() {
+            let a = &mut attrs[num_attrs];
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            a.value.programmaticStreamSerializationAllowed = 1;
+            num_attrs += 1;
+        }
+        if let Some((x, y, z)) = self.cluster {
+            let a = &mut attrs[num_attrs];
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            a.value.clusterDim.x = x;
+            a.value.clusterDim.y = y;
+            a.value.clusterDim.z = z;
+            num_attrs += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -95,10 +118,10 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(on),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: num_attrs as u32,
         };
-        // `config`, `attr` and the arguments outlive the call.
+        // `config`, `attrs` and the arguments outlive the call.
         sys::cuLaunchKernelEx(
             &config,
             self.func.cu_function(),

@@ -9,9 +9,10 @@
 use candle_core::{DType, Device, Tensor};
 use engine::model::attention::SPLIT_COUNTERS_PER_SEQ;
 use engine::model::attention_cuda::{
-    decode_split, paged_attention_into, paged_split, set_decode_kernel_on_this_thread,
-    set_decode_split, set_flash_wide_tiles_on_this_thread, set_in_kernel_combine_on_this_thread,
-    set_paged_split, set_prefill_kernel, write_kv_cache, PrefillKernel,
+    decode_split, paged_attention_into, paged_split, set_decode_cluster_on_this_thread,
+    set_decode_head_tile, set_decode_kernel_on_this_thread, set_decode_split,
+    set_flash_wide_tiles_on_this_thread, set_in_kernel_combine_on_this_thread, set_paged_split,
+    set_prefill_kernel, write_kv_cache, PrefillKernel,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -398,6 +399,62 @@ fn paged_in_kernel_combine_matches_combine_launch() {
                     assert_eq!(fused.got, launch.got, "{what}: in-kernel vs launch");
                     let err = rel_l2(&fused.got, &fused.reference(&c));
                     assert!(err < tolerance(dtype), "{what}: rel error {err:.3e}");
+                }
+            }
+        }
+    }
+    set_decode_kernel_on_this_thread(None);
+}
+
+/// The decode kernel's cluster merge (partitions merged through distributed shared memory)
+/// against partials and the combine launch: bit for bit, every output written; every query-head
+/// tile (1, 4, 8), GQA and MHA, contexts from one key to 3,000 (some partitions empty), splits of
+/// 2 to 8 partitions and more than a cluster takes (the combine launch either way).
+#[test]
+fn paged_decode_cluster_matches_combine_launch() {
+    let shapes = [(12, 2, 128, 16), (4, 4, 64, 16), (16, 2, 96, 8), (6, 2, 80, 32)];
+    let batches: Vec<Vec<usize>> = vec![
+        vec![1024],
+        vec![1, 33, 3000],
+        (1..=9).map(|i| 100 * i + 7).collect(),
+        vec![129, 1000, 257],
+    ];
+    let default_split = decode_split();
+    // (CTAs per SM, min keys per partition): partitions of >= 128 and >= 512 keys (up to 8 per
+    // launch at these contexts), and of 32 keys (more than a cluster: the combine launch).
+    let splits = [(64, 128), (64, 512), (64, 32)];
+    set_decode_kernel_on_this_thread(Some(true));
+    let mut seed = 7000;
+    for &(heads, kv_heads, head_dim, block_size) in &shapes {
+        for ctxs in &batches {
+            let c = Case {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size,
+                seqs: ctxs.iter().map(|&ctx| (1, ctx)).collect(),
+            };
+            for tile in [None, Some(1), Some(4), Some(8)] {
+                for dtype in [DType::BF16, DType::F32] {
+                    for &(ctas, min_keys) in &splits {
+                        seed += 1;
+                        set_decode_head_tile(tile).unwrap();
+                        set_decode_split(ctas, min_keys);
+                        set_decode_cluster_on_this_thread(Some(false));
+                        let launch = run_attention(&c, dtype, seed, 0);
+                        set_decode_cluster_on_this_thread(Some(true));
+                        let cluster = run_attention(&c, dtype, seed, 0);
+                        set_decode_cluster_on_this_thread(None);
+                        set_decode_split(default_split.0, default_split.1);
+                        set_decode_head_tile(None).unwrap();
+                        let what = format!(
+                            "{heads}/{kv_heads} heads d{head_dim}, contexts {ctxs:?}, tile {tile:?}, \
+                             {dtype:?}, split ({ctas}, {min_keys})"
+                        );
+                        assert_eq!(cluster.got, launch.got, "{what}: cluster vs combine launch");
+                        let err = rel_l2(&cluster.got, &cluster.reference(&c));
+                        assert!(err < tolerance(dtype), "{what}: rel error {err:.3e}");
+                    }
                 }
             }
         }

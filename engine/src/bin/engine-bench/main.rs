@@ -70,16 +70,29 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     attn_splits: Vec<String>,
     /// The same for the decode kernel's split, each `CTAS_PER_SM:MIN_PARTITION_KEYS` (the
-    /// engine's default is 4:128).
+    /// engine's default is 4:128), optionally followed by `:g<HEADS>` (query heads per CTA: 1, 4
+    /// or 8) and `:combine` (partials and the combine launch instead of the cluster merge).
     #[arg(long, value_delimiter = ',')]
     decode_splits: Vec<String>,
+    /// Fewest sequences a decode step needs to take the decode kernel (the engine's default is
+    /// 16; 1 takes it at every batch size).
+    #[arg(long)]
+    decode_min_seqs: Option<usize>,
+    /// Query heads per decode-kernel CTA (1, 4 or 8; default: the smallest that holds the GQA
+    /// group).
+    #[arg(long)]
+    decode_head_tile: Option<usize>,
+    /// The decode kernel's split for the whole run, `CTAS_PER_SM:MIN_PARTITION_KEYS`.
+    #[arg(long)]
+    decode_split: Option<String>,
     /// Time the prefill variants (paged-attention kernel only, 64x32 tiles, unfused ops) only up
     /// to this many tokens: the paged kernel alone is quadratic and slow on long prompts.
     #[arg(long, default_value_t = usize::MAX)]
     prefill_variants_max: usize,
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
     /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), warp-rows
-    /// (warp-per-row GEMV), fused, decode-kernel, pdl (programmatic dependent launch).
+    /// (warp-per-row GEMV), fused, decode-kernel, pdl (programmatic dependent launch), cluster
+    /// (the decode kernel's cluster merge).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
     /// Also write the table here.
@@ -302,6 +315,9 @@ const COMBINE_IN_KERNEL: &str = "attention combine in the kernel";
 /// (eager launches only: CUDA graphs are captured without it).
 const NO_PDL: &str = "ordinary launches (no PDL)";
 
+/// Split decode attention through partials and the combine launch instead of the cluster merge.
+const NO_DECODE_CLUSTER: &str = "decode combine launch (no cluster)";
+
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 const EAGER: &str = "eager (no CUDA graphs)";
 
@@ -316,6 +332,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         ROPE_OWN_LAUNCH,
         COMBINE_IN_KERNEL,
         NO_PDL,
+        NO_DECODE_CLUSTER,
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -358,6 +375,8 @@ fn set_path(variant: &str, on: bool) -> bool {
         #[cfg(feature = "cuda")]
         NO_PDL => engine::model::pdl::set_pdl(!on),
         #[cfg(feature = "cuda")]
+        NO_DECODE_CLUSTER => engine::model::attention_cuda::set_decode_cluster(!on),
+        #[cfg(feature = "cuda")]
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => return false,
     }
@@ -365,13 +384,14 @@ fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-const WITHOUT: [(&str, &str); 6] = [
+const WITHOUT: [(&str, &str); 7] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
     ("fused", "unfused ops"),
     ("decode-kernel", "paged kernel for decode"),
     ("pdl", NO_PDL),
+    ("cluster", NO_DECODE_CLUSTER),
 ];
 
 /// Turns one optional path off for the whole run (`--without`).
@@ -381,7 +401,7 @@ fn turn_off(path: &str) -> Result<()> {
         _ => {
             let keys: Vec<&str> = WITHOUT.iter().map(|(key, _)| *key).collect();
             bail!(
-                "--without {path}: not one of {} (the last two need CUDA)",
+                "--without {path}: not one of {} (the last three need CUDA)",
                 keys.join(", ")
             )
         }
@@ -458,6 +478,18 @@ fn main() -> Result<()> {
     }
     for path in &cli.without {
         turn_off(path)?;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use engine::model::attention_cuda::{set_decode_head_tile, set_decode_min_seqs};
+        if let Some(n) = cli.decode_min_seqs {
+            set_decode_min_seqs(n);
+        }
+        set_decode_head_tile(cli.decode_head_tile)?;
+        if let Some(split) = &cli.decode_split {
+            let (a, b) = parse_split(split)?;
+            engine::model::attention_cuda::set_decode_split(a, b);
+        }
     }
     let dtype = resolve_dtype(cli.dtype, &device);
     let iters = cli.iters.max(1);
@@ -732,8 +764,8 @@ fn split_sweep(
     cache: &KvCache,
 ) -> Result<Vec<(String, Vec<(usize, f64)>)>> {
     use engine::model::attention_cuda::{
-        decode_split, paged_split, set_decode_kernel_on_this_thread, set_decode_split,
-        set_paged_split,
+        decode_split, paged_split, set_decode_cluster_on_this_thread, set_decode_head_tile,
+        set_decode_kernel_on_this_thread, set_decode_split, set_paged_split,
     };
     let defaults = (paged_split(), decode_split());
     let mut q = QueuedTimer::new(device)?;
@@ -744,10 +776,23 @@ fn split_sweep(
         .map(|s| ("paged", s))
         .chain(cli.decode_splits.iter().map(|s| ("decode", s)));
     for (kernel, setting) in settings {
-        let (a, b) = setting
-            .split_once(':')
-            .with_context(|| format!("split {setting:?}: want A:B"))?;
-        let (a, b): (usize, usize) = (a.trim().parse()?, b.trim().parse()?);
+        let (ab, opts) = match setting.match_indices(':').nth(1) {
+            Some((i, _)) => (&setting[..i], &setting[i + 1..]),
+            None => (setting.as_str(), ""),
+        };
+        let (a, b) = parse_split(ab)?;
+        let fields = opts.split(':').map(str::trim).filter(|f| !f.is_empty());
+        // Decode kernel options after A:B: `g<N>` query heads per CTA, `combine`.
+        let (mut tile, mut combine) = (cli.decode_head_tile, false);
+        for f in fields {
+            match (f, f.strip_prefix('g')) {
+                ("combine", _) if kernel == "decode" => combine = true,
+                (_, Some(g)) if kernel == "decode" => tile = Some(g.parse()?),
+                _ => bail!("split {setting:?}: unknown option {f:?} (decode splits take g<N>, combine)"),
+            }
+        }
+        set_decode_head_tile(tile)?;
+        set_decode_cluster_on_this_thread(combine.then_some(false));
         // Each kernel at every batch size (the engine picks by size: DECODE_MIN_SEQS).
         if kernel == "paged" {
             set_decode_kernel_on_this_thread(Some(false));
@@ -771,7 +816,18 @@ fn split_sweep(
     set_paged_split(defaults.0 .0, defaults.0 .1);
     set_decode_split(defaults.1 .0, defaults.1 .1);
     set_decode_kernel_on_this_thread(None);
+    set_decode_cluster_on_this_thread(None);
+    set_decode_head_tile(cli.decode_head_tile)?;
     Ok(rows)
+}
+
+/// `A:B` as two counts (a context split: CTAs per SM and the least partition).
+#[cfg(feature = "cuda")]
+fn parse_split(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = s
+        .split_once(':')
+        .with_context(|| format!("split {s:?}: want A:B"))?;
+    Ok((a.trim().parse()?, b.trim().parse()?))
 }
 
 /// Median milliseconds of the model's forward of `fb` over `reps` runs after `warm` untimed ones.
@@ -830,6 +886,15 @@ fn render(
     );
     if !cli.without.is_empty() {
         let _ = writeln!(s, "Run without: {}.\n", cli.without.join(", "));
+    }
+    if let Some(n) = cli.decode_min_seqs {
+        let _ = writeln!(s, "Decode kernel from {n} sequences per step.\n");
+    }
+    if let Some(g) = cli.decode_head_tile {
+        let _ = writeln!(s, "Decode kernel with {g} query heads per CTA.\n");
+    }
+    if let Some(split) = &cli.decode_split {
+        let _ = writeln!(s, "Decode kernel split {split} (CTAs per SM : keys per partition at least).\n");
     }
     let _ = writeln!(
         s,
