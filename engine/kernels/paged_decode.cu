@@ -26,7 +26,7 @@
 // contexts) exit at once and write nothing; the combine reads only the partitions a context uses.
 //
 // paged_decode_<T>_d<D>_g<G>_cluster (sm_90): the partitions of one (sequence, head tile) are one
-// thread-block cluster (cluster dims (1, 1, splits), splits <= 8). Each CTA leaves its (m, l, acc)
+// thread-block cluster (cluster dims (1, 1, splits), splits <= 16). Each CTA leaves its (m, l, acc)
 // in shared memory; after a cluster barrier every CTA merges a slice of the output elements,
 // reading the partitions through distributed shared memory with the combine kernel's arithmetic
 // in its order (same bits), and a second barrier keeps the shared memory alive until all have

@@ -219,11 +219,13 @@ pub fn decode_kernel() -> bool {
     DECODE_KERNEL.process()
 }
 
-/// Fewest sequences a decode-only step needs to take the decode kernel: below, the paged kernel
-/// was faster on an H200 (Qwen2.5-1.5B shape, context 1k, all layers: 0.58 against 0.75 ms at
-/// batch 1, 0.79 against 0.82 at 8; the decode kernel won at 32 and 128, 1.55 against 1.92 and
-/// 3.92 against 5.77 ms; days/gpu-engine/run10, run9).
-pub const DECODE_MIN_SEQS: usize = 16;
+/// Fewest sequences a decode-only step needs to take the decode kernel: every decode step since
+/// the decode kernel takes small batches with one query head per CTA. On an H200 (Qwen2.5-1.5B
+/// shape, context 1k, attention over all layers, days/gpu-engine/run31) the paged kernel took
+/// 0.456 / 0.715 ms at batch 1 / 8, the decode kernel with one head per CTA 0.340 / 0.618 (and with
+/// its 8-head tiles 0.683 / 0.732); at 32 and 128 the 8-head tiles won, 1.457 and 5.178 ms against
+/// 1.848 and 5.835. Before one-head tiles the bound was 16 (run9, run10).
+pub const DECODE_MIN_SEQS: usize = 1;
 
 static DECODE_MIN: AtomicUsize = AtomicUsize::new(DECODE_MIN_SEQS);
 
@@ -263,21 +265,36 @@ pub fn decode_split() -> (usize, usize) {
 }
 
 crate::switch! {
-    /// A split decode launch of at most `DECODE_CLUSTER_MAX` partitions runs as thread-block
-    /// clusters that merge their partitions through distributed shared memory (on) or writes
-    /// partials for the combine launch (off).
+    /// A split decode launch of one sequence and at most `DECODE_CLUSTER_MAX` partitions runs as
+    /// thread-block clusters that merge their partitions through distributed shared memory (on)
+    /// or writes partials for the combine launch (off). One sequence only: at batch 8 and above
+    /// the clusters measured slower than the combine launch (Qwen2.5-1.5B shape, context 1k, one
+    /// head per CTA, 7 partitions: 1.059 against 0.626 ms at batch 8; days/gpu-engine/run31),
+    /// while a batch-1 step replayed from a graph took 1.413 ms against 1.596 with the paged
+    /// kernel and its combine.
     static DECODE_CLUSTER = true;
 }
 
-/// Most partitions a clustered decode launch merges (the portable cluster size).
-pub const DECODE_CLUSTER_MAX: usize = 8;
+/// Most partitions a clustered decode launch merges (clusters above 8 CTAs are the hardware's
+/// non-portable sizes, allowed per kernel).
+pub const DECODE_CLUSTER_MAX: usize = 16;
+
+/// Whether a decode launch of `num_seqs` sequences split `splits` ways merges in clusters: the
+/// switch (one sequence) or this thread's override (`Some(true)`: any batch).
+fn takes_decode_cluster(num_seqs: usize, splits: usize) -> bool {
+    (2..=DECODE_CLUSTER_MAX).contains(&splits)
+        && DECODE_CLUSTER
+            .this_thread()
+            .unwrap_or_else(|| DECODE_CLUSTER.process() && num_seqs == 1)
+}
 
 /// Turns the decode kernel's cluster merge on or off process-wide (side-by-side benchmarks).
 pub fn set_decode_cluster(on: bool) {
     DECODE_CLUSTER.set(on);
 }
 
-/// [`set_decode_cluster`] for launches on this thread (`None`: the process-wide value).
+/// [`set_decode_cluster`] for launches on this thread: `Some(true)` merges in clusters at any
+/// batch size when the partitions fit one, `Some(false)` never, `None` follows the switch.
 pub fn set_decode_cluster_on_this_thread(on: Option<bool>) {
     DECODE_CLUSTER.set_on_this_thread(on);
 }
@@ -306,11 +323,18 @@ const DECODE_CHUNK: usize = 32;
 /// the smallest that holds it, groups above the largest are tiled.
 const DECODE_HEAD_TILES: [usize; 3] = [1, 4, 8];
 
-/// Query heads per decode CTA for a GQA group of `group` heads.
-fn decode_head_tile(group: usize) -> usize {
+/// Query heads per decode CTA for a step of `num_seqs` sequences of `num_heads` heads in GQA
+/// groups of `group` on `sms` SMs: the override if set; one head while one-head CTAs before any
+/// split do not exceed one per SM (batch 1-8 at the Qwen2.5-1.5B shape: each CTA's work is a
+/// sixth, the K/V rows are read once per head, mostly from L2; run31); else the smallest tile
+/// that holds the group (its K/V rows read once per step).
+fn decode_head_tile(group: usize, num_seqs: usize, num_heads: usize, sms: usize) -> usize {
     let set = DECODE_HEAD_TILE.load(Ordering::Relaxed);
     if set != 0 {
         return set;
+    }
+    if num_seqs * num_heads <= sms {
+        return 1;
     }
     let max = DECODE_HEAD_TILES[DECODE_HEAD_TILES.len() - 1];
     DECODE_HEAD_TILES
@@ -919,14 +943,14 @@ impl PagedAttention {
         let stream = dev.cuda_stream();
 
         let group = num_heads / num_kv_heads;
-        let g = decode_head_tile(group);
+        let g = decode_head_tile(group, num_seqs, num_heads, multiprocessor_count(&stream));
         let head_tiles = group.div_ceil(g);
         let base_ctas = num_seqs * num_kv_heads * head_tiles;
         let max_ctx = self.max_context_len.clamp(1, max_blocks * block_size);
         let (ctas_per_sm, min_partition) = decode_split();
         let target = ctas_per_sm * multiprocessor_count(&stream);
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
-        let cluster = splits > 1 && splits <= DECODE_CLUSTER_MAX && DECODE_CLUSTER.on();
+        let cluster = takes_decode_cluster(num_seqs, splits);
         let parts = if splits > 1 && !cluster {
             Some(Partials::alloc(
                 &dev,
@@ -961,7 +985,7 @@ impl PagedAttention {
             ptx::PAGED_DECODE,
         )?;
         if cluster {
-            b.cluster((1, 1, splits as u32));
+            b.cluster((1, 1, splits as u32))?;
         }
         let cfg = LaunchConfig {
             grid_dim: (

@@ -72,11 +72,20 @@ impl<'a> Launch<'a> {
         })
     }
 
-    /// Launches the grid as thread-block clusters of `dims` CTAs (sm_90; at most 8 CTAs, the
-    /// portable cluster size; the grid must be a whole number of clusters).
-    pub fn cluster(&mut self, dims: (u32, u32, u32)) -> &mut Self {
+    /// Launches the grid as thread-block clusters of `dims` CTAs (sm_90; the grid must be a whole
+    /// number of clusters). Above 8 CTAs (the portable size, up to 16 on H100/H200) the kernel is
+    /// allowed non-portable sizes first.
+    pub fn cluster(&mut self, dims: (u32, u32, u32)) -> Result<&mut Self> {
+        if dims.0 * dims.1 * dims.2 > 8 {
+            self.func
+                .set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                    1,
+                )
+                .w()?;
+        }
         self.cluster = Some(dims);
-        self
+        Ok(self)
     }
 
     /// Appends one kernel argument (a scalar or a device pointer as `u64`).

@@ -408,21 +408,23 @@ fn paged_in_kernel_combine_matches_combine_launch() {
 
 /// The decode kernel's cluster merge (partitions merged through distributed shared memory)
 /// against partials and the combine launch: bit for bit, every output written; every query-head
-/// tile (1, 4, 8), GQA and MHA, contexts from one key to 3,000 (some partitions empty), splits of
-/// 2 to 8 partitions and more than a cluster takes (the combine launch either way).
+/// tile (1, 4, 8), GQA and MHA, one sequence and several, contexts from one key to 3,000 (some
+/// partitions empty), splits of 2 to 16 partitions (portable and non-portable cluster sizes) and
+/// more than a cluster takes (the combine launch either way).
 #[test]
 fn paged_decode_cluster_matches_combine_launch() {
     let shapes = [(12, 2, 128, 16), (4, 4, 64, 16), (16, 2, 96, 8), (6, 2, 80, 32)];
     let batches: Vec<Vec<usize>> = vec![
         vec![1024],
+        vec![1025],
         vec![1, 33, 3000],
         (1..=9).map(|i| 100 * i + 7).collect(),
         vec![129, 1000, 257],
     ];
     let default_split = decode_split();
-    // (CTAs per SM, min keys per partition): partitions of >= 128 and >= 512 keys (up to 8 per
-    // launch at these contexts), and of 32 keys (more than a cluster: the combine launch).
-    let splits = [(64, 128), (64, 512), (64, 32)];
+    // (CTAs per SM, min keys per partition): partitions of >= 128, >= 200 and >= 512 keys (2 to
+    // 14 per launch at these contexts), and of 32 keys (up to 94: the combine launch).
+    let splits = [(64, 128), (64, 200), (64, 512), (64, 32)];
     set_decode_kernel_on_this_thread(Some(true));
     let mut seed = 7000;
     for &(heads, kv_heads, head_dim, block_size) in &shapes {

@@ -75,11 +75,11 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     decode_splits: Vec<String>,
     /// Fewest sequences a decode step needs to take the decode kernel (the engine's default is
-    /// 16; 1 takes it at every batch size).
+    /// 1: every decode step; below it, the paged kernel).
     #[arg(long)]
     decode_min_seqs: Option<usize>,
-    /// Query heads per decode-kernel CTA (1, 4 or 8; default: the smallest that holds the GQA
-    /// group).
+    /// Query heads per decode-kernel CTA (1, 4 or 8; default: 1 at small batches, else the
+    /// smallest that holds the GQA group).
     #[arg(long)]
     decode_head_tile: Option<usize>,
     /// The decode kernel's split for the whole run, `CTAS_PER_SM:MIN_PARTITION_KEYS`.
