@@ -265,13 +265,14 @@ pub fn decode_split() -> (usize, usize) {
 }
 
 crate::switch! {
-    /// A split decode launch of one sequence and at most `DECODE_CLUSTER_MAX` partitions runs as
-    /// thread-block clusters that merge their partitions through distributed shared memory (on)
-    /// or writes partials for the combine launch (off). One sequence only: at batch 8 and above
-    /// the clusters measured slower than the combine launch (Qwen2.5-1.5B shape, context 1k, one
-    /// head per CTA, 7 partitions: 1.059 against 0.626 ms at batch 8; days/gpu-engine/run31),
-    /// while a batch-1 step replayed from a graph took 1.413 ms against 1.596 with the paged
-    /// kernel and its combine.
+    /// A split decode launch of at most `DECODE_CLUSTER_MAX` partitions and no more CTAs than SMs
+    /// runs as thread-block clusters that merge their partitions through distributed shared
+    /// memory (on) or writes partials for the combine launch (off). Only small launches: with more
+    /// CTAs than fit at once, clusters measured slower than the combine (attention over all
+    /// layers, context 1k, one head per CTA; days/gpu-engine/run31, run32): Qwen2.5-1.5B batch 8,
+    /// 672 CTAs, 1.059 against 0.626 ms; CodeLlama-34B batch 1, 576 CTAs, 1.105 against 0.623.
+    /// Qwen2.5-1.5B batch 1 (108 CTAs): 0.296 against 0.341 ms, and a graphed step 1.380 against
+    /// 1.417 ms.
     static DECODE_CLUSTER = true;
 }
 
@@ -279,13 +280,14 @@ crate::switch! {
 /// non-portable sizes, allowed per kernel).
 pub const DECODE_CLUSTER_MAX: usize = 16;
 
-/// Whether a decode launch of `num_seqs` sequences split `splits` ways merges in clusters: the
-/// switch (one sequence) or this thread's override (`Some(true)`: any batch).
-fn takes_decode_cluster(num_seqs: usize, splits: usize) -> bool {
+/// Whether a decode launch of `ctas` CTAs split `splits` ways on `sms` SMs merges in clusters: the
+/// switch (at most one CTA per SM) or this thread's override (`Some(true)`: any launch whose
+/// partitions fit a cluster).
+fn takes_decode_cluster(ctas: usize, splits: usize, sms: usize) -> bool {
     (2..=DECODE_CLUSTER_MAX).contains(&splits)
         && DECODE_CLUSTER
             .this_thread()
-            .unwrap_or_else(|| DECODE_CLUSTER.process() && num_seqs == 1)
+            .unwrap_or_else(|| DECODE_CLUSTER.process() && ctas <= sms)
 }
 
 /// Turns the decode kernel's cluster merge on or off process-wide (side-by-side benchmarks).
@@ -943,14 +945,15 @@ impl PagedAttention {
         let stream = dev.cuda_stream();
 
         let group = num_heads / num_kv_heads;
-        let g = decode_head_tile(group, num_seqs, num_heads, multiprocessor_count(&stream));
+        let sms = multiprocessor_count(&stream);
+        let g = decode_head_tile(group, num_seqs, num_heads, sms);
         let head_tiles = group.div_ceil(g);
         let base_ctas = num_seqs * num_kv_heads * head_tiles;
         let max_ctx = self.max_context_len.clamp(1, max_blocks * block_size);
         let (ctas_per_sm, min_partition) = decode_split();
-        let target = ctas_per_sm * multiprocessor_count(&stream);
+        let target = ctas_per_sm * sms;
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
-        let cluster = takes_decode_cluster(num_seqs, splits);
+        let cluster = takes_decode_cluster(base_ctas * splits, splits, sms);
         let parts = if splits > 1 && !cluster {
             Some(Partials::alloc(
                 &dev,

@@ -413,7 +413,12 @@ fn paged_in_kernel_combine_matches_combine_launch() {
 /// more than a cluster takes (the combine launch either way).
 #[test]
 fn paged_decode_cluster_matches_combine_launch() {
-    let shapes = [(12, 2, 128, 16), (4, 4, 64, 16), (16, 2, 96, 8), (6, 2, 80, 32)];
+    let shapes = [
+        (12, 2, 128, 16),
+        (4, 4, 64, 16),
+        (16, 2, 96, 8),
+        (6, 2, 80, 32),
+    ];
     let batches: Vec<Vec<usize>> = vec![
         vec![1024],
         vec![1025],

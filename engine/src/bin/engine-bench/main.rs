@@ -788,7 +788,9 @@ fn split_sweep(
             match (f, f.strip_prefix('g')) {
                 ("combine", _) if kernel == "decode" => combine = true,
                 (_, Some(g)) if kernel == "decode" => tile = Some(g.parse()?),
-                _ => bail!("split {setting:?}: unknown option {f:?} (decode splits take g<N>, combine)"),
+                _ => bail!(
+                    "split {setting:?}: unknown option {f:?} (decode splits take g<N>, combine)"
+                ),
             }
         }
         set_decode_head_tile(tile)?;
@@ -894,7 +896,10 @@ fn render(
         let _ = writeln!(s, "Decode kernel with {g} query heads per CTA.\n");
     }
     if let Some(split) = &cli.decode_split {
-        let _ = writeln!(s, "Decode kernel split {split} (CTAs per SM : keys per partition at least).\n");
+        let _ = writeln!(
+            s,
+            "Decode kernel split {split} (CTAs per SM : keys per partition at least).\n"
+        );
     }
     let _ = writeln!(
         s,
