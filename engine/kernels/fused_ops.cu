@@ -95,7 +95,7 @@ __device__ void add_rms_norm_impl(const T* __restrict__ x, const T* __restrict__
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             a[k] = round_to<T>(a[k] + b[k]);
-            ss += a[k] * a[k];
+            ss = fmaf(a[k], a[k], ss);
         }
         if constexpr (V == 8) {
             store_v<8>(sum + row + c, a);

@@ -11,6 +11,9 @@
 // gemv_<T>_m<M>:   the same work split element by element: any K, any alignment.
 // Grid: ceil(N / ROWS) CTAs; rows past N re-read row N - 1 and store nothing. Each output's sum
 // runs in an order that depends on its row of W only, not on M.
+// gemv_<T>_m1_w*:  one row of x, a warp per row of W; variants with the residual add + RMSNorm
+//                  before the projection (_norm) and the SiLU-gate or rotary + KV-cache write
+//                  after it fused in (below, at WARP_ROW_CTAS).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -80,6 +83,12 @@ __device__ __forceinline__ int64_t last_row(int64_t r, int n) {
 constexpr int64_t PREFETCH_MAX_BYTES = 8 << 20;
 __device__ __forceinline__ bool prefetch_pays(int64_t weight_bytes) {
     return weight_bytes <= PREFETCH_MAX_BYTES;
+}
+
+// v, or zeros (a chunk past the end of a row). By value: a select between two addresses would
+// put the zeros on the stack.
+__device__ __forceinline__ uint4 zero_unless(bool keep, uint4 v) {
+    return keep ? v : make_uint4(0, 0, 0, 0);
 }
 
 // A W chunk: read once, so it bypasses L1 and leaves it to x.
@@ -204,13 +213,13 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 
 // One row of x, warp-per-row variant (gemv_<T>_m1_w<WR>u<U>): each warp owns WR rows of W at a
 // time and walks them with its lanes over K in 16-byte chunks, all WR x U loads of a step in
-// flight; a warp shuffle reduces; no shared memory, no CTA barrier. Warps take row groups
-// grid-stride: the host sizes the grid so that every warp gets the same number of groups (no
-// tail wave). WR = 2 for many rows; WR = 1 with deeper unrolling for few rows (more warps, more
-// bytes in flight). The host sends it rows of at most 256 chunks (one or two steps per lane);
-// longer rows go to the CTA-per-rows kernel, which was faster there. Needs the same alignment as
-// the _v kernels. CTAs per SM promised to the compiler (and assumed by the host): 64 registers
-// per thread.
+// flight; a warp shuffle reduces; no CTA barrier, and no shared memory but the _norm prologue's.
+// Warps take row groups grid-stride: the host sizes the grid so that every warp gets the same
+// number of groups (no tail wave). WR = 2 for many rows; WR = 1 with deeper unrolling for few
+// rows (more warps, more bytes in flight). The host sends it rows of at most 256 chunks (one or
+// two steps per lane); longer rows go to the CTA-per-rows kernel, which was faster there. Needs
+// the same alignment as the _v kernels. CTAs per SM promised to the compiler (and assumed by the
+// host): 64 registers per thread.
 //
 // Two epilogues take a warp's two rows as a pair, each sum run in the same order as in the plain
 // kernel and rounded to T as it would store it, so each is bit for bit the plain kernel followed
@@ -222,6 +231,12 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 //                  q and k heads, stores q into q_out [H, hd] and k, v into the paged caches at
 //                  the token's slot (qkv_rope_cache). 4 CTAs per SM (128 registers: 16 loads in
 //                  flight per lane).
+// and a prologue, bit for bit the add_rms_norm launch (fused_ops.cu) that would come before:
+// gemv_<T>_m1_w2u4_silu_norm, gemv_<T>_m1_w2u8_rope_norm: x is the layer output h; each warp
+//                  computes the normed row add_rms_norm(h, residual, norm_w) itself, with
+//                  add_rms_norm's arithmetic, into its 4 KiB of shared memory (norm_prologue), and
+//                  multiplies that; warp 0 of CTA 0 also stores sum_out = h + residual (the next
+//                  residual; a buffer of its own, as the other CTAs still read residual).
 constexpr int WARP_ROW_CTAS = 8;
 constexpr int ROPE_CTAS = 4;
 
@@ -240,9 +255,105 @@ struct RopeArgs {
     int64_t num_slots;
 };
 
-template <typename T, int WR, int U, Epilogue EPI>
+// What the RMSNorm prologue needs beside x (= the layer output h it adds to the residual).
+template <typename T>
+struct NormArgs {
+    const T* residual;  // [k]
+    const T* weight;    // [k]: the norm's weight
+    T* sum_out;         // [k]: h + residual, the next residual (a buffer of its own)
+    float eps;
+};
+
+// Longest row (16-byte chunks) the prologue takes: WARP_ROWS_MAX_CHUNKS on the host.
+constexpr int NORM_MAX_CHUNKS = 256;
+static_assert((NORM_MAX_CHUNKS & (NORM_MAX_CHUNKS - 1)) == 0, "a power of two (index mask)");
+
+// A 16-byte chunk of T from its elements as f32, each rounded to T (unpack's inverse).
+__device__ __forceinline__ uint4 pack(const float (&f)[4], float) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                      __float_as_uint(f[3]));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t bits16(float v) {
+    const T t = from_f32<T>(v);
+    uint16_t b;
+    memcpy(&b, &t, sizeof(b));
+    return b;
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float (&f)[8], T) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = bits16<T>(f[2 * i]) | bits16<T>(f[2 * i + 1]) << 16;
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// add_rms_norm (fused_ops.cu) of one row, [k] of at most NORM_MAX_CHUNKS chunks, computed by one
+// warp into xs (its own NORM_MAX_CHUNKS chunks of shared memory) with the same arithmetic, so
+// each chunk holds the bits add_rms_norm stores: sum a = round_to<T>(h + residual); squares
+// summed per group of 8 elements in order (add_rms_norm's thread t owns group t: here lane l owns
+// groups l + 32 j, which is thread l of the CTA's warp j), then block_sum's two shuffle trees
+// (over each warp's groups, then over the warps' totals); scale = rsqrtf(total / k + eps); the
+// normed element a * scale * weight rounded to T. A group is one chunk of 16-bit T and two of f32,
+// so f32 groups mix lanes' chunks: the sums go through xs and __syncwarp between the passes, and
+// after them each lane's own chunks (c = lane + 32 j, the only ones the GEMV reads) hold the normed
+// row. store_sum: this warp also stores the sum (one warp in the grid does).
+template <typename T>
+__device__ __forceinline__ void norm_prologue(const T* __restrict__ h, const NormArgs<T>& na,
+                                              int k, uint4* __restrict__ xs, bool store_sum) {
+    constexpr int E = Chunk<T>::E, G = 8 / E;  // elements per chunk, chunks per group
+    const int lane = threadIdx.x % 32;
+    const int chunks = k / E, groups = (k + 7) / 8;
+    const uint4* hr = reinterpret_cast<const uint4*>(h);
+    const uint4* rr = reinterpret_cast<const uint4*>(na.residual);
+    uint4* sr = reinterpret_cast<uint4*>(na.sum_out);
+    float total = 0.f;  // lane j: the sum of squares over warp j's groups (block_sum's partial[j])
+    for (int j = 0; j * 32 < groups; ++j) {
+        const int g = j * 32 + lane;
+        float ss = 0.f;
+#pragma unroll
+        for (int q = 0; q < G; ++q) {
+            const int c = g * G + q;
+            if (c >= chunks) break;  // past the row: add_rms_norm's zeros add nothing
+            float a[E], b[E];
+            unpack(__ldg(hr + c), a, T());
+            unpack(__ldg(rr + c), b, T());
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                a[e] = round_to<T>(a[e] + b[e]);
+                ss = fmaf(a[e], a[e], ss);
+            }
+            const uint4 s = pack(a, T());
+            xs[c] = s;
+            if (store_sum) sr[c] = s;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == j) total = ss;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    const float scale = rsqrtf(total / (float)k + na.eps);
+    __syncwarp();
+    const uint4* wr = reinterpret_cast<const uint4*>(na.weight);
+    for (int c = lane; c < chunks; c += 32) {
+        float a[E], nw[E];
+        unpack(xs[c], a, T());
+        unpack(__ldg(wr + c), nw, T());
+#pragma unroll
+        for (int e = 0; e < E; ++e) a[e] = a[e] * scale * nw[e];
+        xs[c] = pack(a, T());
+    }
+    __syncwarp();
+}
+
+// NORM: x is the layer output h, and the row the GEMV multiplies is add_rms_norm(h, residual,
+// weight) (norm_prologue, each warp its own copy in shared memory); na.sum_out gets h + residual.
+template <typename T, int WR, int U, Epilogue EPI, bool NORM>
 __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                            int n, int k, const RopeArgs<T> ra) {
+                            int n, int k, const RopeArgs<T> ra, const NormArgs<T> na) {
     static_assert(EPI == PLAIN || WR == 2, "an epilogue takes a pair of rows");
     constexpr int E = Chunk<T>::E;
     constexpr int STEP = EPI == PLAIN ? WR : 1;  // row groups are outputs (plain) or pairs
@@ -266,6 +377,24 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     if (first < n && lane < WR && prefetch_pays(w_rows * k * (int64_t)sizeof(T)))
         prefetch_l2(w + group_row(first, lane) * k, (uint32_t)(k * sizeof(T)));
     pdl_enter();
+    [[maybe_unused]] uint4* xs = nullptr;
+    if constexpr (NORM) {
+        __shared__ uint4 normed[WARPS][NORM_MAX_CHUNKS];
+        xs = normed[threadIdx.x / 32];
+        // Block 0's warp 0 always has rows (n > 0); warps without rows skip the prologue.
+        if (first < n) {
+            // The lane's first step of W on its way into L2 during the prologue (into registers
+            // it would spill).
+#pragma unroll
+            for (int r = 0; r < WR; ++r) {
+                const T* row = w + group_row(first, r) * k;
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+                    prefetch_l2_line(row + min(lane + u * 32, chunks - 1) * E);
+            }
+            norm_prologue(x, na, k, xs, blockIdx.x == 0 && threadIdx.x < 32);
+        }
+    }
     for (int64_t row0 = first; row0 < n; row0 += warps * STEP) {
         const int64_t head = EPI == ROPE ? row0 / half : 0;
         const int64_t j = row0 - head * half;
@@ -289,10 +418,16 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const bool valid = c0 + u * 32 < chunks;
-                const int c = min(c0 + u * 32, chunks - 1);
                 const uint4 zero = make_uint4(0, 0, 0, 0);
                 float xf[E];
-                unpack(valid ? __ldg(xr + c) : zero, xf, T());
+                if constexpr (NORM) {
+                    // Any entry of xs may be read (the value is dropped unless valid): no clamp.
+                    const int c = (c0 + u * 32) & (NORM_MAX_CHUNKS - 1);
+                    unpack(zero_unless(valid, xs[c]), xf, T());
+                } else {
+                    const int c = min(c0 + u * 32, chunks - 1);
+                    unpack(valid ? __ldg(xr + c) : zero, xf, T());
+                }
 #pragma unroll
                 for (int r = 0; r < WR; ++r) {
                     float wf[E];
@@ -348,25 +483,43 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #define GEMV_W(SUFFIX, T, WR, U)                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
         gemv_##SUFFIX##_m1_w##WR##u##U(const T* x, const T* w, T* y, int n, int k) {            \
-        gemv_w_impl<T, WR, U, PLAIN>(x, w, y, n, k, RopeArgs<T>{});                             \
+        gemv_w_impl<T, WR, U, PLAIN, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});       \
     }
 
-// y [1, n] = silu(x W[:n]^T) * (x W[n:]^T) for W [2n, k].
+// y [1, n] = silu(x W[:n]^T) * (x W[n:]^T) for W [2n, k]; _norm: x = add_rms_norm(h, residual,
+// norm_w), and sum_out = h + residual.
 #define GEMV_SILU(SUFFIX, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
         gemv_##SUFFIX##_m1_w2u4_silu(const T* x, const T* w, T* y, int n, int k) {              \
-        gemv_w_impl<T, 2, 4, SILU>(x, w, y, n, k, RopeArgs<T>{});                               \
+        gemv_w_impl<T, 2, 4, SILU, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});         \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
+        gemv_##SUFFIX##_m1_w2u4_silu_norm(const T* h, const T* w, T* y, int n, int k,           \
+                                          const T* residual, const T* norm_w, T* sum_out,       \
+                                          float eps) {                                          \
+        const NormArgs<T> na{residual, norm_w, sum_out, eps};                                   \
+        gemv_w_impl<T, 2, 4, SILU, true>(h, w, y, n, k, RopeArgs<T>{}, na);                     \
     }
 
 // q_out [H, hd] (y) and the caches from one token's x [1, k] and W [(H + 2 KV) hd, k]; n pairs.
+// _norm: x = add_rms_norm(h, residual, norm_w), and sum_out = h + residual.
+#define ROPE_PARAMS(T)                                                                          \
+    const T* bias, const T* cos, const T* sin, const int64_t* slot, T* key_cache,               \
+        T* value_cache, int num_heads, int num_kv_heads, int head_dim, int64_t num_slots
+#define ROPE_ARGS(T)                                                                            \
+    RopeArgs<T>{bias,        cos,       sin,          slot,     key_cache,                      \
+                value_cache, num_heads, num_kv_heads, head_dim, num_slots}
 #define GEMV_ROPE(SUFFIX, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, ROPE_CTAS) gemv_##SUFFIX##_m1_w2u8_rope( \
-        const T* x, const T* w, T* q_out, int n, int k, const T* bias, const T* cos,            \
-        const T* sin, const int64_t* slot, T* key_cache, T* value_cache, int num_heads,         \
-        int num_kv_heads, int head_dim, int64_t num_slots) {                                    \
-        const RopeArgs<T> ra{bias,      cos,          sin,          slot,     key_cache,        \
-                             value_cache, num_heads, num_kv_heads, head_dim, num_slots};        \
-        gemv_w_impl<T, 2, 8, ROPE>(x, w, q_out, n, k, ra);                                      \
+        const T* x, const T* w, T* q_out, int n, int k, ROPE_PARAMS(T)) {                       \
+        gemv_w_impl<T, 2, 8, ROPE, false>(x, w, q_out, n, k, ROPE_ARGS(T), NormArgs<T>{});      \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, ROPE_CTAS)                            \
+        gemv_##SUFFIX##_m1_w2u8_rope_norm(const T* h, const T* w, T* q_out, int n, int k,       \
+                                          ROPE_PARAMS(T), const T* residual, const T* norm_w,   \
+                                          T* sum_out, float eps) {                              \
+        const NormArgs<T> na{residual, norm_w, sum_out, eps};                                   \
+        gemv_w_impl<T, 2, 8, ROPE, true>(h, w, q_out, n, k, ROPE_ARGS(T), na);                  \
     }
 
 #define GEMV_M(SUFFIX, T, M)                                                                    \

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{bail, Result, Tensor, D};
 
 use super::attention::write_kv_cache;
 
@@ -41,6 +41,26 @@ pub fn add_rms_norm(
     let sum = (x + residual)?;
     let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
     Ok((normed, sum))
+}
+
+/// Checks the operands of an [`add_rms_norm`] that a fused op takes: `addend` and `residual`
+/// `[n, hidden]`, `weight` `[hidden]`.
+pub(crate) fn check_add_rms_norm(
+    what: &str,
+    addend: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+) -> Result<()> {
+    match (addend.dims(), residual.dims(), weight.dims()) {
+        (&[_, hidden], r, &[w]) if r == addend.dims() && w == hidden => Ok(()),
+        _ => bail!(
+            "{what}: addend {:?}, residual {:?} and norm weight {:?} are not [n, hidden], \
+             [n, hidden] and [hidden]",
+            addend.shape(),
+            residual.shape(),
+            weight.shape()
+        ),
+    }
 }
 
 /// `silu(gate) * up` from the fused `[gate | up]` projection output `[n, 2 * inter]`.
@@ -120,13 +140,43 @@ pub fn qkv_rope_cache(qkv: &Tensor, r: &RopeCache) -> Result<Tensor> {
 /// `gemv::matmul_t` then [`qkv_rope_cache`].
 pub fn qkv_proj_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if super::gemv::gemv_rope_epilogue()
-        && r.head_dim.is_multiple_of(2)
-        && super::gemv::takes_pair_epilogue(x, w)
-    {
+    if takes_rope_epilogue(x, w, r) {
         return super::fused_cuda::qkv_gemv_rope_cache(x, w, r);
     }
     qkv_rope_cache(&super::gemv::matmul_t(x, w)?, r)
+}
+
+/// Whether the projection `x W^T` takes the rotary epilogue of the warp-per-row kernel.
+#[cfg(feature = "cuda")]
+fn takes_rope_epilogue(x: &Tensor, w: &Tensor, r: &RopeCache) -> bool {
+    super::gemv::gemv_rope_epilogue()
+        && r.head_dim.is_multiple_of(2)
+        && super::gemv::takes_pair_epilogue(x, w)
+}
+
+/// [`qkv_proj_rope_cache`] of `add_rms_norm(addend, residual, norm_w, eps)` ([`add_rms_norm`]: the
+/// normed rows and their sum `addend + residual`, the next residual), returning q
+/// `[n, heads, hd]` and the sum `[n, hidden]`. On CUDA a token that takes the rotary epilogue
+/// also takes the add and norm as the projection's prologue when the prologue switch
+/// (`gemv::set_gemv_norm_prologue`) is on and the residual and norm weight fit it (one launch
+/// instead of two, same bits); everything else is [`add_rms_norm`] then [`qkv_proj_rope_cache`].
+pub fn add_rms_norm_qkv_proj_rope_cache(
+    addend: &Tensor,
+    residual: &Tensor,
+    norm_w: &Tensor,
+    eps: f32,
+    w: &Tensor,
+    r: &RopeCache,
+) -> Result<(Tensor, Tensor)> {
+    check_add_rms_norm("add_rms_norm_qkv_proj_rope_cache", addend, residual, norm_w)?;
+    #[cfg(feature = "cuda")]
+    if takes_rope_epilogue(addend, w, r)
+        && super::gemv::takes_norm_prologue(addend, residual, norm_w)
+    {
+        return super::fused_cuda::qkv_gemv_rope_cache_norm(addend, residual, norm_w, eps, w, r);
+    }
+    let (h, sum) = add_rms_norm(addend, residual, norm_w, eps)?;
+    Ok((qkv_proj_rope_cache(&h, w, r)?, sum))
 }
 
 #[cfg(test)]
@@ -230,6 +280,53 @@ mod tests {
             assert!(q.is_contiguous());
             assert_same(&kc, &kc0);
             assert_same(&vc, &vc0);
+        }
+    }
+
+    #[test]
+    fn add_rms_norm_qkv_proj_rope_cache_cpu_is_the_unfused_sequence() {
+        let (heads, kvh, hd, hidden, blocks, bs) = (4, 2, 16, 48, 2, 4);
+        let width = (heads + 2 * kvh) * hd;
+        for dtype in DTYPES {
+            let (out, x, norm_w) = (
+                randn(&[1, hidden], dtype),
+                randn(&[1, hidden], dtype),
+                randn(&[hidden], dtype),
+            );
+            let (w, bias) = (randn(&[width, hidden], dtype), randn(&[width], dtype));
+            let (cos, sin) = (randn(&[1, hd / 2], dtype), randn(&[1, hd / 2], dtype));
+            let slots = Tensor::new(&[6i64], &Device::Cpu).unwrap();
+            let caches = || -> [Tensor; 2] {
+                [0, 1].map(|_| Tensor::zeros((blocks, bs, kvh, hd), dtype, &Device::Cpu).unwrap())
+            };
+            let ([kc, vc], [kc0, vc0]) = (caches(), caches());
+            let rope = |kc, vc| RopeCache {
+                bias: Some(&bias),
+                cos: &cos,
+                sin: &sin,
+                key_cache: kc,
+                value_cache: vc,
+                slot_mapping: &slots,
+                num_heads: heads,
+                num_kv_heads: kvh,
+                head_dim: hd,
+            };
+            let (q, sum) =
+                add_rms_norm_qkv_proj_rope_cache(&out, &x, &norm_w, 1e-6, &w, &rope(&kc, &vc))
+                    .unwrap();
+            // The model's sequence before the fusion.
+            let (h, want_sum) = add_rms_norm(&out, &x, &norm_w, 1e-6).unwrap();
+            let want_q = qkv_proj_rope_cache(&h, &w, &rope(&kc0, &vc0)).unwrap();
+            assert_same(&sum, &want_sum);
+            assert_same(&q, &want_q);
+            assert_same(&kc, &kc0);
+            assert_same(&vc, &vc0);
+            // Operands that do not fit each other are refused with their shapes.
+            let short = randn(&[hidden - 8], dtype);
+            let err = add_rms_norm_qkv_proj_rope_cache(&out, &x, &short, 1e-6, &w, &rope(&kc, &vc))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("norm weight [40]"), "{err}");
         }
     }
 }

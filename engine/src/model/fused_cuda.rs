@@ -11,17 +11,18 @@ use candle_core::{
 
 use super::attention_cuda::{device_ptr, device_ptr_mut, multiprocessor_count, ptx};
 use super::fused::RopeCache;
+use super::gemv::WARP_ROWS_MAX_CHUNKS;
 use super::{gemv_cuda, pdl};
 
 const MODULE: &str = "fused_ops";
 
 /// The kernel launch: output addresses, then input addresses, in the order they were given.
-type Launch<'a> = &'a dyn Fn(&[u64], &[u64]) -> Result<()>;
+pub(super) type Launch<'a> = &'a dyn Fn(&[u64], &[u64]) -> Result<()>;
 
 /// Runs `launch` with the addresses of `outs` (each held through candle's write lock, one nested
 /// in-place op per output) and of `ins` (read locks). Every tensor must be a contiguous CUDA
 /// tensor, and an output may share storage with no other tensor (the locks would deadlock).
-fn with_ptrs(outs: &[&Tensor], ins: &[&Tensor], launch: Launch) -> Result<()> {
+pub(super) fn with_ptrs(outs: &[&Tensor], ins: &[&Tensor], launch: Launch) -> Result<()> {
     with_ptrs_after(outs, ins, Vec::new(), launch)
 }
 
@@ -135,7 +136,7 @@ fn same_dtype(what: &str, ts: &[&Tensor]) -> Result<DType> {
 
 /// An uninitialised tensor of `t`'s dtype and device (the caller's kernel writes every element);
 /// zeros when it is empty.
-fn empty(t: &Tensor, shape: &[usize]) -> Result<Tensor> {
+pub(super) fn empty(t: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if shape.contains(&0) {
         return Tensor::zeros(shape, t.dtype(), t.device());
     }
@@ -358,57 +359,150 @@ pub fn qkv_rope_cache(qkv: &Tensor, r: &RopeCache) -> Result<Tensor> {
 /// `WARP_ROWS_MAX_CHUNKS`), x and W 16-byte aligned (the caller checks with
 /// `gemv::takes_pair_epilogue`).
 pub fn qkv_gemv_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tensor> {
+    Ok(qkv_gemv_rope(x, w, r, None)?.0)
+}
+
+/// CUDA `fused::add_rms_norm_qkv_proj_rope_cache` for one token: [`qkv_gemv_rope_cache`] of
+/// [`add_rms_norm`]`(addend, residual, norm_w, eps)` with the add and norm as the projection's
+/// prologue (`gemv_<dtype>_m1_w2u8_rope_norm`), one launch, bit for bit [`add_rms_norm`] followed
+/// by [`qkv_gemv_rope_cache`]: q and the sum `addend + residual` `[1, k]` (a fresh tensor). The
+/// residual `[1, k]` and norm weight `[k]` of the same dtype, contiguous and 16-byte aligned too
+/// (the caller checks with `gemv::takes_norm_prologue`).
+pub fn qkv_gemv_rope_cache_norm(
+    addend: &Tensor,
+    residual: &Tensor,
+    norm_w: &Tensor,
+    eps: f32,
+    w: &Tensor,
+    r: &RopeCache,
+) -> Result<(Tensor, Tensor)> {
+    let norm = NormPrologue {
+        residual,
+        weight: norm_w,
+        eps,
+    };
+    let (q, sum) = qkv_gemv_rope(addend, w, r, Some(&norm))?;
+    Ok((q, sum.expect("the prologue's launch returns the sum")))
+}
+
+/// The residual add + RMSNorm a warp-per-row GEMV runs as its prologue (`_norm` kernels of
+/// `gemv.cu`): x is the addend, the projection's input `rms_norm(x + residual) * weight`.
+pub(super) struct NormPrologue<'a> {
+    pub residual: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub eps: f32,
+}
+
+impl NormPrologue<'_> {
+    /// Checks the residual and weight against x `[1, k]` (the dtype is the caller's check) and
+    /// returns the fresh sum tensor `[1, k]` the kernel writes.
+    pub(super) fn sum_for(&self, what: &str, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if self.residual.dims2()? != (m, k) || self.weight.dims1()? != k {
+            bail!(
+                "{what}: residual {:?} must be x's shape {:?} and the norm weight {:?} [{k}]",
+                self.residual.shape(),
+                x.shape(),
+                self.weight.shape()
+            )
+        }
+        empty(x, &[m, k])
+    }
+}
+
+/// Whether every address is 16-byte aligned (the warp-per-row kernels' 16-byte accesses).
+pub(super) fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0)
+}
+
+/// [`qkv_gemv_rope_cache`], with the RMSNorm prologue when `norm` is given (then also the sum).
+fn qkv_gemv_rope(
+    x: &Tensor,
+    w: &Tensor,
+    r: &RopeCache,
+    norm: Option<&NormPrologue>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let what = match norm {
+        None => "qkv_gemv_rope_cache",
+        Some(_) => "qkv_gemv_rope_cache_norm",
+    };
     let (m, k) = x.dims2()?;
     let (width, k2) = w.dims2()?;
     if m != 1 || k != k2 {
         bail!(
-            "qkv_gemv_rope_cache: x {:?} must be [1, k] and w {:?} [width, k]",
+            "{what}: x {:?} must be [1, k] and w {:?} [width, k]",
             x.shape(),
             w.shape()
         )
     }
     let num_slots = check_rope_cache(1, width, r)?;
-    let dtype = rope_dtype("qkv_gemv_rope_cache", &[x, w], r)?;
+    let mut dtyped = vec![x, w];
+    dtyped.extend(norm.iter().flat_map(|n| [n.residual, n.weight]));
+    let dtype = rope_dtype(what, &dtyped, r)?;
+    let sum = norm.map(|n| n.sum_for(what, x)).transpose()?;
     let q = empty(x, &[1, r.num_heads, r.head_dim])?;
     let extra = rope_inputs(r)?;
-    let ins: Vec<&Tensor> = [x, w].into_iter().chain(&extra).collect();
+    // x, w, then the prologue's residual and weight, then cos, sin, slots (and the bias).
+    let ins: Vec<&Tensor> = [x, w]
+        .into_iter()
+        .chain(norm.iter().flat_map(|n| [n.residual, n.weight]))
+        .chain(&extra)
+        .collect();
+    let mut outs = vec![&q, r.key_cache, r.value_cache];
+    outs.extend(&sum);
 
     let dev = cuda_device(x)?;
     let pairs = width / 2;
     let chunk = 16 / dtype.size_in_bytes();
     let (pairs_i, k_i) = (pairs as i32, k as i32);
     let (h_i, kv_i, hd_i) = (r.num_heads as i32, r.num_kv_heads as i32, r.head_dim as i32);
-    with_ptrs(&[&q, r.key_cache, r.value_cache], &ins, &|out, inp| {
-        if !k.is_multiple_of(chunk) || inp[0] % 16 != 0 || inp[1] % 16 != 0 {
+    let eps = norm.map_or(0.0, |n| n.eps);
+    with_ptrs(&outs, &ins, &|out, inp| {
+        // The prologue's tensors: the residual and norm weight in, the sum out.
+        let (norm_in, rope_in) = inp[2..].split_at(if norm.is_some() { 2 } else { 0 });
+        let mut wide = [inp[0], inp[1]].to_vec();
+        wide.extend(norm_in);
+        wide.extend(out.get(3));
+        if !k.is_multiple_of(chunk) || !aligned16(&wide) {
             bail!(
-                "qkv_gemv_rope_cache: k {k} must be a multiple of {chunk}, x and w 16-byte aligned"
+                "{what}: k {k} must be a multiple of {chunk}; x, w and the prologue's residual, \
+                 weight and sum 16-byte aligned"
             )
+        }
+        if norm.is_some() && k / chunk > WARP_ROWS_MAX_CHUNKS {
+            bail!("{what}: k {k} past the prologue's {WARP_ROWS_MAX_CHUNKS} chunks of {chunk}")
         }
         let stream = dev.cuda_stream();
         let warps = gemv_cuda::THREADS as usize / 32;
         let ctas = super::gemv::rope_pairs_plan(pairs, multiprocessor_count(&stream), warps);
-        let mut b = pdl::Launch::new(
-            &dev,
-            &format!("{}_m1_w2u8_rope", kernel("gemv", dtype)?),
-            gemv_cuda::MODULE,
-            ptx::GEMV,
-        )?;
+        let name = format!(
+            "{}_m1_w2u8_rope{}",
+            kernel("gemv", dtype)?,
+            if norm.is_some() { "_norm" } else { "" }
+        );
+        let mut b = pdl::Launch::new(&dev, &name, gemv_cuda::MODULE, ptx::GEMV)?;
         let cfg = LaunchConfig {
             grid_dim: (ctas, 1, 1),
             block_dim: (gemv_cuda::THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let bias_ptr = inp.get(5).copied().unwrap_or(0);
+        let bias_ptr = rope_in.get(3).copied().unwrap_or(0);
         b.arg(&inp[0])
             .arg(&inp[1])
             .arg(&out[0])
             .arg(&pairs_i)
             .arg(&k_i);
-        b.arg(&bias_ptr).arg(&inp[2]).arg(&inp[3]).arg(&inp[4]);
+        b.arg(&bias_ptr)
+            .arg(&rope_in[0])
+            .arg(&rope_in[1])
+            .arg(&rope_in[2]);
         b.arg(&out[1]).arg(&out[2]);
         b.arg(&h_i).arg(&kv_i).arg(&hd_i).arg(&num_slots);
+        if norm.is_some() {
+            b.arg(&norm_in[0]).arg(&norm_in[1]).arg(&out[3]).arg(&eps);
+        }
         unsafe { b.launch(cfg) }?;
         Ok(())
     })?;
-    Ok(q)
+    Ok((q, sum))
 }

@@ -1,4 +1,6 @@
-//! Skinny projections `x W^T` (1..=`MAX_ROWS` rows of x): one bandwidth-bound CUDA kernel, candle's matmul otherwise.
+//! Skinny projections `x W^T` (1..=`MAX_ROWS` rows of x): one bandwidth-bound CUDA kernel (for one
+//! row with the residual add + RMSNorm before it and the SiLU-gate product after it fused in where
+//! they fit), candle's matmul otherwise.
 
 use candle_core::{Result, Tensor};
 
@@ -29,6 +31,28 @@ crate::switch! {
     /// The bias, rotary and KV-cache write as the epilogue of a 1-row fused q/k/v projection (on) or
     /// as their own `fused::qkv_rope_cache` launch (off).
     static ROPE_EPILOGUE = true;
+}
+
+crate::switch! {
+    /// The residual add + RMSNorm before a 1-row q/k/v or gate/up projection with an epilogue as
+    /// that projection's prologue (on) or as its own `fused::add_rms_norm` launch (off).
+    static NORM_PROLOGUE = true;
+}
+
+/// Turns the RMSNorm prologue of 1-row q/k/v and gate/up projections on or off process-wide.
+pub fn set_gemv_norm_prologue(enabled: bool) {
+    NORM_PROLOGUE.set(enabled);
+}
+
+/// [`set_gemv_norm_prologue`] for calls on this thread (`None`: the process-wide value).
+pub fn set_gemv_norm_prologue_on_this_thread(enabled: Option<bool>) {
+    NORM_PROLOGUE.set_on_this_thread(enabled);
+}
+
+/// Whether a 1-row projection on this thread that takes an epilogue also takes the RMSNorm
+/// prologue (when it fits).
+pub fn gemv_norm_prologue() -> bool {
+    NORM_PROLOGUE.on()
 }
 
 /// Turns the rotary epilogue of 1-row q/k/v projections on or off process-wide.
@@ -156,13 +180,56 @@ pub fn gate_up_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
     super::fused::silu_mul(&matmul_t(x, w)?, inter)
 }
 
+/// [`gate_up_silu`] of `add_rms_norm(addend, residual, norm_w, eps)` (`fused::add_rms_norm`: the
+/// normed rows and their sum `addend + residual`, the next residual), returning the activation
+/// `[n, inter]` and the sum `[n, k]`. On CUDA a row that takes the SiLU-gate epilogue also takes
+/// the add and norm as the projection's prologue when the prologue switch is on and the residual
+/// and norm weight fit it (one launch instead of two, same bits); everything else is
+/// `fused::add_rms_norm` then [`gate_up_silu`].
+pub fn add_rms_norm_gate_up_silu(
+    addend: &Tensor,
+    residual: &Tensor,
+    norm_w: &Tensor,
+    eps: f32,
+    w: &Tensor,
+    inter: usize,
+) -> Result<(Tensor, Tensor)> {
+    super::fused::check_add_rms_norm("add_rms_norm_gate_up_silu", addend, residual, norm_w)?;
+    #[cfg(feature = "cuda")]
+    if takes_silu_kernel(addend, w, inter) && takes_norm_prologue(addend, residual, norm_w) {
+        return super::gemv_cuda::gemv_silu_norm(addend, residual, norm_w, eps, w, inter);
+    }
+    let (h, sum) = super::fused::add_rms_norm(addend, residual, norm_w, eps)?;
+    Ok((gate_up_silu(&h, w, inter)?, sum))
+}
+
 #[cfg(feature = "cuda")]
 fn takes_silu_kernel(x: &Tensor, w: &Tensor, inter: usize) -> bool {
     w.dims().first() == Some(&(2 * inter)) && SILU_EPILOGUE.on() && takes_pair_epilogue(x, w)
 }
 
+/// Whether a 1-row projection of `add_rms_norm(addend, residual, norm_w)` that takes a paired-rows
+/// epilogue (the caller checks that with `addend` as x) may also take the RMSNorm prologue: the
+/// switch on, and the residual `[1, k]` and the norm weight `[k]` contiguous, 16-byte aligned, of
+/// `addend`'s dtype and device.
+#[cfg(feature = "cuda")]
+pub(crate) fn takes_norm_prologue(addend: &Tensor, residual: &Tensor, norm_w: &Tensor) -> bool {
+    let elem = addend.dtype().size_in_bytes();
+    let fits = |t: &Tensor| {
+        t.dtype() == addend.dtype()
+            && t.device().same_device(addend.device())
+            && t.is_contiguous()
+            && (t.layout().start_offset() * elem).is_multiple_of(16)
+    };
+    NORM_PROLOGUE.on()
+        && residual.dims() == addend.dims()
+        && norm_w.dims() == addend.dims().get(1..).unwrap_or_default()
+        && fits(residual)
+        && fits(norm_w)
+}
+
 /// Whether the 1-row projection `x W^T` may take a paired-rows epilogue of the warp-per-row
-/// kernel (`gemv_*_m1_w2u*_{silu,rope}`): one contiguous 16-byte aligned row of x on CUDA whose
+/// kernel (`gemv_*_m1_w2u*_{silu,rope}[_norm]`): one contiguous 16-byte aligned row of x on CUDA whose
 /// length is a whole number of at most `WARP_ROWS_MAX_CHUNKS` 16-byte chunks, the GEMV kernel,
 /// its warp-per-row variant and the fused kernels all on. The caller checks its own switch and
 /// W's rows.
@@ -293,6 +360,44 @@ mod tests {
             assert_eq!(rounds, pairs.div_ceil(2112), "pairs {pairs}");
             assert!(ctas * 4 * rounds - pairs < 5 * rounds, "pairs {pairs}");
         }
+    }
+
+    #[test]
+    fn add_rms_norm_gate_up_silu_cpu_is_the_unfused_sequence() {
+        let (hidden, inter) = (40, 24);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let randn = |shape: &[usize]| {
+                Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap()
+            };
+            let (out, x, norm_w) = (randn(&[1, hidden]), randn(&[1, hidden]), randn(&[hidden]));
+            let w = randn(&[2 * inter, hidden]);
+            let (act, sum) = add_rms_norm_gate_up_silu(&out, &x, &norm_w, 1e-6, &w, inter).unwrap();
+            let (h, want_sum) = crate::model::fused::add_rms_norm(&out, &x, &norm_w, 1e-6).unwrap();
+            let want_act = gate_up_silu(&h, &w, inter).unwrap();
+            assert_eq!(
+                (act.dims(), sum.dims()),
+                (&[1, inter][..], &[1, hidden][..])
+            );
+            assert_eq!(bits(&sum), bits(&want_sum));
+            assert_eq!(bits(&act), bits(&want_act));
+            // A residual of another shape is refused with the shapes.
+            let err =
+                add_rms_norm_gate_up_silu(&out, &randn(&[2, hidden]), &norm_w, 1e-6, &w, inter)
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains("residual [2, 40]"), "{err}");
+        }
+    }
+
+    #[test]
+    fn norm_prologue_thread_override_wins_over_the_switch() {
+        set_gemv_norm_prologue_on_this_thread(Some(false));
+        assert!(!gemv_norm_prologue());
+        set_gemv_norm_prologue_on_this_thread(Some(true));
+        assert!(gemv_norm_prologue());
+        set_gemv_norm_prologue_on_this_thread(None);
     }
 
     #[test]

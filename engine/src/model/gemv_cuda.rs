@@ -1,8 +1,8 @@
 //! CUDA launch of the skinny matmul `y = x W^T` (kernels in `engine/kernels/gemv.cu`).
 //!
-//! Same contract as `gemv::matmul_t` on CUDA tensors. One launch on candle's stream with the sizes
-//! as scalar arguments (nothing is uploaded), the output allocated on that stream, so that a CUDA
-//! graph can capture it.
+//! Same contract as `gemv::matmul_t`, `gemv::gate_up_silu` and `gemv::add_rms_norm_gate_up_silu`
+//! on CUDA tensors. One launch on candle's stream with the sizes as scalar arguments (nothing is
+//! uploaded), the outputs allocated on that stream, so that a CUDA graph can capture it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -15,6 +15,7 @@ use candle_core::{
 use super::attention_cuda::{
     device_ptr, device_ptr_mut, multiprocessor_count, ptx, uninit_storage,
 };
+use super::fused_cuda::{aligned16, empty, with_ptrs, NormPrologue};
 use super::gemv::{
     gemv_warp_rows, silu_pairs_plan, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS,
 };
@@ -192,6 +193,78 @@ impl CustomOp2 for Gemv {
 /// `fused::silu_mul`.
 pub fn gemv_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
     x.apply_op2_no_bwd(w, &Gemv { silu: Some(inter) })
+}
+
+/// CUDA [`gemv_silu`] of `fused::add_rms_norm(addend, residual, norm_w, eps)` with the add and
+/// norm as the projection's prologue (`gemv_<dtype>_m1_w2u4_silu_norm`), one launch, bit for bit
+/// `fused::add_rms_norm` followed by [`gemv_silu`]: the activation `[1, inter]` and the sum
+/// `addend + residual` `[1, k]` (fresh tensors). addend, residual `[1, k]` and the norm weight
+/// `[k]` as x for [`gemv_silu`] (contiguous, one dtype with W, 16-byte aligned, k at most
+/// `WARP_ROWS_MAX_CHUNKS` 16-byte chunks).
+pub fn gemv_silu_norm(
+    addend: &Tensor,
+    residual: &Tensor,
+    norm_w: &Tensor,
+    eps: f32,
+    w: &Tensor,
+    inter: usize,
+) -> Result<(Tensor, Tensor)> {
+    const WHAT: &str = "gemv_silu_norm";
+    let (m, k) = addend.dims2()?;
+    let (rows, k2) = w.dims2()?;
+    if m != 1 || k != k2 || rows != 2 * inter || inter == 0 {
+        bail!(
+            "{WHAT}: addend {:?} must be [1, k] and w {:?} [2 * {inter}, k]",
+            addend.shape(),
+            w.shape()
+        )
+    }
+    if inter > i32::MAX as usize || k > i32::MAX as usize {
+        bail!("{WHAT}: inter {inter} or k {k} past i32")
+    }
+    let dtype = addend.dtype();
+    let name = format!("gemv_{}_m1_w2u4_silu_norm", suffix(dtype)?);
+    if let Some(t) = [w, residual, norm_w].iter().find(|t| t.dtype() != dtype) {
+        bail!("{WHAT}: mixed dtypes {dtype:?} and {:?}", t.dtype())
+    }
+    let norm = NormPrologue {
+        residual,
+        weight: norm_w,
+        eps,
+    };
+    let sum = norm.sum_for(WHAT, addend)?;
+    let act = empty(addend, &[1, inter])?;
+    let dev = match addend.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        other => bail!("{WHAT}: called with a {other:?} tensor"),
+    };
+    let chunk = 16 / dtype.size_in_bytes();
+    let (n_i, k_i) = (inter as i32, k as i32);
+    with_ptrs(
+        &[&act, &sum],
+        &[addend, w, residual, norm_w],
+        &|out, inp| {
+            if !k.is_multiple_of(chunk) || !aligned16(inp) || !aligned16(out) {
+                bail!("{WHAT}: k {k} must be a multiple of {chunk}, every tensor 16-byte aligned")
+            }
+            if k / chunk > WARP_ROWS_MAX_CHUNKS {
+                bail!("{WHAT}: k {k} past the prologue's {WARP_ROWS_MAX_CHUNKS} chunks of {chunk}")
+            }
+            let stream = dev.cuda_stream();
+            let ctas = silu_pairs_plan(inter, multiprocessor_count(&stream), THREADS as usize / 32);
+            let mut b = Launch::new(&dev, &name, MODULE, ptx::GEMV)?;
+            let cfg = LaunchConfig {
+                grid_dim: (ctas, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            b.arg(&inp[0]).arg(&inp[1]).arg(&out[0]).arg(&n_i).arg(&k_i);
+            b.arg(&inp[2]).arg(&inp[3]).arg(&out[1]).arg(&eps);
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        },
+    )?;
+    Ok((act, sum))
 }
 
 /// CUDA `x W^T` for x `[m, k]` (1..=`MAX_ROWS` rows) and W `[n, k]`, contiguous, one dtype

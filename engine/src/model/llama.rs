@@ -223,14 +223,46 @@ impl LlamaModel {
         fused::split_rope(&layer.qkv_proj.forward(x)?, cos, sin, heads, kvh, hd)
     }
 
-    /// down(silu(gate) * up) through the fused SiLU-gate product (the same candle ops on the CPU).
+    /// down(silu(gate) * up) of normed rows `x`.
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let inter = self.cfg.intermediate_size;
         let act = match &layer.gate_up_proj.bias {
-            None => gemv::gate_up_silu(x, &layer.gate_up_proj.weight, inter)?,
-            Some(_) => fused::silu_mul(&layer.gate_up_proj.forward(x)?, inter)?,
+            None => gemv::gate_up_silu(x, &layer.gate_up_proj.weight, self.cfg.intermediate_size)?,
+            Some(_) => self.biased_mlp_act(layer, x)?,
         };
-        self.all_reduce(layer.down_proj.forward(&act)?)
+        self.mlp_down(layer, &act)
+    }
+
+    /// The MLP's activation silu(gate) * up of `post_attention_layernorm(residual + attn)`, and
+    /// that sum (the next residual): through the gate/up projection's RMSNorm prologue and
+    /// SiLU-gate epilogue where they fit (the unfused candle ops on the CPU).
+    fn add_norm_mlp_act(
+        &self,
+        layer: &Layer,
+        attn: &Tensor,
+        residual: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let norm_w = &layer.post_attention_layernorm;
+        match &layer.gate_up_proj.bias {
+            None => {
+                let (w, inter) = (&layer.gate_up_proj.weight, self.cfg.intermediate_size);
+                gemv::add_rms_norm_gate_up_silu(attn, residual, norm_w, eps, w, inter)
+            }
+            Some(_) => {
+                let (h, sum) = fused::add_rms_norm(attn, residual, norm_w, eps)?;
+                Ok((self.biased_mlp_act(layer, &h)?, sum))
+            }
+        }
+    }
+
+    /// silu(gate) * up of a gate/up projection with a bias (no epilogue takes the bias).
+    fn biased_mlp_act(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        fused::silu_mul(&layer.gate_up_proj.forward(x)?, self.cfg.intermediate_size)
+    }
+
+    /// The down projection of the MLP's activation, summed over the tensor-parallel ranks.
+    fn mlp_down(&self, layer: &Layer, act: &Tensor) -> Result<Tensor> {
+        self.all_reduce(layer.down_proj.forward(act)?)
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -303,14 +335,16 @@ impl LlamaModel {
         );
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = self.cfg.rms_norm_eps as f32;
-        // Fused ops (one CUDA launch each; the unfused candle ops on the CPU): the residual add
-        // runs with the next norm, the QKV bias and rotary with the cache write.
+        // Fused ops (the unfused candle ops on the CPU): each residual add runs with the norm
+        // after it, both in the prologue of the q/k/v or gate/up projection that follows where
+        // that one takes its fused one-row kernel (else as their own launch); the QKV bias and
+        // rotary with the cache write, in the q/k/v projection's epilogue; the SiLU-gate product
+        // in the gate/up projection's.
         let mut x = self.embed_tokens.index_select(&inputs.token_ids, 0)?;
-        let mut h = match self.layers.first() {
-            Some(first) => self.rms_norm(&x, &first.input_layernorm)?,
-            None => x.clone(),
-        };
-        for (i, (layer, (kc, vc))) in self.layers.iter().zip(&cache.layers).enumerate() {
+        // The layer before's MLP output, not yet added to the residual stream x: the next q/k/v
+        // projection adds it and normalises the sum.
+        let mut mlp: Option<Tensor> = None;
+        for (layer, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
             let rope = fused::RopeCache {
                 bias: layer.qkv_proj.bias.as_ref(),
                 cos: &cos,
@@ -322,17 +356,28 @@ impl LlamaModel {
                 num_kv_heads: kvh,
                 head_dim: hd,
             };
-            let q = fused::qkv_proj_rope_cache(&h, &layer.qkv_proj.weight, &rope)?;
+            let (w, norm_w) = (&layer.qkv_proj.weight, &layer.input_layernorm);
+            let q = match mlp.take() {
+                // The first layer: nothing to add.
+                None => fused::qkv_proj_rope_cache(&self.rms_norm(&x, norm_w)?, w, &rope)?,
+                Some(out) => {
+                    let (q, sum) =
+                        fused::add_rms_norm_qkv_proj_rope_cache(&out, &x, norm_w, eps, w, &rope)?;
+                    x = sum;
+                    q
+                }
+            };
             let attn = paged_attention(&q, kc, vc, meta, scale)?.reshape((n, heads * hd))?;
             let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
-            (h, x) = fused::add_rms_norm(&attn, &x, &layer.post_attention_layernorm, eps)?;
-            let mlp = self.mlp(layer, &h)?;
-            match self.layers.get(i + 1) {
-                Some(next) => (h, x) = fused::add_rms_norm(&mlp, &x, &next.input_layernorm, eps)?,
-                None => x = (x + mlp)?,
-            }
+            let (act, sum) = self.add_norm_mlp_act(layer, &attn, &x, eps)?;
+            x = sum;
+            mlp = Some(self.mlp_down(layer, &act)?);
         }
-        Ok(x)
+        // The last layer's MLP output.
+        match mlp {
+            Some(out) => x + out,
+            None => Ok(x),
+        }
     }
 }
 

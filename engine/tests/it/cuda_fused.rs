@@ -413,3 +413,153 @@ fn qkv_rope_epilogue_is_projection_then_qkv_rope_cache_bit_for_bit() {
         }
     }
 }
+
+/// Uniform values in `offset` +- `scale` of `shape`, rounded to `dtype`, on `dev`.
+fn randu(
+    rng: &mut StdRng,
+    shape: &[usize],
+    [scale, offset]: [f32; 2],
+    dtype: DType,
+    dev: &Device,
+) -> Tensor {
+    let n = shape.iter().product();
+    let v = uniform(rng, n, scale).iter().map(|x| x + offset).collect();
+    upload(v, shape, dtype, dev)
+}
+
+/// The RMSNorm prologue of the one-token q/k/v projection (rotary epilogue) and of the gate/up
+/// projection (SiLU-gate epilogue) against their two launches, `add_rms_norm` then the projection
+/// with its epilogue: q, both caches (unmapped slots untouched), the activation and the new
+/// residual bit for bit, called directly and through the model's entry points, and the entry
+/// points with the prologue off. Hidden sizes: Qwen2.5-1.5B's 1,536 and SmolLM2's 576; 2,048 (256
+/// 16-bit chunks, the longest row the prologue takes); 1,000 (125 16-bit / 250 f32 chunks, not a
+/// multiple of the warp); 1,020 (f32: 255 chunks, the last of add_rms_norm's 8-element groups
+/// half outside the row; 16-bit: not a whole number of chunks, the two launches); 1,024 (f32: 256
+/// chunks). Rows past 256 chunks (f32 at 1,536 and 2,048) take the two launches through the entry
+/// points. Enough q/k/v pairs and gate/up rows that warps take several row groups (the row in
+/// shared memory reused).
+#[test]
+fn norm_prologue_is_add_rms_norm_then_the_projection_bit_for_bit() {
+    use engine::model::fused::add_rms_norm_qkv_proj_rope_cache;
+    use engine::model::fused_cuda::qkv_gemv_rope_cache_norm;
+    use engine::model::gemv::{
+        add_rms_norm_gate_up_silu, gate_up_silu, set_gemv_norm_prologue_on_this_thread,
+    };
+    use engine::model::gemv_cuda::gemv_silu_norm;
+    let dev = gpu();
+    let eps = 1e-6;
+    // (hidden, heads, kv heads, hd, bias, slot, inter)
+    let cases = [
+        (1536, 12, 2, 128, true, 5i64, 8960),
+        (576, 9, 3, 64, false, 17, 1536),
+        (2048, 40, 8, 128, true, -1, 4231),
+        (1000, 3, 1, 80, true, 1_000_000, 300),
+        (1020, 4, 2, 64, false, 3, 4500),
+        (1024, 2, 2, 64, true, 40, 7),
+    ];
+    let mut seed = 500;
+    for (k, h, kvh, hd, with_bias, slot, inter) in cases {
+        for dtype in DTYPES {
+            seed += 1;
+            let mut rng = StdRng::seed_from_u64(seed);
+            let what = format!(
+                "norm prologue {dtype:?} k={k} {h}/{kvh}x{hd} bias={with_bias} slot={slot} \
+                 inter={inter}"
+            );
+            let chunk = 16 / dtype.size_in_bytes();
+            let prologue = k % chunk == 0 && k / chunk <= 256;
+            // The layer output (the addend), the residual stream and the norm weight.
+            let addend = randu(&mut rng, &[1, k], [2.0, 0.0], dtype, &dev);
+            let residual = randu(&mut rng, &[1, k], [4.0, 0.0], dtype, &dev);
+            let norm_w = randu(&mut rng, &[k], [0.2, 1.0], dtype, &dev);
+            let width = (h + 2 * kvh) * hd;
+            let rand_w = |rows: usize| {
+                Tensor::rand(-0.1f32, 0.1f32, (rows, k), &dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap()
+            };
+            let (w_qkv, w_gu) = (rand_w(width), rand_w(2 * inter));
+            let bias = with_bias.then(|| randu(&mut rng, &[width], [0.5, 0.0], dtype, &dev));
+            let (cos, sin) = rotary_rows(&mut rng, 1, hd);
+            let cos = upload(cos, &[1, hd / 2], dtype, &dev);
+            let sin = upload(sin, &[1, hd / 2], dtype, &dev);
+            let slots = Tensor::new(&[slot], &dev).unwrap();
+            let num_blocks = 4;
+            let poisoned = || {
+                Tensor::full(SENTINEL, &[num_blocks, BLOCK_SIZE, kvh, hd], &Device::Cpu)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .and_then(|t| t.to_device(&dev))
+                    .unwrap()
+            };
+            // Fresh caches per path; everything else shared.
+            let caches: Vec<(Tensor, Tensor)> = (0..4).map(|_| (poisoned(), poisoned())).collect();
+            let rope = |i: usize| RopeCache {
+                bias: bias.as_ref(),
+                cos: &cos,
+                sin: &sin,
+                key_cache: &caches[i].0,
+                value_cache: &caches[i].1,
+                slot_mapping: &slots,
+                num_heads: h,
+                num_kv_heads: kvh,
+                head_dim: hd,
+            };
+
+            // The two launches each: add_rms_norm, then the projection (with its epilogue where
+            // the rows fit it, as the prologue's kernel does).
+            let (normed, sum) = add_rms_norm(&addend, &residual, &norm_w, eps).unwrap();
+            let q0 = qkv_proj_rope_cache(&normed, &w_qkv, &rope(0)).unwrap();
+            let act0 = host(&gate_up_silu(&normed, &w_gu, inter).unwrap());
+            let want = [host(&q0), host(&caches[0].0), host(&caches[0].1)];
+            let sum0 = host(&sum);
+            assert!(
+                want[0].iter().all(|v| v.is_finite() && *v != SENTINEL),
+                "{what}: q"
+            );
+            let written = (0..num_blocks as i64 * BLOCK_SIZE as i64).contains(&slot);
+            let untouched = want[1].iter().chain(&want[2]).all(|v| *v == SENTINEL);
+            assert_eq!(untouched, !written, "{what}: cache rows");
+
+            let check_rope = |path: &str, (q, s): (Tensor, Tensor), i: usize| {
+                assert_eq!(q.dims3().unwrap(), (1, h, hd), "{what}: {path} q shape");
+                assert_eq!(s.dims2().unwrap(), (1, k), "{what}: {path} sum shape");
+                let got = [host(&q), host(&caches[i].0), host(&caches[i].1)];
+                for ((name, g), w) in ["q", "key cache", "value cache"]
+                    .iter()
+                    .zip(&got)
+                    .zip(&want)
+                {
+                    assert_eq!(g, w, "{what}: {path} {name}");
+                }
+                assert_eq!(host(&s), sum0, "{what}: {path} sum");
+            };
+            let check_silu = |path: &str, (act, s): (Tensor, Tensor)| {
+                assert_eq!(act.dims2().unwrap(), (1, inter), "{what}: {path} act shape");
+                assert_eq!(host(&act), act0, "{what}: {path} act");
+                assert_eq!(host(&s), sum0, "{what}: {path} sum");
+            };
+            if prologue {
+                let direct =
+                    qkv_gemv_rope_cache_norm(&addend, &residual, &norm_w, eps, &w_qkv, &rope(1));
+                check_rope("direct", direct.expect("qkv_gemv_rope_cache_norm"), 1);
+                let direct = gemv_silu_norm(&addend, &residual, &norm_w, eps, &w_gu, inter);
+                check_silu("direct", direct.expect("gemv_silu_norm"));
+            }
+            let entry = |i: usize| {
+                add_rms_norm_qkv_proj_rope_cache(&addend, &residual, &norm_w, eps, &w_qkv, &rope(i))
+                    .unwrap()
+            };
+            let entry_silu = || {
+                add_rms_norm_gate_up_silu(&addend, &residual, &norm_w, eps, &w_gu, inter).unwrap()
+            };
+            check_rope("dispatch", entry(2), 2);
+            check_silu("dispatch", entry_silu());
+            set_gemv_norm_prologue_on_this_thread(Some(false));
+            check_rope("off", entry(3), 3);
+            check_silu("off", entry_silu());
+            set_gemv_norm_prologue_on_this_thread(None);
+            // The inputs are read only: the residual stream is not the sum.
+            assert_ne!(host(&residual), sum0, "{what}: residual changed");
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! The model on the GPU (feature `cuda`, run on the GPU machine): bf16 CUDA logits against the CPU
 //! f32 reference for the same random weights, SmolLM2's greedy answer equal to the CPU's, and
 //! decode steps replayed from CUDA graphs against the eager forward, and the same steps with and
-//! without programmatic dependent launch.
+//! without programmatic dependent launch and with and without the GEMVs' RMSNorm prologue.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -582,6 +582,79 @@ fn cuda_pdl_matches_ordinary_launches() {
         }
         eprintln!(
             "{}: {} outputs bit for bit with and without PDL",
+            path.display(),
+            runs[0].len()
+        );
+    }
+    std::fs::remove_dir_all(&tiny).ok();
+    std::fs::remove_file(&qwen).ok();
+}
+
+/// The RMSNorm prologue of the one-token q/k/v and gate/up projections changes how many kernels a
+/// decode step launches, never what it computes: a prefill and decode steps of two and one
+/// sequences give the same logits bit for bit with the prologue on and off (`add_rms_norm` as its
+/// own launch), eagerly (with programmatic dependent launch) and replayed from CUDA graphs
+/// (captured under each setting), at the tiny shape and at the Qwen2.5-1.5B shape (dummy
+/// weights, bf16; hidden 1,536: 192 16-byte chunks per row).
+#[test]
+fn cuda_norm_prologue_matches_add_rms_norm_launches() {
+    use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
+    use engine::model::gemv::set_gemv_norm_prologue_on_this_thread;
+    let gpu = cuda();
+    engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
+    let tiny = tiny_qwen2_dir(13);
+    let qwen = std::env::temp_dir().join(format!("norm-qwen2.5-{}.json", std::process::id()));
+    std::fs::write(
+        &qwen,
+        include_str!("../../../configs/qwen2.5-1.5b-instruct.json"),
+    )
+    .unwrap();
+    for (path, format) in [
+        (tiny.clone(), LoadFormat::Safetensors),
+        (qwen.clone(), LoadFormat::Dummy),
+    ] {
+        let mut runs = Vec::new();
+        for prologue in [false, true] {
+            set_gemv_norm_prologue_on_this_thread(Some(prologue));
+            let model = load_model(&path, format, DType::BF16, &gpu, 3).unwrap();
+            let cfg = model.config().clone();
+            let mut cache = KvCache::new(&cfg, 16, BLOCK_SIZE, DType::BF16, &gpu).unwrap();
+            let [pre, two] = two_steps(cfg.vocab_size as u32);
+            let one = ForwardBatch {
+                token_ids: vec![two.token_ids[0]],
+                positions: vec![two.positions[0]],
+                slot_mapping: vec![two.slot_mapping[0]],
+                seqs: vec![two.seqs[0].clone()],
+            };
+            set_cuda_graphs_on_this_thread(Some(false));
+            let mut outs = vec![model.forward(&pre, &mut cache).unwrap()];
+            for graphs in [false, true, true] {
+                set_cuda_graphs_on_this_thread(Some(graphs));
+                for step in [&two, &one] {
+                    outs.push(model.forward(step, &mut cache).unwrap());
+                }
+            }
+            assert_eq!(
+                engine::model::cuda_graph::last_capture_error(),
+                None,
+                "a capture failed"
+            );
+            runs.push(logit_bits(&outs));
+        }
+        set_gemv_norm_prologue_on_this_thread(None);
+        set_cuda_graphs_on_this_thread(None);
+        for (i, (off, on)) in runs[0].iter().zip(&runs[1]).enumerate() {
+            let differ = off.iter().zip(on).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differ,
+                0,
+                "{}: output {i} differs in {differ} of {} logits with the RMSNorm prologue",
+                path.display(),
+                off.len()
+            );
+        }
+        eprintln!(
+            "{}: {} outputs bit for bit with and without the RMSNorm prologue",
             path.display(),
             runs[0].len()
         );
