@@ -399,12 +399,19 @@ __device__ void paged_decode_combine_impl(T* __restrict__ out, const float* __re
     out[row * D + d] = from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
 }
 
+// warm0..2 (pointer, bytes; null for none): ranges of weights the kernels after this one read,
+// fetched into L2 while this one runs (warm_l2).
 #define PAGED_DECODE_V(NAME, T, D, G, CLUSTER)                                                   \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) NAME(                              \
         T* out, float* part_m, float* part_l, float* part_acc, const T* q, const T* key_cache,   \
         const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,        \
         const uint32_t* query_start, int num_heads, int num_kv_heads, int block_size,            \
-        int max_blocks_per_seq, float scale_log2) {                                              \
+        int max_blocks_per_seq, float scale_log2, const void* warm0,                             \
+        unsigned long long warm0_bytes, const void* warm1, unsigned long long warm1_bytes,       \
+        const void* warm2, unsigned long long warm2_bytes) {                                     \
+        warm_l2(warm0, warm0_bytes);                                                             \
+        warm_l2(warm1, warm1_bytes);                                                             \
+        warm_l2(warm2, warm2_bytes);                                                             \
         pdl_enter();                                                                             \
         paged_decode_impl<T, D, G, CLUSTER>(out, part_m, part_l, part_acc, q, key_cache,         \
                                             value_cache, block_tables, context_lens,             \

@@ -31,3 +31,22 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 __device__ __forceinline__ void prefetch_l2_line(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
+
+// Spreads an L2 warm-up of `bytes` (a multiple of 16) at `p` (16-byte aligned) over every thread of
+// the grid, one bulk prefetch of at most 16 KB per thread and round: a kernel that leaves HBM idle
+// (a short decode attention) fetches weights the next kernels will read. Nothing when p is null.
+__device__ __forceinline__ void warm_l2(const void* p, unsigned long long bytes) {
+    if (p == nullptr || bytes == 0) return;
+    constexpr unsigned long long PIECE = 16384;
+    const unsigned long long threads =
+        (unsigned long long)gridDim.x * gridDim.y * gridDim.z * blockDim.x;
+    const unsigned long long me =
+        ((unsigned long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x * blockDim.x +
+        (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long pieces = (bytes + PIECE - 1) / PIECE;
+    for (unsigned long long i = me; i < pieces; i += threads) {
+        const unsigned long long off = i * PIECE;
+        const unsigned long long n = bytes - off < PIECE ? bytes - off : PIECE;
+        prefetch_l2(static_cast<const char*>(p) + off, (uint32_t)n);
+    }
+}

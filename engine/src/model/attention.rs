@@ -227,10 +227,40 @@ pub fn paged_attention(
     meta: &AttentionMetadata,
     scale: f32,
 ) -> Result<Tensor> {
+    paged_attention_warming(q, key_cache, value_cache, meta, scale, &[])
+}
+
+/// Part of a weight the kernels after an attention op will read: `len` elements of `tensor`
+/// (contiguous) from element `offset`.
+#[derive(Debug, Clone, Copy)]
+pub struct L2Range<'a> {
+    pub tensor: &'a Tensor,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// [`paged_attention`] that, on CUDA, also fetches `warm` into L2 while a short decode launch
+/// leaves HBM idle (see `attention_cuda::set_warm_l2`); the ranges change nothing else.
+pub fn paged_attention_warming(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    meta: &AttentionMetadata,
+    scale: f32,
+    warm: &[L2Range],
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        return super::attention_cuda::paged_attention(q, key_cache, value_cache, meta, scale);
+        return super::attention_cuda::paged_attention(
+            q,
+            key_cache,
+            value_cache,
+            meta,
+            scale,
+            warm,
+        );
     }
+    let _ = warm;
     let (n, heads, hd) = q.dims3()?;
     let (_, _, kvh, chd) = key_cache.dims4()?;
     if chd != hd || kvh == 0 || heads % kvh != 0 || key_cache.shape() != value_cache.shape() {

@@ -6,7 +6,7 @@
 //! switch: `set_decode_kernel`); other steps on the general paged kernel (`paged_attention.cu`)
 //! and the tensor-core prefill kernel (`flash_prefill.cu`).
 
-use super::attention::AttentionMetadata;
+use super::attention::{AttentionMetadata, L2Range};
 use super::pdl;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -274,6 +274,26 @@ crate::switch! {
     /// Qwen2.5-1.5B batch 1 (108 CTAs): 0.296 against 0.341 ms, and a graphed step 1.380 against
     /// 1.417 ms.
     static DECODE_CLUSTER = true;
+}
+
+crate::switch! {
+    /// A decode launch of at most one CTA per SM (one that leaves HBM mostly idle) fetches the
+    /// weight ranges its caller names into L2 for the kernels after it (on), or does not (off).
+    static WARM_L2 = true;
+}
+
+/// Most weight ranges one attention launch fetches into L2.
+pub const WARM_RANGES: usize = 3;
+
+/// Turns the L2 warm-up of short decode launches on or off process-wide (side-by-side
+/// benchmarks).
+pub fn set_warm_l2(on: bool) {
+    WARM_L2.set(on);
+}
+
+/// [`set_warm_l2`] for launches on this thread (`None`: the process-wide value).
+pub fn set_warm_l2_on_this_thread(on: Option<bool>) {
+    WARM_L2.set_on_this_thread(on);
 }
 
 /// Most partitions a clustered decode launch merges (clusters above 8 CTAs are the hardware's
@@ -631,6 +651,9 @@ pub fn write_kv_cache(
 // ------------------------------------------------------------------------------ paged_attention
 
 struct PagedAttention {
+    /// Weights to fetch into L2 during a short decode launch: (tensor, first byte from the start
+    /// of its layout, bytes).
+    warm: Vec<(Tensor, usize, usize)>,
     key_cache: Tensor,
     value_cache: Tensor,
     block_tables: Tensor,
@@ -954,6 +977,24 @@ impl PagedAttention {
         let target = ctas_per_sm * sms;
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
         let cluster = takes_decode_cluster(base_ctas * splits, splits, sms);
+        // Weight ranges into L2 (pointer, bytes), with the guards that keep them valid.
+        let small = base_ctas * splits <= sms;
+        let ranges: Vec<_> = match small && WARM_L2.on() {
+            true => self
+                .warm
+                .iter()
+                .map(|(t, first, bytes)| (t.storage_and_layout(), *first, *bytes))
+                .collect(),
+            false => Vec::new(),
+        };
+        let mut warm = [(0u64, 0u64); WARM_RANGES];
+        let mut warm_guards = Vec::with_capacity(ranges.len());
+        for (slot, ((st, l), first, bytes)) in warm.iter_mut().zip(&ranges) {
+            let (p, g) = device_ptr(cuda_storage(st, "L2 range")?, l, &stream)?;
+            // device_ptr points at the layout's start; `first` counts from there.
+            *slot = (p + *first as u64, *bytes as u64);
+            warm_guards.push(g);
+        }
         let parts = if splits > 1 && !cluster {
             Some(Partials::alloc(
                 &dev,
@@ -1007,7 +1048,11 @@ impl PagedAttention {
             .arg(&block_size_i)
             .arg(&max_blocks_i)
             .arg(&scale_log2);
+        for (p, bytes) in &warm {
+            b.arg(p).arg(bytes);
+        }
         unsafe { b.launch(cfg) }?;
+        drop(warm_guards);
 
         if splits > 1 && !cluster {
             let mut b = pdl::Launch::new(
@@ -1082,6 +1127,7 @@ pub fn paged_attention(
     value_cache: &Tensor,
     meta: &AttentionMetadata,
     scale: f32,
+    warm: &[L2Range],
 ) -> Result<Tensor> {
     let mut op = PagedAttention::new(
         key_cache,
@@ -1095,7 +1141,43 @@ pub fn paged_attention(
     op.max_query_len = meta.max_query_len;
     op.min_query_len = meta.min_query_len;
     op.split_counters = meta.split_counters.clone();
+    op.warm = warm_ranges(warm)?;
     q.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// At most `WARM_RANGES` contiguous ranges as (tensor, first byte, bytes), each 16-byte aligned
+/// and a multiple of 16 bytes long (a shorter tail is dropped).
+fn warm_ranges(warm: &[L2Range]) -> Result<Vec<(Tensor, usize, usize)>> {
+    if warm.len() > WARM_RANGES {
+        bail!(
+            "paged_attention: {} L2 ranges, at most {WARM_RANGES}",
+            warm.len()
+        )
+    }
+    let mut out = Vec::with_capacity(warm.len());
+    for r in warm {
+        if !r.tensor.is_contiguous() || r.offset + r.len > r.tensor.elem_count() {
+            bail!(
+                "paged_attention: L2 range {}+{} of a {:?} tensor (contiguous: {})",
+                r.offset,
+                r.len,
+                r.tensor.shape(),
+                r.tensor.is_contiguous()
+            )
+        }
+        let elem = r.tensor.dtype().size_in_bytes();
+        let start = (r.tensor.layout().start_offset() + r.offset) * elem;
+        let first = start.next_multiple_of(16);
+        let end = (start + r.len * elem) / 16 * 16;
+        if end > first {
+            out.push((
+                r.tensor.clone(),
+                first - r.tensor.layout().start_offset() * elem,
+                end - first,
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// CUDA paged attention over explicit metadata tensors (u32, on the device of `q`).
@@ -1170,6 +1252,7 @@ impl PagedAttention {
         let (_, block_size, _, _) = key_cache.dims4()?;
         let bound = block_tables.dim(1)? * block_size;
         Ok(PagedAttention {
+            warm: Vec::new(),
             key_cache: key_cache.clone(),
             value_cache: value_cache.clone(),
             block_tables: block_tables.contiguous()?,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 
-use super::attention::{paged_attention, AttentionMetadata};
+use super::attention::{paged_attention_warming, AttentionMetadata, L2Range};
 use super::fused;
 use super::gemv;
 use super::tp::{vocab_shard, Collective, SingleRank};
@@ -319,7 +319,35 @@ impl LlamaModel {
     }
 }
 
+/// Bytes of weights a short decode attention fetches into L2 for the projections after it.
+const WARM_L2_BYTES: usize = 24 << 20;
+
 impl LlamaModel {
+    /// What the attention of `layer` fetches into L2 (where its launch is short): the o
+    /// projection, then the gate and up rows the gate/up projection reads first (row i of both
+    /// halves together), `WARM_L2_BYTES` in all.
+    fn warm_after_attention(layer: &Layer) -> Result<Vec<L2Range<'_>>> {
+        let (o, gu) = (&layer.o_proj.weight, &layer.gate_up_proj.weight);
+        let mut warm = vec![L2Range {
+            tensor: o,
+            offset: 0,
+            len: o.elem_count(),
+        }];
+        let (rows2, k) = gu.dims2()?;
+        let left = WARM_L2_BYTES.saturating_sub(o.elem_count() * o.dtype().size_in_bytes());
+        let rows = (left / (2 * k * gu.dtype().size_in_bytes()).max(1)).min(rows2 / 2);
+        if rows > 0 {
+            for half in [0, rows2 / 2] {
+                warm.push(L2Range {
+                    tensor: gu,
+                    offset: half * k,
+                    len: rows * k,
+                });
+            }
+        }
+        Ok(warm)
+    }
+
     /// The paged forward's layers over inputs already on the device: writes every token's K/V
     /// and returns the final residual stream `[n, hidden]` (before the final norm). Uploads
     /// nothing itself, so a CUDA graph can capture it.
@@ -367,7 +395,9 @@ impl LlamaModel {
                     q
                 }
             };
-            let attn = paged_attention(&q, kc, vc, meta, scale)?.reshape((n, heads * hd))?;
+            let warm = Self::warm_after_attention(layer)?;
+            let attn = paged_attention_warming(&q, kc, vc, meta, scale, &warm)?
+                .reshape((n, heads * hd))?;
             let attn = self.all_reduce(layer.o_proj.forward(&attn)?)?;
             let (act, sum) = self.add_norm_mlp_act(layer, &attn, &x, eps)?;
             x = sum;

@@ -598,12 +598,37 @@ fn cuda_pdl_matches_ordinary_launches() {
 /// weights, bf16; hidden 1,536: 192 16-byte chunks per row).
 #[test]
 fn cuda_norm_prologue_matches_add_rms_norm_launches() {
-    use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
     use engine::model::gemv::set_gemv_norm_prologue_on_this_thread;
+    same_logits_on_and_off("the RMSNorm prologue", 13, &|on| {
+        set_gemv_norm_prologue_on_this_thread(on)
+    });
+}
+
+/// The same for the decode attention's L2 warm-up of the next projections' weights, together with
+/// its cluster merge (against partials and the combine launch; these steps' short contexts fit
+/// one partition, so the merge itself is covered by
+/// `cuda_kernels::paged_decode_cluster_matches_combine_launch`).
+#[test]
+fn cuda_decode_cluster_and_l2_warm_match_combine_launch() {
+    use engine::model::attention_cuda::{
+        set_decode_cluster_on_this_thread, set_warm_l2_on_this_thread,
+    };
+    same_logits_on_and_off("the decode cluster merge and L2 warm-up", 17, &|on| {
+        set_decode_cluster_on_this_thread(on);
+        set_warm_l2_on_this_thread(on);
+    });
+}
+
+/// Runs a prefill and decode steps of two and one sequences, eagerly and from CUDA graphs, with a
+/// path off (`set(Some(false))`) and on (`Some(true)`), at the tiny and the Qwen2.5-1.5B shapes,
+/// and asserts the logits are the same bit for bit.
+fn same_logits_on_and_off(what: &str, seed: u64, set: &dyn Fn(Option<bool>)) {
+    use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
     let gpu = cuda();
     engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
-    let tiny = tiny_qwen2_dir(13);
-    let qwen = std::env::temp_dir().join(format!("norm-qwen2.5-{}.json", std::process::id()));
+    let tiny = tiny_qwen2_dir(seed);
+    let qwen =
+        std::env::temp_dir().join(format!("onoff-qwen2.5-{}-{seed}.json", std::process::id()));
     std::fs::write(
         &qwen,
         include_str!("../../../configs/qwen2.5-1.5b-instruct.json"),
@@ -614,8 +639,8 @@ fn cuda_norm_prologue_matches_add_rms_norm_launches() {
         (qwen.clone(), LoadFormat::Dummy),
     ] {
         let mut runs = Vec::new();
-        for prologue in [false, true] {
-            set_gemv_norm_prologue_on_this_thread(Some(prologue));
+        for on in [false, true] {
+            set(Some(on));
             let model = load_model(&path, format, DType::BF16, &gpu, 3).unwrap();
             let cfg = model.config().clone();
             let mut cache = KvCache::new(&cfg, 16, BLOCK_SIZE, DType::BF16, &gpu).unwrap();
@@ -641,20 +666,20 @@ fn cuda_norm_prologue_matches_add_rms_norm_launches() {
             );
             runs.push(logit_bits(&outs));
         }
-        set_gemv_norm_prologue_on_this_thread(None);
+        set(None);
         set_cuda_graphs_on_this_thread(None);
         for (i, (off, on)) in runs[0].iter().zip(&runs[1]).enumerate() {
             let differ = off.iter().zip(on).filter(|(a, b)| a != b).count();
             assert_eq!(
                 differ,
                 0,
-                "{}: output {i} differs in {differ} of {} logits with the RMSNorm prologue",
+                "{}: output {i} differs in {differ} of {} logits with {what}",
                 path.display(),
                 off.len()
             );
         }
         eprintln!(
-            "{}: {} outputs bit for bit with and without the RMSNorm prologue",
+            "{}: {} outputs bit for bit with and without {what}",
             path.display(),
             runs[0].len()
         );

@@ -92,7 +92,7 @@ struct Cli {
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
     /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), norm (RMSNorm
     /// prologue), warp-rows (warp-per-row GEMV), fused, decode-kernel, pdl (programmatic dependent
-    /// launch), cluster (the decode kernel's cluster merge).
+    /// launch), cluster (the decode kernel's cluster merge), warm (its L2 warm-up).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
     /// Also write the table here.
@@ -322,6 +322,9 @@ const NO_PDL: &str = "ordinary launches (no PDL)";
 /// Split decode attention through partials and the combine launch instead of the cluster merge.
 const NO_DECODE_CLUSTER: &str = "decode combine launch (no cluster)";
 
+/// Short decode attention launches without their L2 warm-up of the next projections' weights.
+const NO_WARM_L2: &str = "no L2 warm-up in attention";
+
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 const EAGER: &str = "eager (no CUDA graphs)";
 
@@ -338,6 +341,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         COMBINE_IN_KERNEL,
         NO_PDL,
         NO_DECODE_CLUSTER,
+        NO_WARM_L2,
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -381,6 +385,8 @@ fn set_path(variant: &str, on: bool) -> bool {
         #[cfg(feature = "cuda")]
         NO_PDL => engine::model::pdl::set_pdl(!on),
         #[cfg(feature = "cuda")]
+        NO_WARM_L2 => engine::model::attention_cuda::set_warm_l2(!on),
+        #[cfg(feature = "cuda")]
         NO_DECODE_CLUSTER => engine::model::attention_cuda::set_decode_cluster(!on),
         #[cfg(feature = "cuda")]
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
@@ -390,7 +396,7 @@ fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-const WITHOUT: [(&str, &str); 8] = [
+const WITHOUT: [(&str, &str); 9] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("norm", NORM_OWN_LAUNCH),
@@ -399,6 +405,7 @@ const WITHOUT: [(&str, &str); 8] = [
     ("decode-kernel", "paged kernel for decode"),
     ("pdl", NO_PDL),
     ("cluster", NO_DECODE_CLUSTER),
+    ("warm", NO_WARM_L2),
 ];
 
 /// Turns one optional path off for the whole run (`--without`).
@@ -408,7 +415,7 @@ fn turn_off(path: &str) -> Result<()> {
         _ => {
             let keys: Vec<&str> = WITHOUT.iter().map(|(key, _)| *key).collect();
             bail!(
-                "--without {path}: not one of {} (the last three need CUDA)",
+                "--without {path}: not one of {} (the last four need CUDA)",
                 keys.join(", ")
             )
         }
