@@ -27,7 +27,7 @@
 #   g (carry .lab-g: engine-it with cuda_kernels/cuda_fused/cuda_model, engine-bench, optionally
 #     engine, probe, the Llama-2 tokenizer and GGUF part ab after stage a): -> gpu-engine/$RUN/
 #     (env: RUN (default run4), BENCH_QWEN=0, BENCH_34B=0, EB_FLAGS for the Qwen2.5 engine-bench, PER_POLICY,
-#     CL_POLICIES, FAIR2="suffix|flags", TESTS to replace the CUDA test filters, BUDGET,
+#     CL_POLICIES, FAIR2="suffix|flags", TESTS to replace the CUDA test filters, TEST_TIMEOUT, BUDGET,
 #     EB34_FLAGS to replace the CodeLlama-34B engine-bench's sizes, EB2_FLAGS for a second Qwen2.5
 #     engine-bench with other flags -> engine-bench-2.md)
 #       0. CUDA tests: attention kernels (paged and tensor-core prefill), fused ops, tiny-model
@@ -274,7 +274,7 @@ if [ "$STAGE" = g ]; then
     tests=${TESTS:-cuda_kernels cuda_fused cuda_bf16_logits}
     [ -z "${TESTS:-}" ] && [ -f "$LAB/smollm2.gguf" ] && tests="$tests cuda_smollm2"
     # shellcheck disable=SC2086
-    SMOLLM2_GGUF=$LAB/smollm2.gguf timeout 240 "$LAB/engine-it" --test-threads=${TEST_THREADS:-2} --nocapture $tests \
+    SMOLLM2_GGUF=$LAB/smollm2.gguf timeout ${TEST_TIMEOUT:-240} "$LAB/engine-it" --test-threads=${TEST_THREADS:-2} --nocapture $tests \
         > "$dir/cuda-tests.log" 2>&1
     grep -E "^test |test result|panicked" "$dir/cuda-tests.log" | tail -30
     echo "== 1. engine-bench, Qwen2.5-1.5B shape ($(left) s left)"
