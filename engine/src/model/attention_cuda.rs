@@ -468,6 +468,17 @@ pub(super) fn multiprocessor_count(stream: &CudaStream) -> usize {
     })
 }
 
+/// Whether the device has thread-block clusters (compute capability 9.0 and above).
+fn has_clusters(stream: &CudaStream) -> bool {
+    static MAJOR: OnceLock<i32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        stream
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .unwrap_or(0)
+    }) >= 9
+}
+
 /// Per-partition partials (running max, running sum, accumulator) of `rows` query rows, for a
 /// launch that splits contexts; its combine kernel merges them.
 struct Partials {
@@ -976,7 +987,8 @@ impl PagedAttention {
         let (ctas_per_sm, min_partition) = decode_split();
         let target = ctas_per_sm * sms;
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
-        let cluster = takes_decode_cluster(base_ctas * splits, splits, sms);
+        let cluster =
+            takes_decode_cluster(base_ctas * splits, splits, sms) && has_clusters(&stream);
         // Weight ranges into L2 (pointer, bytes), with the guards that keep them valid.
         let small = base_ctas * splits <= sms;
         let ranges: Vec<_> = match small && WARM_L2.on() {
