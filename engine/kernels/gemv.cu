@@ -232,11 +232,11 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 //                  the token's slot (qkv_rope_cache). 4 CTAs per SM (128 registers: 16 loads in
 //                  flight per lane).
 // and a prologue, bit for bit the add_rms_norm launch (fused_ops.cu) that would come before:
-// gemv_<T>_m1_w2u4_silu_norm, gemv_<T>_m1_w2u8_rope_norm: x is the layer output h; each warp
+// gemv_<T>_m1_w2u4_silu_norm, gemv_<T>_m1_w2u8_rope_norm: x is the layer output h; each CTA
 //                  computes the normed row add_rms_norm(h, residual, norm_w) itself, with
-//                  add_rms_norm's arithmetic, into its 4 KiB of shared memory (norm_prologue), and
-//                  multiplies that; warp 0 of CTA 0 also stores sum_out = h + residual (the next
-//                  residual; a buffer of its own, as the other CTAs still read residual).
+//                  add_rms_norm's arithmetic, into 4 KiB of shared memory (norm_prologue), and
+//                  multiplies that; CTA 0 also stores sum_out = h + residual (the next residual;
+//                  a buffer of its own, as the other CTAs still read residual).
 constexpr int WARP_ROW_CTAS = 8;
 constexpr int ROPE_CTAS = 4;
 
@@ -290,27 +290,26 @@ __device__ __forceinline__ uint4 pack(const float (&f)[8], T) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// add_rms_norm (fused_ops.cu) of one row, [k] of at most NORM_MAX_CHUNKS chunks, computed by one
-// warp into xs (its own NORM_MAX_CHUNKS chunks of shared memory) with the same arithmetic, so
-// each chunk holds the bits add_rms_norm stores: sum a = round_to<T>(h + residual); squares
-// summed per group of 8 elements in order (add_rms_norm's thread t owns group t: here lane l owns
-// groups l + 32 j, which is thread l of the CTA's warp j), then block_sum's two shuffle trees
-// (over each warp's groups, then over the warps' totals); scale = rsqrtf(total / k + eps); the
-// normed element a * scale * weight rounded to T. A group is one chunk of 16-bit T and two of f32,
-// so f32 groups mix lanes' chunks: the sums go through xs and __syncwarp between the passes, and
-// after them each lane's own chunks (c = lane + 32 j, the only ones the GEMV reads) hold the normed
-// row. store_sum: this warp also stores the sum (one warp in the grid does).
+// add_rms_norm (fused_ops.cu) of one row, [k] of at most NORM_MAX_CHUNKS chunks, computed by the
+// CTA into xs (NORM_MAX_CHUNKS chunks of shared memory, read by all its warps) with the same
+// arithmetic, so each chunk holds the bits add_rms_norm stores: sum a = round_to<T>(h + residual);
+// squares summed per group of 8 elements in order (add_rms_norm's thread t owns group t: here
+// group j * 32 + l goes to lane l of warp j % WARPS, as thread l of add_rms_norm's warp j), then
+// block_sum's two shuffle trees (over each of those warps' groups, then over the warps' totals);
+// scale = rsqrtf(total / k + eps); the normed element a * scale * weight rounded to T. A group is
+// one chunk of 16-bit T and two of f32. Two CTA barriers; every thread of the CTA must call it.
+// store_sum: this CTA also stores the sum (one CTA in the grid does).
 template <typename T>
 __device__ __forceinline__ void norm_prologue(const T* __restrict__ h, const NormArgs<T>& na,
                                               int k, uint4* __restrict__ xs, bool store_sum) {
     constexpr int E = Chunk<T>::E, G = 8 / E;  // elements per chunk, chunks per group
-    const int lane = threadIdx.x % 32;
+    __shared__ float partial[NORM_MAX_CHUNKS / 32];  // block_sum's partial[]: one per 32 groups
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int chunks = k / E, groups = (k + 7) / 8;
     const uint4* hr = reinterpret_cast<const uint4*>(h);
     const uint4* rr = reinterpret_cast<const uint4*>(na.residual);
     uint4* sr = reinterpret_cast<uint4*>(na.sum_out);
-    float total = 0.f;  // lane j: the sum of squares over warp j's groups (block_sum's partial[j])
-    for (int j = 0; j * 32 < groups; ++j) {
+    for (int j = warp; j * 32 < groups; j += WARPS) {
         const int g = j * 32 + lane;
         float ss = 0.f;
 #pragma unroll
@@ -331,14 +330,15 @@ __device__ __forceinline__ void norm_prologue(const T* __restrict__ h, const Nor
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == j) total = ss;
+        if (lane == 0) partial[j] = ss;
     }
+    __syncthreads();
+    float total = lane * 32 < groups ? partial[lane] : 0.f;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
     const float scale = rsqrtf(total / (float)k + na.eps);
-    __syncwarp();
     const uint4* wr = reinterpret_cast<const uint4*>(na.weight);
-    for (int c = lane; c < chunks; c += 32) {
+    for (int c = threadIdx.x; c < chunks; c += THREADS) {
         float a[E], nw[E];
         unpack(xs[c], a, T());
         unpack(__ldg(wr + c), nw, T());
@@ -346,11 +346,11 @@ __device__ __forceinline__ void norm_prologue(const T* __restrict__ h, const Nor
         for (int e = 0; e < E; ++e) a[e] = a[e] * scale * nw[e];
         xs[c] = pack(a, T());
     }
-    __syncwarp();
+    __syncthreads();
 }
 
 // NORM: x is the layer output h, and the row the GEMV multiplies is add_rms_norm(h, residual,
-// weight) (norm_prologue, each warp its own copy in shared memory); na.sum_out gets h + residual.
+// weight) (norm_prologue, one copy per CTA in shared memory); na.sum_out gets h + residual.
 template <typename T, int WR, int U, Epilogue EPI, bool NORM>
 __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k, const RopeArgs<T> ra, const NormArgs<T> na) {
@@ -379,9 +379,8 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     pdl_enter();
     [[maybe_unused]] uint4* xs = nullptr;
     if constexpr (NORM) {
-        __shared__ uint4 normed[WARPS][NORM_MAX_CHUNKS];
-        xs = normed[threadIdx.x / 32];
-        // Block 0's warp 0 always has rows (n > 0); warps without rows skip the prologue.
+        __shared__ uint4 normed[NORM_MAX_CHUNKS];
+        xs = normed;
         if (first < n) {
             // The lane's first step of W on its way into L2 during the prologue (into registers
             // it would spill).
@@ -392,8 +391,9 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
                 for (int u = 0; u < U; ++u)
                     prefetch_l2_line(row + min(lane + u * 32, chunks - 1) * E);
             }
-            norm_prologue(x, na, k, xs, blockIdx.x == 0 && threadIdx.x < 32);
         }
+        // Every warp of the CTA, with rows or not (barriers inside); CTA 0 stores the sum.
+        norm_prologue(x, na, k, xs, blockIdx.x == 0);
     }
     for (int64_t row0 = first; row0 < n; row0 += warps * STEP) {
         const int64_t head = EPI == ROPE ? row0 / half : 0;
