@@ -35,8 +35,13 @@ crate::switch! {
 
 crate::switch! {
     /// The residual add + RMSNorm before a 1-row q/k/v or gate/up projection with an epilogue as
-    /// that projection's prologue (on) or as its own `fused::add_rms_norm` launch (off).
-    static NORM_PROLOGUE = true;
+    /// that projection's prologue (on) or as its own `fused::add_rms_norm` launch (off, the
+    /// default). Off because it saved nothing: a graphed batch-1 step at the Qwen2.5-1.5B shape
+    /// (H200, context 1k) took 1.543-1.552 ms with every warp computing the norm against
+    /// 1.418-1.439 without the prologue (days/gpu-engine/run34, two rounds), and 1.462 against
+    /// 1.452 with the norm computed once per CTA (run35): the prologue's loads and reductions sit
+    /// on each projection's critical path, about as long as the launch they replace.
+    static NORM_PROLOGUE = false;
 }
 
 /// Turns the RMSNorm prologue of 1-row q/k/v and gate/up projections on or off process-wide.

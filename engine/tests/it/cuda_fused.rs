@@ -552,6 +552,7 @@ fn norm_prologue_is_add_rms_norm_then_the_projection_bit_for_bit() {
             let entry_silu = || {
                 add_rms_norm_gate_up_silu(&addend, &residual, &norm_w, eps, &w_gu, inter).unwrap()
             };
+            set_gemv_norm_prologue_on_this_thread(Some(true));
             check_rope("dispatch", entry(2), 2);
             check_silu("dispatch", entry_silu());
             set_gemv_norm_prologue_on_this_thread(Some(false));

@@ -90,9 +90,9 @@ struct Cli {
     #[arg(long, default_value_t = usize::MAX)]
     prefill_variants_max: usize,
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
-    /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), norm (RMSNorm
-    /// prologue), warp-rows (warp-per-row GEMV), fused, decode-kernel, pdl (programmatic dependent
-    /// launch), cluster (the decode kernel's cluster merge), warm (its L2 warm-up).
+    /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), warp-rows
+    /// (warp-per-row GEMV), fused, decode-kernel, pdl (programmatic dependent launch), cluster
+    /// (the decode kernel's cluster merge), warm (its L2 warm-up).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
     /// Also write the table here.
@@ -307,9 +307,9 @@ const SILU_OWN_LAUNCH: &str = "SiLU-gate as own launch";
 /// epilogue.
 const ROPE_OWN_LAUNCH: &str = "rotary + KV write as own launch";
 
-/// The residual add + RMSNorm as their own launch instead of the prologue of the 1-row q/k/v and
-/// gate/up GEMVs.
-const NORM_OWN_LAUNCH: &str = "add + RMSNorm as own launch";
+/// The residual add + RMSNorm as the prologue of the 1-row q/k/v and gate/up GEMVs instead of
+/// their own launch (off in the engine).
+const NORM_PROLOGUE: &str = "add + RMSNorm in the GEMV prologue";
 
 /// The split paged attention's partitions merged in the kernel's last CTA instead of by the
 /// combine launch (off in the engine).
@@ -337,7 +337,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         ONE_ROW_CTA,
         SILU_OWN_LAUNCH,
         ROPE_OWN_LAUNCH,
-        NORM_OWN_LAUNCH,
+        NORM_PROLOGUE,
         COMBINE_IN_KERNEL,
         NO_PDL,
         NO_DECODE_CLUSTER,
@@ -379,7 +379,7 @@ fn set_path(variant: &str, on: bool) -> bool {
         ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
         SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
         ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
-        NORM_OWN_LAUNCH => engine::model::gemv::set_gemv_norm_prologue(!on),
+        NORM_PROLOGUE => engine::model::gemv::set_gemv_norm_prologue(on),
         #[cfg(feature = "cuda")]
         COMBINE_IN_KERNEL => engine::model::attention_cuda::set_in_kernel_combine(on),
         #[cfg(feature = "cuda")]
@@ -396,10 +396,9 @@ fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-const WITHOUT: [(&str, &str); 9] = [
+const WITHOUT: [(&str, &str); 8] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
-    ("norm", NORM_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
     ("fused", "unfused ops"),
     ("decode-kernel", "paged kernel for decode"),
