@@ -520,74 +520,14 @@ fn logit_bits(outs: &[Tensor]) -> Vec<Vec<u32>> {
 /// `pdl_enter` would race and show here as a mismatch.
 #[test]
 fn cuda_pdl_matches_ordinary_launches() {
-    use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
-    use engine::model::pdl::set_pdl_on_this_thread;
-    let gpu = cuda();
-    engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
-    let tiny = tiny_qwen2_dir(12);
-    let qwen = std::env::temp_dir().join(format!("pdl-qwen2.5-{}.json", std::process::id()));
-    std::fs::write(
-        &qwen,
-        include_str!("../../../configs/qwen2.5-1.5b-instruct.json"),
-    )
-    .unwrap();
-    for (path, format) in [
-        (tiny.clone(), LoadFormat::Safetensors),
-        (qwen.clone(), LoadFormat::Dummy),
-    ] {
-        let mut runs = Vec::new();
-        for pdl in [false, true] {
-            set_pdl_on_this_thread(Some(pdl));
-            let model = load_model(&path, format, DType::BF16, &gpu, 3).unwrap();
-            let cfg = model.config().clone();
-            let mut cache = KvCache::new(&cfg, 16, BLOCK_SIZE, DType::BF16, &gpu).unwrap();
-            let [pre, two] = two_steps(cfg.vocab_size as u32);
-            let one = ForwardBatch {
-                token_ids: vec![two.token_ids[0]],
-                positions: vec![two.positions[0]],
-                slot_mapping: vec![two.slot_mapping[0]],
-                seqs: vec![two.seqs[0].clone()],
-            };
-            set_cuda_graphs_on_this_thread(Some(false));
-            let mut outs = vec![model.forward(&pre, &mut cache).unwrap()];
-            for graphs in [false, true, true] {
-                set_cuda_graphs_on_this_thread(Some(graphs));
-                for step in [&two, &one] {
-                    outs.push(model.forward(step, &mut cache).unwrap());
-                }
-            }
-            assert_eq!(
-                engine::model::cuda_graph::last_capture_error(),
-                None,
-                "a capture failed"
-            );
-            assert_eq!(
-                engine::model::pdl::pdl_on_this_thread(),
-                Some(pdl),
-                "a capture left the thread's PDL override changed"
-            );
-            runs.push(logit_bits(&outs));
-        }
-        set_pdl_on_this_thread(None);
-        set_cuda_graphs_on_this_thread(None);
-        for (i, (off, on)) in runs[0].iter().zip(&runs[1]).enumerate() {
-            let differ = off.iter().zip(on).filter(|(a, b)| a != b).count();
-            assert_eq!(
-                differ,
-                0,
-                "{}: output {i} differs in {differ} of {} logits with PDL",
-                path.display(),
-                off.len()
-            );
-        }
-        eprintln!(
-            "{}: {} outputs bit for bit with and without PDL",
-            path.display(),
-            runs[0].len()
-        );
-    }
-    std::fs::remove_dir_all(&tiny).ok();
-    std::fs::remove_file(&qwen).ok();
+    use engine::model::pdl::{pdl_on_this_thread, set_pdl_on_this_thread};
+    same_logits_on_and_off("PDL", 12, &|on| set_pdl_on_this_thread(on), &|on| {
+        assert_eq!(
+            pdl_on_this_thread(),
+            Some(on),
+            "a capture left the thread's PDL override changed"
+        )
+    });
 }
 
 /// The RMSNorm prologue of the one-token q/k/v and gate/up projections changes how many kernels a
@@ -599,9 +539,12 @@ fn cuda_pdl_matches_ordinary_launches() {
 #[test]
 fn cuda_norm_prologue_matches_add_rms_norm_launches() {
     use engine::model::gemv::set_gemv_norm_prologue_on_this_thread;
-    same_logits_on_and_off("the RMSNorm prologue", 13, &|on| {
-        set_gemv_norm_prologue_on_this_thread(on)
-    });
+    same_logits_on_and_off(
+        "the RMSNorm prologue",
+        13,
+        &|on| set_gemv_norm_prologue_on_this_thread(on),
+        &|_| {},
+    );
 }
 
 /// The same for the decode attention's L2 warm-up of the next projections' weights, together with
@@ -613,16 +556,21 @@ fn cuda_decode_cluster_and_l2_warm_match_combine_launch() {
     use engine::model::attention_cuda::{
         set_decode_cluster_on_this_thread, set_warm_l2_on_this_thread,
     };
-    same_logits_on_and_off("the decode cluster merge and L2 warm-up", 17, &|on| {
-        set_decode_cluster_on_this_thread(on);
-        set_warm_l2_on_this_thread(on);
-    });
+    same_logits_on_and_off(
+        "the decode cluster merge and L2 warm-up",
+        17,
+        &|on| {
+            set_decode_cluster_on_this_thread(on);
+            set_warm_l2_on_this_thread(on);
+        },
+        &|_| {},
+    );
 }
 
 /// Runs a prefill and decode steps of two and one sequences, eagerly and from CUDA graphs, with a
 /// path off (`set(Some(false))`) and on (`Some(true)`), at the tiny and the Qwen2.5-1.5B shapes,
-/// and asserts the logits are the same bit for bit.
-fn same_logits_on_and_off(what: &str, seed: u64, set: &dyn Fn(Option<bool>)) {
+/// and asserts the logits are the same bit for bit; `check(on)` runs after each setting's steps.
+fn same_logits_on_and_off(what: &str, seed: u64, set: &dyn Fn(Option<bool>), check: &dyn Fn(bool)) {
     use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
     let gpu = cuda();
     engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
@@ -664,6 +612,7 @@ fn same_logits_on_and_off(what: &str, seed: u64, set: &dyn Fn(Option<bool>)) {
                 None,
                 "a capture failed"
             );
+            check(on);
             runs.push(logit_bits(&outs));
         }
         set(None);
