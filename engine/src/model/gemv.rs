@@ -1,6 +1,6 @@
 //! Skinny projections `x W^T` (1..=`MAX_ROWS` rows of x): one bandwidth-bound CUDA kernel (for one
-//! row with the residual add + RMSNorm before it and the SiLU-gate product after it fused in where
-//! they fit), candle's matmul otherwise.
+//! row with the SiLU-gate product after it fused in where it fits, and on request the residual add
+//! + RMSNorm before it), candle's matmul otherwise.
 
 use candle_core::{Result, Tensor};
 

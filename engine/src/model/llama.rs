@@ -364,10 +364,11 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = self.cfg.rms_norm_eps as f32;
         // Fused ops (the unfused candle ops on the CPU): each residual add runs with the norm
-        // after it, both in the prologue of the q/k/v or gate/up projection that follows where
-        // that one takes its fused one-row kernel (else as their own launch); the QKV bias and
-        // rotary with the cache write, in the q/k/v projection's epilogue; the SiLU-gate product
-        // in the gate/up projection's.
+        // after it (`fused::add_rms_norm`, or the prologue of the q/k/v or gate/up projection
+        // that follows when `gemv::set_gemv_norm_prologue` is on and that one takes its fused
+        // one-row kernel); the QKV bias and rotary with the cache write, in the q/k/v
+        // projection's epilogue; the SiLU-gate product in the gate/up projection's. A short
+        // decode attention also fetches the next projections' first weights into L2.
         let mut x = self.embed_tokens.index_select(&inputs.token_ids, 0)?;
         // The layer before's MLP output, not yet added to the residual stream x: the next q/k/v
         // projection adds it and normalises the sum.
