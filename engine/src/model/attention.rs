@@ -239,6 +239,38 @@ pub struct L2Range<'a> {
     pub len: usize,
 }
 
+/// `ranges` (at most `max`) as (tensor, first byte counted from the start of its layout, bytes),
+/// each shrunk to whole 16-byte units at 16-byte aligned addresses (what a bulk L2 prefetch takes;
+/// a range with none is dropped). Errors on a range past its tensor or of a non-contiguous one.
+pub(crate) fn l2_byte_ranges(
+    ranges: &[L2Range],
+    max: usize,
+) -> Result<Vec<(Tensor, usize, usize)>> {
+    if ranges.len() > max {
+        bail!("paged_attention: {} L2 ranges, at most {max}", ranges.len())
+    }
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        if !r.tensor.is_contiguous() || r.offset + r.len > r.tensor.elem_count() {
+            bail!(
+                "paged_attention: L2 range {}+{} of a {:?} tensor (contiguous: {})",
+                r.offset,
+                r.len,
+                r.tensor.shape(),
+                r.tensor.is_contiguous()
+            )
+        }
+        let elem = r.tensor.dtype().size_in_bytes();
+        let base = r.tensor.layout().start_offset() * elem;
+        let start = base + r.offset * elem;
+        let (first, end) = (start.next_multiple_of(16), (start + r.len * elem) / 16 * 16);
+        if end > first {
+            out.push((r.tensor.clone(), first - base, end - first));
+        }
+    }
+    Ok(out)
+}
+
 /// [`paged_attention`] that, on CUDA, also fetches `warm` into L2 while a short decode launch
 /// leaves HBM idle (see `attention_cuda::set_warm_l2`); the ranges change nothing else.
 pub fn paged_attention_warming(

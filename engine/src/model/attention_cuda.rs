@@ -6,7 +6,7 @@
 //! switch: `set_decode_kernel`); other steps on the general paged kernel (`paged_attention.cu`)
 //! and the tensor-core prefill kernel (`flash_prefill.cu`).
 
-use super::attention::{AttentionMetadata, L2Range};
+use super::attention::{l2_byte_ranges, AttentionMetadata, L2Range};
 use super::pdl;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -1153,43 +1153,8 @@ pub fn paged_attention(
     op.max_query_len = meta.max_query_len;
     op.min_query_len = meta.min_query_len;
     op.split_counters = meta.split_counters.clone();
-    op.warm = warm_ranges(warm)?;
+    op.warm = l2_byte_ranges(warm, WARM_RANGES)?;
     q.contiguous()?.apply_op1_no_bwd(&op)
-}
-
-/// At most `WARM_RANGES` contiguous ranges as (tensor, first byte, bytes), each 16-byte aligned
-/// and a multiple of 16 bytes long (a shorter tail is dropped).
-fn warm_ranges(warm: &[L2Range]) -> Result<Vec<(Tensor, usize, usize)>> {
-    if warm.len() > WARM_RANGES {
-        bail!(
-            "paged_attention: {} L2 ranges, at most {WARM_RANGES}",
-            warm.len()
-        )
-    }
-    let mut out = Vec::with_capacity(warm.len());
-    for r in warm {
-        if !r.tensor.is_contiguous() || r.offset + r.len > r.tensor.elem_count() {
-            bail!(
-                "paged_attention: L2 range {}+{} of a {:?} tensor (contiguous: {})",
-                r.offset,
-                r.len,
-                r.tensor.shape(),
-                r.tensor.is_contiguous()
-            )
-        }
-        let elem = r.tensor.dtype().size_in_bytes();
-        let start = (r.tensor.layout().start_offset() + r.offset) * elem;
-        let first = start.next_multiple_of(16);
-        let end = (start + r.len * elem) / 16 * 16;
-        if end > first {
-            out.push((
-                r.tensor.clone(),
-                first - r.tensor.layout().start_offset() * elem,
-                end - first,
-            ));
-        }
-    }
-    Ok(out)
 }
 
 /// CUDA paged attention over explicit metadata tensors (u32, on the device of `q`).

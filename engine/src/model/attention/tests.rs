@@ -233,3 +233,52 @@ fn bf16_cache_is_accumulated_in_f32() {
         .unwrap();
     assert_eq!(out, vec![2.0; 4]);
 }
+
+#[test]
+fn l2_byte_ranges_keep_whole_aligned_units() {
+    let w = Tensor::zeros((4, 10), DType::BF16, &Device::Cpu).unwrap(); // 80 bytes
+    let row = |offset, len| L2Range {
+        tensor: &w,
+        offset,
+        len,
+    };
+    let got = |r: &[L2Range]| -> Vec<(usize, usize)> {
+        l2_byte_ranges(r, 3)
+            .unwrap()
+            .into_iter()
+            .map(|(_, first, bytes)| (first, bytes))
+            .collect()
+    };
+    // All 80 bytes; elements 3..13 (bytes 6..26) -> 16..26 trimmed to 16..16: dropped; 8..24 ->
+    // bytes 16..48.
+    assert_eq!(got(&[row(0, 40)]), vec![(0, 80)]);
+    assert_eq!(got(&[row(3, 10)]), vec![]);
+    assert_eq!(got(&[row(8, 16), row(0, 8)]), vec![(16, 32), (0, 16)]);
+    // A view starting at element 10 (byte 20): offsets count from the view's start.
+    let tail = w.flatten_all().unwrap().narrow(0, 10, 30).unwrap();
+    let r = l2_byte_ranges(
+        &[L2Range {
+            tensor: &tail,
+            offset: 0,
+            len: 30,
+        }],
+        3,
+    )
+    .unwrap();
+    assert_eq!((r[0].1, r[0].2), (12, 48)); // bytes 32..80 of the storage
+                                            // Past the tensor, too many ranges, a non-contiguous tensor: errors.
+    assert!(l2_byte_ranges(&[row(30, 20)], 3).is_err());
+    assert!(l2_byte_ranges(&[row(0, 1), row(0, 1)], 1).is_err());
+    let t = w.t().unwrap();
+    let err = l2_byte_ranges(
+        &[L2Range {
+            tensor: &t,
+            offset: 0,
+            len: 4,
+        }],
+        3,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("contiguous: false"), "{err}");
+}
