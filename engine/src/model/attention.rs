@@ -242,6 +242,7 @@ pub struct L2Range<'a> {
 /// `ranges` (at most `max`) as (tensor, first byte counted from the start of its layout, bytes),
 /// each shrunk to whole 16-byte units at 16-byte aligned addresses (what a bulk L2 prefetch takes;
 /// a range with none is dropped). Errors on a range past its tensor or of a non-contiguous one.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn l2_byte_ranges(
     ranges: &[L2Range],
     max: usize,
