@@ -9,6 +9,9 @@
 //! CUDA graph captures run with the switch off on their thread (`cuda_graph`): in a graph the
 //! kernels already follow each other without launch gaps, and programmatic edges made batch-1
 //! replays slower (days/gpu-engine/run27).
+//!
+//! A launch may also ask for thread-block clusters (`Launch::cluster`; the decode attention's
+//! cluster merge), passed as a second launch attribute.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
