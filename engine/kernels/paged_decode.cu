@@ -47,20 +47,6 @@
 
 namespace {
 
-// Asks L2 to fetch `bytes` (a multiple of 16, 16-byte aligned) at global address `p`.
-__device__ __forceinline__ void prefetch_l2(const void* p, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile(
-        "{\n\t.reg .u64 gaddr;\n\tcvta.to.global.u64 gaddr, %0;\n\t"
-        "cp.async.bulk.prefetch.L2.global [gaddr], %1;\n\t}\n" ::"l"(p),
-        "r"(bytes)
-        : "memory");
-#else
-    for (int b = 0; b < bytes; b += 32)
-        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(reinterpret_cast<const char*>(p) + b));
-#endif
-}
-
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));

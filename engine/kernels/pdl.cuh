@@ -23,7 +23,11 @@ __device__ __forceinline__ void pdl_enter() {
 // global memory into L2 without waiting for them (sm_90's bulk prefetch; nothing below).
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+    asm volatile(
+        "{\n\t.reg .u64 gaddr;\n\tcvta.to.global.u64 gaddr, %0;\n\t"
+        "cp.async.bulk.prefetch.L2.global [gaddr], %1;\n\t}\n" ::"l"(p),
+        "r"(bytes)
+        : "memory");
 #endif
 }
 

@@ -300,14 +300,14 @@ pub fn set_warm_l2_on_this_thread(on: Option<bool>) {
 /// non-portable sizes, allowed per kernel).
 pub const DECODE_CLUSTER_MAX: usize = 16;
 
-/// Whether a decode launch of `ctas` CTAs split `splits` ways on `sms` SMs merges in clusters: the
-/// switch (at most one CTA per SM) or this thread's override (`Some(true)`: any launch whose
-/// partitions fit a cluster).
-fn takes_decode_cluster(ctas: usize, splits: usize, sms: usize) -> bool {
+/// Whether a decode launch split `splits` ways merges in clusters: the switch for a `small` launch
+/// (at most one CTA per SM) or this thread's override (`Some(true)`: any launch whose partitions
+/// fit a cluster).
+fn takes_decode_cluster(small: bool, splits: usize) -> bool {
     (2..=DECODE_CLUSTER_MAX).contains(&splits)
         && DECODE_CLUSTER
             .this_thread()
-            .unwrap_or_else(|| DECODE_CLUSTER.process() && ctas <= sms)
+            .unwrap_or_else(|| DECODE_CLUSTER.process() && small)
 }
 
 /// Turns the decode kernel's cluster merge on or off process-wide (side-by-side benchmarks).
@@ -987,10 +987,10 @@ impl PagedAttention {
         let (ctas_per_sm, min_partition) = decode_split();
         let target = ctas_per_sm * sms;
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
-        let cluster =
-            takes_decode_cluster(base_ctas * splits, splits, sms) && has_clusters(&stream);
-        // Weight ranges into L2 (pointer, bytes), with the guards that keep them valid.
+        // A launch of at most one CTA per SM: the cluster merge and the L2 warm-up pay there.
         let small = base_ctas * splits <= sms;
+        let cluster = takes_decode_cluster(small, splits) && has_clusters(&stream);
+        // Weight ranges into L2 (pointer, bytes), with the guards that keep them valid.
         let ranges: Vec<_> = match small && WARM_L2.on() {
             true => self
                 .warm
