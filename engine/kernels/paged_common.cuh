@@ -23,3 +23,14 @@ __device__ __forceinline__ bool locate_tile(const uint32_t* __restrict__ query_s
     }
     return false;
 }
+
+// Decode partitions (split-KV) are whole multiples of this many keys (paged_decode.cu's chunk).
+constexpr int DECODE_PARTITION_KEYS = 32;
+
+// Keys per context partition for a decode query that sees `nkeys` keys, split `splits` ways;
+// the decode kernels and their combine kernel agree on it.
+__device__ __forceinline__ int decode_partition(int nkeys, int splits) {
+    const int per = (nkeys + splits - 1) / splits;
+    constexpr int C = DECODE_PARTITION_KEYS;
+    return max(C, (per + C - 1) / C * C);
+}

@@ -37,11 +37,13 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "paged_common.cuh"
 #include "pdl.cuh"
 
 #define DEC_WARPS 4
 #define DEC_THREADS (32 * DEC_WARPS)
 #define DEC_CHUNK 32      // keys per warp step, one per lane
+static_assert(DEC_CHUNK == DECODE_PARTITION_KEYS, "partitions are whole chunks");
 #define DEC_STAGE 16      // 16-byte vectors of a K row staged per round (256 bytes)
 #define DEC_PV_UNROLL 8   // V loads in flight per lane
 
@@ -56,13 +58,6 @@ __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
-}
-
-// Keys per context partition for a query that sees `nkeys` keys, split `splits` ways (whole
-// chunks); the decode kernel and the combine kernel agree on it.
-__device__ __forceinline__ int decode_partition(int nkeys, int splits) {
-    const int per = (nkeys + splits - 1) / splits;
-    return max(DEC_CHUNK, (per + DEC_CHUNK - 1) / DEC_CHUNK * DEC_CHUNK);
 }
 
 }  // namespace

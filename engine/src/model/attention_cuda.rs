@@ -2,9 +2,10 @@
 //!
 //! Same contract as the CPU reference ops in `attention.rs`. Kernels are compiled to PTX by
 //! `engine/build.rs` and JIT-loaded once per device through candle's module cache. Attention
-//! steps in which every sequence has one query token run on the decode kernel (`paged_decode.cu`,
-//! switch: `set_decode_kernel`); other steps on the general paged kernel (`paged_attention.cu`)
-//! and the tensor-core prefill kernel (`flash_prefill.cu`).
+//! steps in which every sequence has one query token run on the decode kernels (`paged_decode.cu`
+//! on CUDA cores, `flash_decode.cu` on tensor cores for whole GQA groups; switches:
+//! `set_decode_kernel`, `set_decode_tensor_cores`); other steps on the general paged kernel
+//! (`paged_attention.cu`) and the tensor-core prefill kernel (`flash_prefill.cu`).
 
 use super::attention::{l2_byte_ranges, AttentionMetadata, L2Range};
 use super::pdl;
@@ -319,6 +320,75 @@ pub fn set_decode_cluster(on: bool) {
 /// batch size when the partitions fit one, `Some(false)` never, `None` follows the switch.
 pub fn set_decode_cluster_on_this_thread(on: Option<bool>) {
     DECODE_CLUSTER.set_on_this_thread(on);
+}
+
+crate::switch! {
+    /// Decode steps of bf16/f16 models with GQA groups of `FLASH_DECODE_MIN_GROUP` to 16 heads take
+    /// the tensor-core decode kernel (`flash_decode.cu`, a whole group per CTA) when on; off, the
+    /// CUDA-core kernel. An explicit head tile (`set_decode_head_tile`) keeps the CUDA-core kernel.
+    /// H200, attention over all layers at context 1k (days/gpu-engine/run37): Qwen2.5-1.5B batch
+    /// 1 / 8 / 32 / 128 0.292 / 0.346 / 0.771 / 1.567 ms against 0.304 / 0.625 / 1.483 / 3.946 on
+    /// CUDA cores; CodeLlama-34B batch 1 / 16 0.510 / 1.935 against 0.714 / 4.917.
+    static DECODE_TENSOR_CORES = true;
+}
+
+/// The tensor-core decode kernel's split: 2 CTAs per SM, partitions of at least 128 keys. H200,
+/// context 1k (run37, attention over all layers): Qwen2.5-1.5B batch 32 0.609 ms against 0.771 at
+/// 4:128, batch 128 1.669 against 1.567; CodeLlama-34B batch 16 1.543 against 1.935; batches 1
+/// and 8 alike.
+static FLASH_DECODE_SPLIT: Split = Split::new(2, 128);
+
+/// Sets the tensor-core decode kernel's context split (defaults 2 CTAs per SM, partitions of >=
+/// 128 keys); for side-by-side benchmarks.
+pub fn set_flash_decode_split(ctas_per_sm: usize, min_partition_keys: usize) {
+    FLASH_DECODE_SPLIT.set(ctas_per_sm, min_partition_keys);
+}
+
+/// The tensor-core decode kernel's current context split: (CTAs per SM, keys per partition at
+/// least).
+pub fn flash_decode_split() -> (usize, usize) {
+    FLASH_DECODE_SPLIT.get()
+}
+
+/// Smallest GQA group the tensor-core decode kernel takes by default: its 16-row Q tile is mostly
+/// padding below it (a judgement; the CUDA-core kernel's 4-head tile serves such groups whole).
+pub const FLASH_DECODE_MIN_GROUP: usize = 4;
+/// Largest GQA group the tensor-core decode kernel takes (one m16 tile of query rows).
+const FLASH_DECODE_MAX_GROUP: usize = 16;
+/// Keys per tile of the tensor-core decode kernel (`flash_decode::BN`).
+const FLASH_DECODE_KEYS: usize = 64;
+
+/// Turns the tensor-core decode kernel on or off process-wide (side-by-side benchmarks).
+pub fn set_decode_tensor_cores(on: bool) {
+    DECODE_TENSOR_CORES.set(on);
+}
+
+/// [`set_decode_tensor_cores`] for launches on this thread: `Some(true)` takes the tensor-core
+/// kernel for every decode step it can serve (bf16/f16, groups of 2 to 16, any batch),
+/// `Some(false)` never, `None` follows the switch. For tests.
+pub fn set_decode_tensor_cores_on_this_thread(on: Option<bool>) {
+    DECODE_TENSOR_CORES.set_on_this_thread(on);
+}
+
+/// Whether a decode step takes the tensor-core kernel: it can (16-bit `dtype`, a group of 2 to
+/// 16, a supported head size), and this thread's override says so, or the switch is on, the group
+/// is at least `FLASH_DECODE_MIN_GROUP` and no head tile is set.
+fn takes_flash_decode(dtype: DType, group: usize, head_dim: usize) -> bool {
+    let can = matches!(dtype, DType::BF16 | DType::F16)
+        && (2..=FLASH_DECODE_MAX_GROUP).contains(&group)
+        && SUPPORTED_HEAD_DIMS.contains(&head_dim);
+    can && DECODE_TENSOR_CORES.this_thread().unwrap_or_else(|| {
+        DECODE_TENSOR_CORES.process()
+            && group >= FLASH_DECODE_MIN_GROUP
+            && DECODE_HEAD_TILE.load(Ordering::Relaxed) == 0
+    })
+}
+
+/// Dynamic shared memory of a tensor-core decode launch (`Dec::kSmemBytes`): a 16-row Q tile and
+/// two stages of K and V tiles, rows of `head_dim + 8` 16-bit elements, then two u32 per key of
+/// two tiles.
+fn flash_decode_shared_bytes(head_dim: usize) -> usize {
+    (16 + 4 * FLASH_DECODE_KEYS) * (head_dim + 8) * 2 + 16 * FLASH_DECODE_KEYS
 }
 
 /// Query heads per decode CTA when set (one of `DECODE_HEAD_TILES`); 0: the smallest tile that
@@ -980,18 +1050,31 @@ impl PagedAttention {
 
         let group = num_heads / num_kv_heads;
         let sms = multiprocessor_count(&stream);
-        let g = decode_head_tile(group, num_seqs, num_heads, sms);
+        let max_ctx = self.max_context_len.clamp(1, max_blocks * block_size);
+        // The tensor-core kernel takes a whole group per CTA.
+        let tc = takes_flash_decode(dtype, group, head_dim);
+        let g = match tc {
+            true => group,
+            false => decode_head_tile(group, num_seqs, num_heads, sms),
+        };
         let head_tiles = group.div_ceil(g);
         let base_ctas = num_seqs * num_kv_heads * head_tiles;
-        let max_ctx = self.max_context_len.clamp(1, max_blocks * block_size);
-        let (ctas_per_sm, min_partition) = decode_split();
+        let (ctas_per_sm, min_partition) = if tc {
+            flash_decode_split()
+        } else {
+            decode_split()
+        };
         let target = ctas_per_sm * sms;
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
         // A launch of at most one CTA per SM: the cluster merge and the L2 warm-up pay there.
         let small = base_ctas * splits <= sms;
-        let cluster = takes_decode_cluster(small, splits) && has_clusters(&stream);
-        // Weight ranges into L2 (pointer, bytes), with the guards that keep them valid.
-        let ranges: Vec<_> = match small && WARM_L2.on() {
+        let cluster = !tc && takes_decode_cluster(small, splits) && has_clusters(&stream);
+        // Weight ranges into L2 (pointer, bytes), with the guards that keep them valid. Not with
+        // the tensor-core kernel: its small launches (18 CTAs at batch 1, Qwen2.5-1.5B shape)
+        // issue the whole warm-up from a few SMs, and the H200 batch-1 step took 2.079 ms with
+        // it against 1.380 without (CUDA graphs, days/gpu-engine/run39; the CUDA-core kernel's
+        // 108 CTAs: 1.424 with, 1.429 without).
+        let ranges: Vec<_> = match small && WARM_L2.on() && !tc {
             true => self
                 .warm
                 .iter()
@@ -1034,12 +1117,26 @@ impl PagedAttention {
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         let variant = if cluster { "_cluster" } else { "" };
-        let mut b = pdl::Launch::new(
-            &dev,
-            &format!("paged_decode_{suffix}_d{head_dim}_g{g}{variant}"),
-            "paged_decode",
-            ptx::PAGED_DECODE,
-        )?;
+        let (name, module, code) = match tc {
+            true => (
+                format!("flash_decode_{suffix}_d{head_dim}"),
+                "flash_decode",
+                ptx::FLASH_DECODE,
+            ),
+            false => (
+                format!("paged_decode_{suffix}_d{head_dim}_g{g}{variant}"),
+                "paged_decode",
+                ptx::PAGED_DECODE,
+            ),
+        };
+        let shared = if tc {
+            flash_decode_shared_bytes(head_dim)
+        } else {
+            0
+        };
+        let func = dev.get_or_load_custom_func(&name, module, code)?;
+        allow_shared_bytes(&func.into_cuda_function(), shared)?;
+        let mut b = pdl::Launch::new(&dev, &name, module, code)?;
         if cluster {
             b.cluster((1, 1, splits as u32))?;
         }
@@ -1050,7 +1147,7 @@ impl PagedAttention {
                 splits as u32,
             ),
             block_dim: (DECODE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: shared as u32,
         };
         for p in outs.iter().chain(&ins) {
             b.arg(p);
@@ -1060,8 +1157,10 @@ impl PagedAttention {
             .arg(&block_size_i)
             .arg(&max_blocks_i)
             .arg(&scale_log2);
-        for (p, bytes) in &warm {
-            b.arg(p).arg(bytes);
+        if !tc {
+            for (p, bytes) in &warm {
+                b.arg(p).arg(bytes);
+            }
         }
         unsafe { b.launch(cfg) }?;
         drop(warm_guards);

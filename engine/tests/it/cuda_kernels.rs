@@ -9,8 +9,9 @@
 use candle_core::{DType, Device, Tensor};
 use engine::model::attention::SPLIT_COUNTERS_PER_SEQ;
 use engine::model::attention_cuda::{
-    decode_split, paged_attention_into, paged_split, set_decode_cluster_on_this_thread,
-    set_decode_head_tile, set_decode_kernel_on_this_thread, set_decode_split,
+    decode_split, flash_decode_split, paged_attention_into, paged_split,
+    set_decode_cluster_on_this_thread, set_decode_head_tile, set_decode_kernel_on_this_thread,
+    set_decode_split, set_decode_tensor_cores_on_this_thread, set_flash_decode_split,
     set_flash_wide_tiles_on_this_thread, set_in_kernel_combine_on_this_thread, set_paged_split,
     set_prefill_kernel, write_kv_cache, PrefillKernel,
 };
@@ -431,6 +432,7 @@ fn paged_decode_cluster_matches_combine_launch() {
     // 14 per launch at these contexts), and of 32 keys (up to 94: the combine launch).
     let splits = [(64, 128), (64, 200), (64, 512), (64, 32)];
     set_decode_kernel_on_this_thread(Some(true));
+    set_decode_tensor_cores_on_this_thread(Some(false));
     let mut seed = 7000;
     for &(heads, kv_heads, head_dim, block_size) in &shapes {
         for ctxs in &batches {
@@ -466,6 +468,7 @@ fn paged_decode_cluster_matches_combine_launch() {
             }
         }
     }
+    set_decode_tensor_cores_on_this_thread(None);
     set_decode_kernel_on_this_thread(None);
 }
 
@@ -492,6 +495,8 @@ fn paged_decode_matches_reference() {
     let default_split = decode_split();
     // (CTAs per SM, min keys per partition): always one partition; the default; many small ones.
     let splits = [(1, 1 << 20), default_split, (64, 32)];
+    // The CUDA-core decode kernel (flash_decode_matches_reference covers the tensor-core one).
+    set_decode_tensor_cores_on_this_thread(Some(false));
     let mut seed = 1000;
     for (si, &(heads, kv_heads, head_dim, block_size)) in shapes.iter().enumerate() {
         for (bi, ctxs) in batches.iter().enumerate() {
@@ -532,6 +537,84 @@ fn paged_decode_matches_reference() {
             }
         }
     }
+    set_decode_tensor_cores_on_this_thread(None);
+}
+
+/// The tensor-core decode kernel (flash_decode.cu) against the f64 reference and the CUDA-core
+/// decode kernel on the same inputs: GQA groups of 2 to 16 heads (Qwen2.5's 6, CodeLlama-34B's
+/// 8), every head size, contexts of one key to 3,000 (partial and empty 64-key tiles, empty
+/// partitions), one partition, the default split, 32-key and 200-key partitions (not whole
+/// tiles), block-table padding columns; every output element written (NaN-poisoned output).
+#[test]
+fn flash_decode_matches_reference() {
+    // (heads, kv_heads, head_dim, block_size)
+    let shapes = [
+        (12, 2, 128, 16),
+        (64, 8, 128, 16),
+        (16, 1, 128, 16),
+        (16, 2, 96, 8),
+        (8, 2, 64, 16),
+        (6, 2, 80, 32),
+        (4, 2, 64, 16),
+    ];
+    let mut rng = StdRng::seed_from_u64(4048);
+    let batches: Vec<Vec<usize>> = vec![
+        vec![1],
+        vec![1025],
+        vec![3, 17, 2048],
+        vec![
+            1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 2047, 2500, 3000,
+        ],
+        (0..40).map(|_| rng.gen_range(1..=1500)).collect(),
+    ];
+    let default_split = decode_split();
+    let default_tc_split = flash_decode_split();
+    let splits = [(1, 1 << 20), default_tc_split, (64, 32), (64, 200)];
+    set_decode_kernel_on_this_thread(Some(true));
+    let mut seed = 9000;
+    for (si, &(heads, kv_heads, head_dim, block_size)) in shapes.iter().enumerate() {
+        for (bi, ctxs) in batches.iter().enumerate() {
+            let c = Case {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size,
+                seqs: ctxs.iter().map(|&ctx| (1, ctx)).collect(),
+            };
+            let extra_cols = (si + bi) % 3 * 2;
+            for dtype in [DType::BF16, DType::F16] {
+                for &(ctas, min_keys) in &splits {
+                    seed += 1;
+                    set_decode_split(ctas, min_keys);
+                    set_flash_decode_split(ctas, min_keys);
+                    set_decode_tensor_cores_on_this_thread(Some(false));
+                    let cuda_cores = run_attention(&c, dtype, seed, extra_cols);
+                    set_decode_tensor_cores_on_this_thread(Some(true));
+                    let tc = run_attention(&c, dtype, seed, extra_cols);
+                    set_decode_tensor_cores_on_this_thread(None);
+                    set_decode_split(default_split.0, default_split.1);
+                    set_flash_decode_split(default_tc_split.0, default_tc_split.1);
+                    let want = tc.reference(&c);
+                    let err = rel_l2(&tc.got, &want);
+                    let err_cc = rel_l2(&cuda_cores.got, &want);
+                    let cc: Vec<f64> = cuda_cores.got.iter().map(|&x| x as f64).collect();
+                    let diff = rel_l2(&tc.got, &cc);
+                    let what = format!(
+                        "{heads}/{kv_heads} heads, d{head_dim}, block {block_size}, batch {}, \
+                         {dtype:?}, split ({ctas}, {min_keys})",
+                        ctxs.len()
+                    );
+                    println!(
+                        "{what}: rel L2 vs reference {err:.3e} (CUDA cores {err_cc:.3e}), \
+                         vs CUDA cores {diff:.3e}"
+                    );
+                    assert!(err < tolerance(dtype), "{what}: rel error {err:.3e}");
+                    assert!(diff < tolerance(dtype), "{what}: vs CUDA cores {diff:.3e}");
+                }
+            }
+        }
+    }
+    set_decode_kernel_on_this_thread(None);
 }
 
 #[test]

@@ -70,8 +70,10 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     attn_splits: Vec<String>,
     /// The same for the decode kernel's split, each `CTAS_PER_SM:MIN_PARTITION_KEYS` (the
-    /// engine's default is 4:128), optionally followed by `:g<HEADS>` (query heads per CTA: 1, 4
-    /// or 8) and `:combine` (partials and the combine launch instead of the cluster merge).
+    /// engine's default is 4:128 on CUDA cores, 2:128 on tensor cores), optionally followed by
+    /// `:g<HEADS>` (query heads per CTA: 1, 4 or 8), `:combine` (partials and the combine launch
+    /// instead of the cluster merge) and `:tc` (the tensor-core decode kernel; otherwise the
+    /// CUDA-core one).
     #[arg(long, value_delimiter = ',')]
     decode_splits: Vec<String>,
     /// Fewest sequences a decode step needs to take the decode kernel (the engine's default is
@@ -322,6 +324,10 @@ const NO_PDL: &str = "ordinary launches (no PDL)";
 /// Split decode attention through partials and the combine launch instead of the cluster merge.
 const NO_DECODE_CLUSTER: &str = "decode combine launch (no cluster)";
 
+/// Decode attention of whole GQA groups on the CUDA-core decode kernel instead of the tensor-core
+/// one.
+const NO_DECODE_TC: &str = "CUDA-core decode attention";
+
 /// Short decode attention launches without their L2 warm-up of the next projections' weights.
 const NO_WARM_L2: &str = "no L2 warm-up in attention";
 
@@ -342,6 +348,7 @@ fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         NO_PDL,
         NO_DECODE_CLUSTER,
         NO_WARM_L2,
+        NO_DECODE_TC,
         "paged kernel for decode",
         "unfused ops",
         "cudarc event tracking on",
@@ -389,6 +396,8 @@ fn set_path(variant: &str, on: bool) -> bool {
         #[cfg(feature = "cuda")]
         NO_DECODE_CLUSTER => engine::model::attention_cuda::set_decode_cluster(!on),
         #[cfg(feature = "cuda")]
+        NO_DECODE_TC => engine::model::attention_cuda::set_decode_tensor_cores(!on),
+        #[cfg(feature = "cuda")]
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
         _ => return false,
     }
@@ -396,7 +405,7 @@ fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-const WITHOUT: [(&str, &str); 8] = [
+const WITHOUT: [(&str, &str); 9] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
@@ -405,6 +414,7 @@ const WITHOUT: [(&str, &str); 8] = [
     ("pdl", NO_PDL),
     ("cluster", NO_DECODE_CLUSTER),
     ("warm", NO_WARM_L2),
+    ("tensor-cores", NO_DECODE_TC),
 ];
 
 /// Turns one optional path off for the whole run (`--without`).
@@ -414,7 +424,7 @@ fn turn_off(path: &str) -> Result<()> {
         _ => {
             let keys: Vec<&str> = WITHOUT.iter().map(|(key, _)| *key).collect();
             bail!(
-                "--without {path}: not one of {} (the last four need CUDA)",
+                "--without {path}: not one of {} (the last five need CUDA)",
                 keys.join(", ")
             )
         }
@@ -622,6 +632,10 @@ fn main() -> Result<()> {
                     }
                 }
                 set_variant(&device, v, false, cli.cuda_graphs)?;
+                // Back to the run's own paths: a variant that `--without` took stays taken.
+                for path in &cli.without {
+                    turn_off(path)?;
+                }
                 let gpu = median(times.iter().map(|t| t.1).collect());
                 let enqueue = median(times.iter().map(|t| t.0).collect());
                 eprintln!("decode batch {batch}, {v}: enqueue {enqueue:.3} ms, GPU {gpu:.3} ms");
@@ -777,10 +791,11 @@ fn split_sweep(
     cache: &KvCache,
 ) -> Result<Vec<(String, Vec<(usize, f64)>)>> {
     use engine::model::attention_cuda::{
-        decode_split, paged_split, set_decode_cluster_on_this_thread, set_decode_head_tile,
-        set_decode_kernel_on_this_thread, set_decode_split, set_paged_split,
+        decode_split, flash_decode_split, paged_split, set_decode_cluster_on_this_thread,
+        set_decode_head_tile, set_decode_kernel_on_this_thread, set_decode_split,
+        set_decode_tensor_cores_on_this_thread, set_flash_decode_split, set_paged_split,
     };
-    let defaults = (paged_split(), decode_split());
+    let defaults = (paged_split(), decode_split(), flash_decode_split());
     let mut q = QueuedTimer::new(device)?;
     let mut rows = Vec::new();
     let settings = cli
@@ -795,19 +810,24 @@ fn split_sweep(
         };
         let (a, b) = parse_split(ab)?;
         let fields = opts.split(':').map(str::trim).filter(|f| !f.is_empty());
-        // Decode kernel options after A:B: `g<N>` query heads per CTA, `combine`.
-        let (mut tile, mut combine) = (cli.decode_head_tile, false);
+        // Decode kernel options after A:B: `g<N>` query heads per CTA, `combine`, `tc`.
+        let (mut tile, mut combine, mut tc) = (cli.decode_head_tile, false, false);
         for f in fields {
             match (f, f.strip_prefix('g')) {
                 ("combine", _) if kernel == "decode" => combine = true,
+                ("tc", _) if kernel == "decode" => tc = true,
                 (_, Some(g)) if kernel == "decode" => tile = Some(g.parse()?),
                 _ => bail!(
-                    "split {setting:?}: unknown option {f:?} (decode splits take g<N>, combine)"
+                    "split {setting:?}: unknown option {f:?} (decode splits take g<N>, combine, tc)"
                 ),
             }
         }
         set_decode_head_tile(tile)?;
         set_decode_cluster_on_this_thread(combine.then_some(false));
+        set_decode_tensor_cores_on_this_thread(Some(tc));
+        if tc {
+            set_flash_decode_split(a, b);
+        }
         // Each kernel at every batch size (the engine picks by size: DECODE_MIN_SEQS).
         if kernel == "paged" {
             set_decode_kernel_on_this_thread(Some(false));
@@ -830,8 +850,10 @@ fn split_sweep(
     }
     set_paged_split(defaults.0 .0, defaults.0 .1);
     set_decode_split(defaults.1 .0, defaults.1 .1);
+    set_flash_decode_split(defaults.2 .0, defaults.2 .1);
     set_decode_kernel_on_this_thread(None);
     set_decode_cluster_on_this_thread(None);
+    set_decode_tensor_cores_on_this_thread(None);
     set_decode_head_tile(cli.decode_head_tile)?;
     Ok(rows)
 }
@@ -1011,7 +1033,7 @@ fn render(
         let _ = writeln!(s, "\nEach part alone over every layer at the step's batch: the four projections (distinct weights cycled so that they come from HBM), the LM head (16-bit head, f32 logits), paged attention over the filled cache, and the fused elementwise ops. The parts' kernels are queued behind ~{BUSY_MATMULS} large matmuls, so their events time the kernels without launch gaps; the difference from the step is the embedding, the rotary tables and what a whole step adds.\n");
     }
     if !sweep.is_empty() {
-        let _ = writeln!(s, "### Decode attention by kernel and context split (GPU ms over every layer, queued; paged kernel: CTAs per SM : key tiles per partition; decode kernel: CTAs per SM : keys per partition)\n");
+        let _ = writeln!(s, "### Decode attention by kernel and context split (GPU ms over every layer, queued; paged kernel: CTAs per SM : key tiles per partition; decode kernel: CTAs per SM : keys per partition, on CUDA cores unless `:tc`)\n");
         let _ = writeln!(
             s,
             "| split | {} |",
