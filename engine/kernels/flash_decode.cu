@@ -3,7 +3,7 @@
 //
 // Same layouts and contract as paged_decode.cu (and the same partials, merged by its
 // paged_decode_combine kernel): grid (num_seqs, num_kv_heads, splits), 128 threads, dynamic
-// shared memory FlashDecode<D>::kSmemBytes. A CTA takes one sequence, one KV head with all
+// shared memory Dec<D>::kSmemBytes. A CTA takes one sequence, one KV head with all
 // `group` (<= 16) of its query heads as rows 0 .. group-1 of a 16-row Q tile (rows past the
 // group are zeros, computed and dropped), and one context partition (decode_partition). It walks
 // the partition in tiles of BN = 64 keys gathered through the block table by cp.async, two

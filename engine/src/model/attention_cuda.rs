@@ -326,9 +326,10 @@ crate::switch! {
     /// Decode steps of bf16/f16 models with GQA groups of `FLASH_DECODE_MIN_GROUP` to 16 heads take
     /// the tensor-core decode kernel (`flash_decode.cu`, a whole group per CTA) when on; off, the
     /// CUDA-core kernel. An explicit head tile (`set_decode_head_tile`) keeps the CUDA-core kernel.
-    /// H200, attention over all layers at context 1k (days/gpu-engine/run37): Qwen2.5-1.5B batch
-    /// 1 / 8 / 32 / 128 0.292 / 0.346 / 0.771 / 1.567 ms against 0.304 / 0.625 / 1.483 / 3.946 on
-    /// CUDA cores; CodeLlama-34B batch 1 / 16 0.510 / 1.935 against 0.714 / 4.917.
+    /// H200, attention over all layers at context 1k (days/gpu-engine/run40): Qwen2.5-1.5B batch
+    /// 1 / 8 / 32 / 128 0.293 / 0.357 / 0.631 / 1.674 ms against 0.299 / 0.632 / 1.482 / 3.906 on
+    /// CUDA cores; CodeLlama-34B batch 1 / 16 0.550 / 1.608 against 0.760 / 5.028. Graphed
+    /// steps: Qwen2.5-1.5B 1.369 / 1.769 / 2.048 / 3.228 ms against 1.433 / 1.976 / 3.187 / 5.387.
     static DECODE_TENSOR_CORES = true;
 }
 
@@ -1134,9 +1135,8 @@ impl PagedAttention {
         } else {
             0
         };
-        let func = dev.get_or_load_custom_func(&name, module, code)?;
-        allow_shared_bytes(&func.into_cuda_function(), shared)?;
         let mut b = pdl::Launch::new(&dev, &name, module, code)?;
+        allow_shared_bytes(b.function(), shared)?;
         if cluster {
             b.cluster((1, 1, splits as u32))?;
         }

@@ -75,6 +75,11 @@ impl<'a> Launch<'a> {
         })
     }
 
+    /// The kernel being launched (to set its attributes, e.g. its dynamic shared-memory limit).
+    pub fn function(&self) -> &CudaFunction {
+        &self.func
+    }
+
     /// Launches the grid as thread-block clusters of `dims` CTAs (sm_90; the grid must be a whole
     /// number of clusters). Above 8 CTAs (the portable size, up to 16 on H100/H200) the kernel is
     /// allowed non-portable sizes first.
