@@ -53,8 +53,7 @@ pub fn split_counters(num_seqs: usize, device: &Device) -> Result<Option<Tensor>
     if !device.is_cuda() || num_seqs == 0 {
         return Ok(None);
     }
-    #[cfg(feature = "cuda")]
-    if !super::attention_cuda::in_kernel_combine() {
+    if !super::attention_select::in_kernel_combine() {
         return Ok(None);
     }
     Tensor::zeros(num_seqs * SPLIT_COUNTERS_PER_SEQ, DType::U32, device).map(Some)

@@ -16,6 +16,7 @@
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod attention_cuda;
+pub mod attention_select;
 pub mod cache;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
