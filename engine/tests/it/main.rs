@@ -1,6 +1,7 @@
 //! Engine integration tests: one binary, one module per area.
 
 mod api;
+mod bench;
 mod common;
 #[cfg(feature = "cuda")]
 mod cuda_diag;

@@ -1,7 +1,7 @@
 //! The forward's parts timed alone over every layer: the four projections, the LM head, attention
 //! and the fused elementwise ops, for a prefill or a decode step.
 
-use super::{host_ms, median};
+use super::timing::{host_ms, median};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use engine::config::ModelConfig;

@@ -1,0 +1,169 @@
+//! The optional paths a run compares side by side: the variant columns' names, turning each on or
+//! off (process-wide switches of the engine), `--without` and the CUDA-graph counters.
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+/// 1-row projections of rows up to `WARP_ROWS_MAX_CHUNKS` on the CTA-per-rows GEMV kernel instead
+/// of the warp-per-row kernel.
+pub(crate) const ONE_ROW_CTA: &str = "1-row GEMV on CTA-per-rows kernel";
+
+/// The MLP's SiLU-gate product as its own launch instead of the 1-row gate/up GEMV's epilogue.
+pub(crate) const SILU_OWN_LAUNCH: &str = "SiLU-gate as own launch";
+
+/// The bias, rotary and KV-cache write as their own launch instead of the 1-row q/k/v GEMV's
+/// epilogue.
+pub(crate) const ROPE_OWN_LAUNCH: &str = "rotary + KV write as own launch";
+
+/// The residual add + RMSNorm as the prologue of the 1-row q/k/v and gate/up GEMVs instead of
+/// their own launch (off in the engine).
+pub(crate) const NORM_PROLOGUE: &str = "add + RMSNorm in the GEMV prologue";
+
+/// The split paged attention's partitions merged in the kernel's last CTA instead of by the
+/// combine launch (off in the engine).
+pub(crate) const COMBINE_IN_KERNEL: &str = "attention combine in the kernel";
+
+/// The engine's kernels as ordinary launches instead of with programmatic dependent launch
+/// (eager launches only: CUDA graphs are captured without it).
+pub(crate) const NO_PDL: &str = "ordinary launches (no PDL)";
+
+/// Split decode attention through partials and the combine launch instead of the cluster merge.
+pub(crate) const NO_DECODE_CLUSTER: &str = "decode combine launch (no cluster)";
+
+/// Decode attention of whole GQA groups on the CUDA-core decode kernel instead of the tensor-core
+/// one.
+pub(crate) const NO_DECODE_TC: &str = "CUDA-core decode attention";
+
+/// Short decode attention launches without their L2 warm-up of the next projections' weights.
+pub(crate) const NO_WARM_L2: &str = "no L2 warm-up in attention";
+
+/// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
+pub(crate) const EAGER: &str = "eager (no CUDA graphs)";
+
+/// Settings the decode forward is also timed under (beside the engine's own): each is turned on,
+/// measured and turned back off. With CUDA graphs, every variant but "as served" runs eagerly.
+pub(crate) fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
+    let mut v = vec![
+        "as served",
+        "cuBLAS for every projection",
+        ONE_ROW_CTA,
+        SILU_OWN_LAUNCH,
+        ROPE_OWN_LAUNCH,
+        NORM_PROLOGUE,
+        COMBINE_IN_KERNEL,
+        NO_PDL,
+        NO_DECODE_CLUSTER,
+        NO_WARM_L2,
+        NO_DECODE_TC,
+        "paged kernel for decode",
+        "unfused ops",
+        "cudarc event tracking on",
+    ];
+    if cuda_graphs {
+        v.insert(1, EAGER);
+    }
+    v
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) fn set_variant(
+    device: &Device,
+    variant: &str,
+    on: bool,
+    cuda_graphs: bool,
+) -> Result<()> {
+    if variant != "as served" {
+        engine::model::cuda_graph::set_cuda_graphs(cuda_graphs && !on);
+    }
+    if variant == "cudarc event tracking on" {
+        engine::gpu_memory::set_event_tracking(device, on)?;
+    } else {
+        set_path(variant, on);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn set_variant(_: &Device, _: &str, _: bool, _: bool) -> Result<()> {
+    Ok(())
+}
+
+/// Takes the variant `variant` of an engine path (`on`) or goes back to the engine's own (off);
+/// false when `variant` names no path of this build.
+pub(crate) fn set_path(variant: &str, on: bool) -> bool {
+    match variant {
+        "unfused ops" => engine::model::fused::set_fused_kernels(!on),
+        "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
+        ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
+        SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
+        ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
+        NORM_PROLOGUE => engine::model::gemv::set_gemv_norm_prologue(on),
+        #[cfg(feature = "cuda")]
+        COMBINE_IN_KERNEL => engine::model::attention_cuda::set_in_kernel_combine(on),
+        #[cfg(feature = "cuda")]
+        NO_PDL => engine::model::pdl::set_pdl(!on),
+        #[cfg(feature = "cuda")]
+        NO_WARM_L2 => engine::model::attention_cuda::set_warm_l2(!on),
+        #[cfg(feature = "cuda")]
+        NO_DECODE_CLUSTER => engine::model::attention_cuda::set_decode_cluster(!on),
+        #[cfg(feature = "cuda")]
+        NO_DECODE_TC => engine::model::attention_cuda::set_decode_tensor_cores(!on),
+        #[cfg(feature = "cuda")]
+        "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
+        _ => return false,
+    }
+    true
+}
+
+/// `--without` keys and the variant each takes for the whole run.
+pub(crate) const WITHOUT: [(&str, &str); 9] = [
+    ("silu", SILU_OWN_LAUNCH),
+    ("rope", ROPE_OWN_LAUNCH),
+    ("warp-rows", ONE_ROW_CTA),
+    ("fused", "unfused ops"),
+    ("decode-kernel", "paged kernel for decode"),
+    ("pdl", NO_PDL),
+    ("cluster", NO_DECODE_CLUSTER),
+    ("warm", NO_WARM_L2),
+    ("tensor-cores", NO_DECODE_TC),
+];
+
+/// Turns one optional path off for the whole run (`--without`).
+pub(crate) fn turn_off(path: &str) -> Result<()> {
+    match WITHOUT.iter().find(|(key, _)| *key == path) {
+        Some((_, variant)) if set_path(variant, true) => Ok(()),
+        _ => {
+            let keys: Vec<&str> = WITHOUT.iter().map(|(key, _)| *key).collect();
+            bail!(
+                "--without {path}: not one of {} (the last five need CUDA)",
+                keys.join(", ")
+            )
+        }
+    }
+}
+
+/// The CUDA-graph counters: (replays, failed captures, why the last capture failed).
+#[cfg(feature = "cuda")]
+pub(crate) fn graph_status() -> (usize, usize, Option<String>) {
+    use engine::model::cuda_graph::{graph_counts, last_capture_error};
+    let (replays, failed) = graph_counts();
+    (replays, failed, last_capture_error())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn graph_status() -> (usize, usize, Option<String>) {
+    (0, 0, None)
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) fn set_flash_prefill(on: bool) {
+    use engine::model::attention_cuda::{set_prefill_kernel, PrefillKernel};
+    set_prefill_kernel(if on {
+        PrefillKernel::TensorCore
+    } else {
+        PrefillKernel::Paged
+    });
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn set_flash_prefill(_: bool) {}
