@@ -68,11 +68,8 @@ __device__ __forceinline__ void flash_decode_impl(
     uint32_t* const key_within = key_block + 2 * BN;
 
     const int seq = blockIdx.x;
-    const int qstart = (int)query_start[seq];
-    const int qlen = (int)query_start[seq + 1] - qstart;
-    const int ctx = (int)context_lens[seq];
-    const int nkeys = ctx - qlen + 1;  // keys 0 ..= ctx - qlen
-    if (qlen < 1 || nkeys < 1) return;
+    int qstart, nkeys;
+    if (!decode_query(query_start, context_lens, seq, qstart, nkeys)) return;
     const int splits = gridDim.z;
     const int partition = decode_partition(nkeys, splits);
     const int key_begin = blockIdx.z * partition;

@@ -24,6 +24,19 @@ __device__ __forceinline__ bool locate_tile(const uint32_t* __restrict__ query_s
     return false;
 }
 
+// The query token of decode sequence `seq` (one token per sequence) and the keys it sees: row
+// `qstart` of the step's tokens, keys 0 .. nkeys - 1 (0 ..= ctx - qlen). False when the sequence
+// has no query token or no key: its CTAs write nothing. The decode kernels and their combine
+// kernel agree on it.
+__device__ __forceinline__ bool decode_query(const uint32_t* __restrict__ query_start,
+                                             const uint32_t* __restrict__ context_lens, int seq,
+                                             int& qstart, int& nkeys) {
+    qstart = (int)query_start[seq];
+    const int qlen = (int)query_start[seq + 1] - qstart;
+    nkeys = (int)context_lens[seq] - qlen + 1;
+    return qlen >= 1 && nkeys >= 1;
+}
+
 // Decode partitions (split-KV) are whole multiples of this many keys (paged_decode.cu's chunk).
 constexpr int DECODE_PARTITION_KEYS = 32;
 

@@ -90,11 +90,8 @@ __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_
     __shared__ float cpart[CLUSTER ? G * (D + 2) : 1];
 
     const int seq = blockIdx.x;
-    const int qstart = (int)query_start[seq];
-    const int qlen = (int)query_start[seq + 1] - qstart;
-    const int ctx = (int)context_lens[seq];
-    const int nkeys = ctx - qlen + 1;  // keys 0 ..= ctx - qlen
-    if (qlen < 1 || nkeys < 1) return;
+    int qstart, nkeys;
+    if (!decode_query(query_start, context_lens, seq, qstart, nkeys)) return;
     const int splits = gridDim.z;
     const int partition = decode_partition(nkeys, splits);
     const int key_begin = blockIdx.z * partition;
@@ -357,10 +354,8 @@ __device__ void paged_decode_combine_impl(T* __restrict__ out, const float* __re
                                           const uint32_t* __restrict__ query_start, int num_heads,
                                           int num_splits) {
     const int seq = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
-    const int qstart = (int)query_start[seq];
-    const int qlen = (int)query_start[seq + 1] - qstart;
-    const int nkeys = (int)context_lens[seq] - qlen + 1;
-    if (qlen < 1 || nkeys < 1 || d >= D) return;
+    int qstart, nkeys;
+    if (!decode_query(query_start, context_lens, seq, qstart, nkeys) || d >= D) return;
     const int partition = decode_partition(nkeys, num_splits);
     const int used = (nkeys + partition - 1) / partition;
     const size_t row = (size_t)qstart * num_heads + head;
