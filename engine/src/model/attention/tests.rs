@@ -265,8 +265,9 @@ fn l2_byte_ranges_keep_whole_aligned_units() {
         3,
     )
     .unwrap();
-    assert_eq!((r[0].1, r[0].2), (12, 48)); // bytes 32..80 of the storage
-                                            // Past the tensor, too many ranges, a non-contiguous tensor: errors.
+    // Bytes 32..80 of the storage.
+    assert_eq!((r[0].1, r[0].2), (12, 48));
+    // Past the tensor, too many ranges, a non-contiguous tensor: errors.
     assert!(l2_byte_ranges(&[row(30, 20)], 3).is_err());
     assert!(l2_byte_ranges(&[row(0, 1), row(0, 1)], 1).is_err());
     let t = w.t().unwrap();
