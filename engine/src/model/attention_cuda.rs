@@ -101,7 +101,7 @@ pub fn flash_wide_tiles() -> bool {
 /// got the same handle (CUDA_ERROR_INVALID_VALUE at the launch,
 /// `days/gpu-engine/run16/cuda-tests.log`); the driver call costs microseconds against a prefill
 /// launch's milliseconds.
-fn allow_shared_bytes(func: &CudaFunction, bytes: usize) -> Result<()> {
+pub(super) fn allow_shared_bytes(func: &CudaFunction, bytes: usize) -> Result<()> {
     if bytes <= 48 * 1024 {
         return Ok(());
     }

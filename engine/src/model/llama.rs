@@ -370,6 +370,10 @@ impl LlamaModel {
         // projection's epilogue; the SiLU-gate product in the gate/up projection's. A short
         // decode attention also fetches the next projections' first weights into L2.
         let mut x = self.embed_tokens.index_select(&inputs.token_ids, 0)?;
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.persistent_step(inputs, cache, &x, &cos, &sin)? {
+            return Ok(out);
+        }
         // The layer before's MLP output, not yet added to the residual stream x: the next q/k/v
         // projection adds it and normalises the sum.
         let mut mlp: Option<Tensor> = None;
@@ -409,6 +413,79 @@ impl LlamaModel {
             Some(out) => x + out,
             None => Ok(x),
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl LlamaModel {
+    /// The final residual stream of a one-token step of one sequence through the persistent
+    /// decode kernel (`decode_step`), or None where it does not apply: switched off, tensor
+    /// parallel, a dtype other than bf16/f16, the unfused ops, a gate/up bias, more than one
+    /// sequence or token, or a shape the kernel cannot take.
+    fn persistent_step(
+        &self,
+        inputs: &StepInputs,
+        cache: &KvCache,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        use super::decode_step::{self as ds, LayerRefs, StepRefs, StepShape};
+        let meta = &inputs.meta;
+        let applies = ds::persistent_decode()
+            && self.device.is_cuda()
+            && self.tp.world_size() == 1
+            && matches!(self.dtype, DType::BF16 | DType::F16)
+            && fused::fused_kernels()
+            && x.dim(0)? == 1
+            && meta.host.block_tables.len() == 1
+            && meta.max_query_len == 1
+            && self.layers.iter().all(|l| l.gate_up_proj.bias.is_none());
+        if !applies {
+            return Ok(None);
+        }
+        let shape = StepShape {
+            hidden: self.cfg.hidden_size,
+            intermediate: self.cfg.intermediate_size,
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+            layers: self.layers.len(),
+            max_blocks: meta.block_tables.dim(1)?,
+            block_size: cache.block_size,
+            ctas: ds::ctas(x)?,
+        };
+        if shape.unsupported().is_some() {
+            return Ok(None);
+        }
+        let layers: Vec<LayerRefs> = self
+            .layers
+            .iter()
+            .zip(&cache.layers)
+            .map(|(l, (k, v))| LayerRefs {
+                qkv_w: &l.qkv_proj.weight,
+                qkv_b: l.qkv_proj.bias.as_ref(),
+                input_norm: &l.input_layernorm,
+                o_w: &l.o_proj.weight,
+                post_norm: &l.post_attention_layernorm,
+                gate_up_w: &l.gate_up_proj.weight,
+                down_w: &l.down_proj.weight,
+                k_cache: k,
+                v_cache: v,
+            })
+            .collect();
+        let step = StepRefs {
+            x,
+            cos,
+            sin,
+            slot_mapping: &inputs.slot_mapping,
+            block_tables: &meta.block_tables,
+            context_lens: &meta.context_lens,
+            eps: self.cfg.rms_norm_eps as f32,
+            scale: 1.0 / (self.cfg.head_dim as f32).sqrt(),
+            num_slots: cache.num_blocks * cache.block_size,
+        };
+        ds::run(&step, &layers, &shape).map(Some)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod attention_select;
 pub mod cache;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
+pub mod decode_step;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod fused_cuda;

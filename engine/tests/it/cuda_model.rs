@@ -636,3 +636,91 @@ fn same_logits_on_and_off(what: &str, seed: u64, set: &dyn Fn(Option<bool>), che
     std::fs::remove_dir_all(&tiny).ok();
     std::fs::remove_file(&qwen).ok();
 }
+
+/// The persistent decode step (one sequence's token through every layer in one launch) against
+/// the per-op launches, at the tiny shape and at the Qwen2.5-1.5B shape (dummy weights, bf16): a
+/// 300-token prompt over scattered blocks, then six one-token steps (contexts 301 to 306: five
+/// 64-key attention units per KV head, the last one partial, and a new block at 305). Its sums run
+/// in other orders, so the logits agree within bf16 rounding (relative L2 printed; a wrong row,
+/// slot, block or merge gives O(1)), not bit for bit; replayed from CUDA graphs it gives its eager
+/// bits exactly (no atomics in its sums), and the per-op path is what it replaces.
+#[test]
+fn cuda_persistent_decode_step_matches_per_op_launches() {
+    use engine::model::cuda_graph::{graph_counts, set_cuda_graphs_on_this_thread};
+    use engine::model::decode_step::set_persistent_decode_on_this_thread;
+    let gpu = cuda();
+    engine::gpu_memory::set_event_tracking(&gpu, false).unwrap();
+    let tiny = tiny_qwen2_dir(19);
+    let qwen = std::env::temp_dir().join(format!("persistent-qwen2.5-{}.json", std::process::id()));
+    std::fs::write(
+        &qwen,
+        include_str!("../../../configs/qwen2.5-1.5b-instruct.json"),
+    )
+    .unwrap();
+    let table: Vec<u32> = (0..24u32).map(|b| (b * 7) % 39 + 1).collect();
+    let slot =
+        |pos: usize| table[pos / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64;
+    for (path, format, tol) in [
+        (tiny.clone(), LoadFormat::Safetensors, 1e-2),
+        (qwen.clone(), LoadFormat::Dummy, 3e-2),
+    ] {
+        let mut runs = Vec::new();
+        for (persistent, graphs) in [(false, false), (true, false), (true, true)] {
+            set_persistent_decode_on_this_thread(Some(persistent));
+            let model = load_model(&path, format, DType::BF16, &gpu, 3).unwrap();
+            let cfg = model.config().clone();
+            let vocab = cfg.vocab_size as u32;
+            let mut cache = KvCache::new(&cfg, 40, BLOCK_SIZE, DType::BF16, &gpu).unwrap();
+            let mut pre = ForwardBatch::default();
+            let prompt: Vec<u32> = (0..300u32).map(|p| (p * 29 + 5) % vocab).collect();
+            pre.push_prompt(&prompt, &table, BLOCK_SIZE);
+            set_cuda_graphs_on_this_thread(Some(false));
+            model.forward(&pre, &mut cache).unwrap();
+            set_cuda_graphs_on_this_thread(Some(graphs));
+            let replays = graph_counts().0;
+            let mut outs = Vec::new();
+            for t in 0..6usize {
+                let pos = 300 + t;
+                let step = ForwardBatch {
+                    token_ids: vec![(t as u32 * 53 + 11) % vocab],
+                    positions: vec![pos as u32],
+                    slot_mapping: vec![slot(pos)],
+                    seqs: vec![SeqInput {
+                        query_start: 0,
+                        query_len: 1,
+                        context_len: pos + 1,
+                        block_table: table[..(pos + 1).div_ceil(BLOCK_SIZE)].to_vec(),
+                        compute_logits: true,
+                    }],
+                };
+                outs.push(model.forward(&step, &mut cache).unwrap());
+            }
+            if graphs {
+                assert_eq!(graph_counts().0, replays + 6, "every step ran from a graph");
+            }
+            runs.push(outs);
+        }
+        set_persistent_decode_on_this_thread(None);
+        set_cuda_graphs_on_this_thread(None);
+        for (t, ((per_op, eager), graph)) in runs[0].iter().zip(&runs[1]).zip(&runs[2]).enumerate()
+        {
+            let err = rel_l2(eager, per_op);
+            eprintln!(
+                "{}: step {t} (context {}), persistent vs per-op logits relative L2 {err:.2e}",
+                path.display(),
+                301 + t
+            );
+            assert!(
+                err < tol,
+                "step {t}: persistent vs per-op {err:.3e} (bound {tol:.0e})"
+            );
+            assert_eq!(
+                logit_bits(std::slice::from_ref(graph)),
+                logit_bits(std::slice::from_ref(eager)),
+                "step {t}: the graph replay differs from the eager persistent step"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&tiny).ok();
+    std::fs::remove_file(&qwen).ok();
+}

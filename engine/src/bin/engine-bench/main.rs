@@ -10,6 +10,7 @@
 //! the side-by-side table also times the same forward eagerly, right after, in the same process.
 
 mod parts;
+mod phases;
 mod render;
 #[cfg(feature = "cuda")]
 mod sweep;
@@ -106,7 +107,8 @@ struct Cli {
     #[arg(long, default_value_t = usize::MAX)]
     prefill_variants_max: usize,
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
-    /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), warp-rows
+    /// the engine without them: persistent (the batch-1 persistent decode step), silu (SiLU-gate
+    /// epilogue), rope (rotary epilogue), warp-rows
     /// (warp-per-row GEMV), fused, decode-kernel, pdl (programmatic dependent launch), cluster
     /// (the decode kernel's cluster merge), warm (its L2 warm-up).
     #[arg(long, value_delimiter = ',')]
@@ -319,6 +321,19 @@ fn main() -> Result<()> {
         eprintln!("CUDA graphs: {replays} replays, {failed} failed captures ({error:?})");
     }
 
+    // ---- the persistent step's phases at batch 1
+    let phases = if device.is_cuda() && cli.batch_sizes.contains(&1) {
+        let step = decode_step(1, cli.context, bs, cfg.vocab_size);
+        let fb = engine::runner::build_forward_batch(&step, bs)?;
+        let (model, cache) = runner_parts(&mut runner);
+        phases::persistent_phases(model, cache, &fb, &device)?
+    } else {
+        None
+    };
+    if let Some((per, step)) = &phases {
+        eprintln!("persistent step phases (us, median over layers): {per:.2?}, step {step:.1} us");
+    }
+
     // ---- decode parts, each alone over every layer, kernels queued back to back
     #[cfg(feature = "cuda")]
     let dparts = if device.is_cuda() {
@@ -395,10 +410,13 @@ fn main() -> Result<()> {
         prows.push(row);
     }
 
-    let table = render(
+    let mut table = render(
         &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, graphs, &dparts, &sweep,
         &prows,
     );
+    if let Some(p) = &phases {
+        phases::render_phases(&mut table, p, cfg.num_hidden_layers);
+    }
     println!("{table}");
     if let Some(p) = &cli.out {
         std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;

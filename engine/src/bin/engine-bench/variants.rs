@@ -37,6 +37,9 @@ pub(crate) const NO_DECODE_TC: &str = "CUDA-core decode attention";
 /// Short decode attention launches without their L2 warm-up of the next projections' weights.
 pub(crate) const NO_WARM_L2: &str = "no L2 warm-up in attention";
 
+/// Batch-1 decode steps as per-op launches instead of the persistent decode step.
+pub(crate) const NO_PERSISTENT: &str = "per-op launches (no persistent step)";
+
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 pub(crate) const EAGER: &str = "eager (no CUDA graphs)";
 
@@ -45,6 +48,7 @@ pub(crate) const EAGER: &str = "eager (no CUDA graphs)";
 pub(crate) fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
     let mut v = vec![
         "as served",
+        NO_PERSISTENT,
         "cuBLAS for every projection",
         ONE_ROW_CTA,
         SILU_OWN_LAUNCH,
@@ -75,6 +79,11 @@ pub(crate) fn set_variant(
     if variant != "as served" {
         engine::model::cuda_graph::set_cuda_graphs(cuda_graphs && !on);
     }
+    // The other per-op variants change kernels the persistent step does not launch: at batch 1
+    // they are timed on the per-op path (back on afterwards; `--without` is applied again).
+    if !matches!(variant, "as served" | EAGER | "cudarc event tracking on") {
+        engine::model::decode_step::set_persistent_decode(!on);
+    }
     if variant == "cudarc event tracking on" {
         engine::gpu_memory::set_event_tracking(device, on)?;
     } else {
@@ -95,6 +104,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
         "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
         ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
+        NO_PERSISTENT => engine::model::decode_step::set_persistent_decode(!on),
         SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
         ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
         NORM_PROLOGUE => engine::model::gemv::set_gemv_norm_prologue(on),
@@ -116,7 +126,8 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-pub(crate) const WITHOUT: [(&str, &str); 9] = [
+pub(crate) const WITHOUT: [(&str, &str); 10] = [
+    ("persistent", NO_PERSISTENT),
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
