@@ -131,26 +131,43 @@ __device__ __forceinline__ uint64_t now_ns() {
     return t;
 }
 
-// CTA 0's clock into timing[(*at)++] (phase timing, when asked for).
-__device__ __forceinline__ void stamp(uint64_t* timing, int* at) {
-    if (timing != nullptr && blockIdx.x == 0 && threadIdx.x == 0) timing[*at] = now_ns();
-    ++*at;
-}
+// The grid barrier, split: arrive() once a CTA's writes of a phase are done, wait() where the next
+// phase first reads another CTA's writes; in between a CTA may only read what no CTA writes in
+// this launch (weights, older cache entries), so those loads fly during the wait. Every CTA
+// arrives and waits in the same order (the pattern of cooperative groups' grid sync: a fence and
+// an atomic add, then an acquire poll of the count). With `timing`, CTA 0 stamps its clock at
+// each arrive() and after each wait().
+struct GridSync {
+    uint32_t* counter;
+    uint64_t* timing;
+    uint32_t epoch;
+    int at;
 
-__device__ __forceinline__ void grid_barrier(uint32_t* counter, uint32_t& epoch) {
-    __syncthreads();
-    epoch += gridDim.x;
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(counter, 1u);
-        uint32_t v;
-        do {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
-        } while (v < epoch);
-        __threadfence();
+    __device__ __forceinline__ void mark() {
+        if (timing != nullptr && blockIdx.x == 0 && threadIdx.x == 0) timing[at] = now_ns();
+        ++at;
     }
-    __syncthreads();
-}
+    __device__ __forceinline__ void arrive() {
+        __syncthreads();
+        mark();
+        epoch += gridDim.x;
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(counter, 1u);
+        }
+    }
+    __device__ __forceinline__ void wait() {
+        if (threadIdx.x == 0) {
+            uint32_t v;
+            do {
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+            } while (v < epoch);
+            __threadfence();
+        }
+        __syncthreads();
+        mark();
+    }
+};
 
 // Bulk L2 prefetch of [p, p + bytes) (16-byte aligned, a multiple of 16), spread over the CTA's
 // threads in pieces of at most 16 KB.
@@ -275,7 +292,7 @@ __device__ __forceinline__ int64_t pair_row(int p, int r, int half, int hd) {
 
 template <typename T>
 __device__ void phase_qkv(const StepArgs<T>& a, const LayerPtrs<T>& L, const T* resid_in,
-                          char* smem) {
+                          char* smem, GridSync& sync) {
     uint4* xs = reinterpret_cast<uint4*>(smem);
     float* part = reinterpret_cast<float*>(smem + a.smem_part);
     float* red = reinterpret_cast<float*>(smem + a.smem_ml);
@@ -288,7 +305,10 @@ __device__ void phase_qkv(const StepArgs<T>& a, const LayerPtrs<T>& L, const T* 
     rows_dot<T>(
         L.qkv_w, a.hidden, 2 * np,
         [&](int i) { return pair_row(p0 + (i % np), i / np, half, hd); }, xs, part,
-        [&] { norm_into<T>(resid_in, L.in_norm, a.hidden, a.eps, xs, red); });
+        [&] {
+            sync.wait();
+            norm_into<T>(resid_in, L.in_norm, a.hidden, a.eps, xs, red);
+        });
     const int segs = (a.hidden / 8 + 31) / 32;
     for (int q = threadIdx.x; q < np; q += DS_THREADS) {
         const int p = p0 + q;
@@ -325,9 +345,10 @@ __device__ void phase_qkv(const StepArgs<T>& a, const LayerPtrs<T>& L, const T* 
 // threads per (key slice, head, 8 dims) the P V sums.
 constexpr int DS_KV_LOADS = DS_KEYS * 32 / DS_THREADS;  // K/V chunks per thread at most (hd 256)
 
+// Waits (sync) once its first unit's loads of older keys are issued, or at once without a unit.
 template <typename T>
-__device__ bool phase_attention(const StepArgs<T>& a, const LayerPtrs<T>& L, int nkeys,
-                                char* smem) {
+__device__ void phase_attention(const StepArgs<T>& a, const LayerPtrs<T>& L, int nkeys,
+                                char* smem, GridSync& sync) {
     const int hd = a.head_dim, hc = hd / 8, g = a.heads / a.kv_heads, kst = hc + 1;
     const int units_per_head = (nkeys + DS_KEYS - 1) / DS_KEYS;
     const int units = a.kv_heads * units_per_head;
@@ -341,21 +362,40 @@ __device__ bool phase_attention(const StepArgs<T>& a, const LayerPtrs<T>& L, int
     float* ml_out = a.part + (int64_t)a.kv_heads * a.max_units * g * hd;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int bs = a.block_size;
+    bool waited = false;
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
         const int kvh = u / units_per_head, ch = u - kvh * units_per_head;
         const int j0 = ch * DS_KEYS, n = min(DS_KEYS, nkeys - j0);
-        // K and V chunks, every load issued before any store.
+        // K and V chunks, every load issued before any store; the step's own key (written in
+        // the q/k/v phase) only after the wait.
         uint4 kr[DS_KV_LOADS], vr[DS_KV_LOADS];
+        int64_t offs[DS_KV_LOADS];
 #pragma unroll
         for (int r = 0; r < DS_KV_LOADS; ++r) {
             const int i = threadIdx.x + r * DS_THREADS;
             kr[r] = vr[r] = make_uint4(0, 0, 0, 0);
+            offs[r] = -1;
             if (i < n * hc) {
                 const int jj = i / hc, c = i - jj * hc, j = j0 + jj;
                 const int64_t block = __ldg(a.block_table + j / bs);
                 const int64_t off = ((block * bs + j % bs) * a.kv_heads + kvh) * hd + c * 8;
-                kr[r] = load_l2(L.k_cache + off);
-                vr[r] = load_l2(L.v_cache + off);
+                if (j < nkeys - 1) {
+                    kr[r] = load_l2(L.k_cache + off);
+                    vr[r] = load_l2(L.v_cache + off);
+                } else {
+                    offs[r] = off;
+                }
+            }
+        }
+        if (!waited) {
+            sync.wait();
+            waited = true;
+        }
+#pragma unroll
+        for (int r = 0; r < DS_KV_LOADS; ++r) {
+            if (offs[r] >= 0) {
+                kr[r] = load_l2(L.k_cache + offs[r]);
+                vr[r] = load_l2(L.v_cache + offs[r]);
             }
         }
         for (int t = threadIdx.x; t < g * hd; t += DS_THREADS)
@@ -430,14 +470,14 @@ __device__ bool phase_attention(const StepArgs<T>& a, const LayerPtrs<T>& L, int
         }
         __syncthreads();
     }
-    return blockIdx.x < units;
+    if (!waited) sync.wait();
 }
 
 // Merges the attention partials into xs (H hd elements of T), then the o projection of the
 // CTA's rows plus the residual: resid_out[r] = resid_in[r] + o[r].
 template <typename T>
 __device__ void phase_o(const StepArgs<T>& a, const LayerPtrs<T>& L, int nkeys,
-                        const T* resid_in, T* resid_out, char* smem) {
+                        const T* resid_in, T* resid_out, char* smem, GridSync& sync) {
     uint4* xs = reinterpret_cast<uint4*>(smem);
     float* part = reinterpret_cast<float*>(smem + a.smem_part);
     float* wts = reinterpret_cast<float*>(smem + a.smem_w);  // [H, units_per_head]
@@ -454,6 +494,7 @@ __device__ void phase_o(const StepArgs<T>& a, const LayerPtrs<T>& L, int nkeys,
     // The merge: each head's unit weights exp(m_u - M) / sum_u exp(m_u - M) l_u, then four dims
     // per thread with the units' loads unrolled. Run while the o projection's first loads fly.
     auto merge = [&] {
+        sync.wait();
         for (int hq = warp; hq < a.heads; hq += DS_WARPS) {
             float m = -INFINITY;
             for (int ch = lane; ch < uph; ch += 32) m = fmaxf(m, load_l2f(ml_in + row(hq, ch) * 2));
@@ -501,7 +542,7 @@ __device__ void phase_o(const StepArgs<T>& a, const LayerPtrs<T>& L, int nkeys,
 
 template <typename T>
 __device__ void phase_gate_up(const StepArgs<T>& a, const LayerPtrs<T>& L, const T* resid,
-                              char* smem) {
+                              char* smem, GridSync& sync) {
     uint4* xs = reinterpret_cast<uint4*>(smem);
     float* part = reinterpret_cast<float*>(smem + a.smem_part);
     float* red = reinterpret_cast<float*>(smem + a.smem_ml);
@@ -512,7 +553,10 @@ __device__ void phase_gate_up(const StepArgs<T>& a, const LayerPtrs<T>& L, const
     rows_dot<T>(
         L.gate_up_w, a.hidden, 2 * np,
         [&](int i) { return (int64_t)p0 + i + (i < np ? 0 : a.inter - np); }, xs, part,
-        [&] { norm_into<T>(resid, L.post_norm, a.hidden, a.eps, xs, red); });
+        [&] {
+            sync.wait();
+            norm_into<T>(resid, L.post_norm, a.hidden, a.eps, xs, red);
+        });
     const int segs = (a.hidden / 8 + 31) / 32;
     for (int q = threadIdx.x; q < np; q += DS_THREADS) {
         const float gv = round_to<T>(row_sum(part, q, segs));
@@ -523,12 +567,13 @@ __device__ void phase_gate_up(const StepArgs<T>& a, const LayerPtrs<T>& L, const
 
 template <typename T>
 __device__ void phase_down(const StepArgs<T>& a, const LayerPtrs<T>& L, const T* resid_in,
-                           T* resid_out, char* smem) {
+                           T* resid_out, char* smem, GridSync& sync) {
     uint4* xs = reinterpret_cast<uint4*>(smem);
     float* part = reinterpret_cast<float*>(smem + a.smem_part);
     int r0, r1;
     cta_range(a.hidden, r0, r1);
     rows_dot<T>(L.down_w, a.inter, r1 - r0, [&](int i) { return (int64_t)r0 + i; }, xs, part, [&] {
+        sync.wait();
         for (int c = threadIdx.x; c < a.inter / 8; c += DS_THREADS) xs[c] = load_l2(a.act + c * 8);
         __syncthreads();
     });
@@ -591,39 +636,30 @@ __device__ void decode_step_impl(const StepArgs<T>& a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-    uint32_t epoch = 0;
-    int at = 0;
-    stamp(a.timing, &at);
+    GridSync sync{a.barrier, a.timing, 0, 0};
+    sync.arrive();
     const int nkeys = (int)*a.context_len;
+    const int units = a.kv_heads * ((nkeys + DS_KEYS - 1) / DS_KEYS);
     T* r_mid = a.resid;             // after attention
     T* r_end = a.resid + a.hidden;  // after the MLP
     for (int l = 0; l < a.layers; ++l) {
         const LayerPtrs<T>& L = a.layer[l];
         const T* r_in = l == 0 ? a.x : r_end;
-        phase_qkv(a, L, r_in, smem);
-        stamp(a.timing, &at);
-        grid_barrier(a.barrier, epoch);
-        stamp(a.timing, &at);
-        const bool had_unit = phase_attention(a, L, nkeys, smem);
-        if (!had_unit) prefetch_o_gate_up(a, L, DS_GATE_UP_AHEAD);
-        stamp(a.timing, &at);
-        grid_barrier(a.barrier, epoch);
-        stamp(a.timing, &at);
-        if (had_unit) prefetch_o_gate_up(a, L, DS_GATE_UP_AHEAD);
-        phase_o(a, L, nkeys, r_in, r_mid, smem);
-        stamp(a.timing, &at);
-        grid_barrier(a.barrier, epoch);
-        stamp(a.timing, &at);
-        phase_gate_up(a, L, r_mid, smem);
+        phase_qkv(a, L, r_in, smem, sync);
+        sync.arrive();
+        const bool has_unit = (int)blockIdx.x < units;
+        if (!has_unit) prefetch_o_gate_up(a, L, DS_GATE_UP_AHEAD);
+        phase_attention(a, L, nkeys, smem, sync);
+        sync.arrive();
+        if (has_unit) prefetch_o_gate_up(a, L, DS_GATE_UP_AHEAD);
+        phase_o(a, L, nkeys, r_in, r_mid, smem, sync);
+        sync.arrive();
+        phase_gate_up(a, L, r_mid, smem, sync);
         prefetch_down(a, L, DS_DOWN_AHEAD);
-        stamp(a.timing, &at);
-        grid_barrier(a.barrier, epoch);
-        stamp(a.timing, &at);
+        sync.arrive();
         if (l + 1 < a.layers) prefetch_qkv(a, a.layer[l + 1]);
-        phase_down(a, L, r_mid, l + 1 < a.layers ? r_end : a.out, smem);
-        stamp(a.timing, &at);
-        if (l + 1 < a.layers) grid_barrier(a.barrier, epoch);
-        stamp(a.timing, &at);
+        phase_down(a, L, r_mid, l + 1 < a.layers ? r_end : a.out, smem, sync);
+        sync.arrive();
     }
 }
 

@@ -186,8 +186,8 @@ mod launch {
     static TIMING: std::sync::Mutex<Option<Tensor>> = std::sync::Mutex::new(None);
 
     /// Makes the following launches record their phase times into `buf` (i64, on the device, at
-    /// least `1 + 10 x layers` entries: the start, then per layer q/k/v, barrier, attention,
-    /// barrier, o, barrier, gate/up, barrier, down, barrier), or stops it (`None`).
+    /// least `1 + 10 x layers` entries: the start, then per layer the end of the wait before and
+    /// of the work of q/k/v, attention, o, gate/up and down), or stops it (`None`).
     pub fn set_phase_timing(buf: Option<Tensor>) {
         *TIMING.lock().unwrap_or_else(|e| e.into_inner()) = buf;
     }

@@ -9,8 +9,10 @@ use engine::model::{CausalLM, ForwardBatch, KvCache};
 
 use crate::timing::median;
 
-/// The intervals of one layer, in order: each phase, then the wait at the barrier after it.
+/// The intervals of one layer, in order: the wait at the grid barrier before each phase (its
+/// first loads of weights already in flight), then the phase.
 pub(crate) const PHASES: [&str; 10] = [
+    "wait",
     "q/k/v",
     "wait",
     "attention",
@@ -20,12 +22,10 @@ pub(crate) const PHASES: [&str; 10] = [
     "gate/up",
     "wait",
     "down",
-    "wait",
 ];
 
 /// Per-interval medians over the layers (us) and the whole step (us), from the stamps of one
-/// launch: the start, then ten per layer (the last layer's final barrier is not run: its
-/// interval is the down phase's own tail).
+/// launch: the start, then ten per layer (each wait's end and each phase's end).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn phase_medians(stamps: &[i64], layers: usize) -> Option<(Vec<f64>, f64)> {
     if layers == 0 || stamps.len() < 1 + 10 * layers {
@@ -101,7 +101,7 @@ pub(crate) fn render_phases(s: &mut String, phases: &(Vec<f64>, f64), layers: us
         per.iter().sum::<f64>(),
         step
     );
-    let _ = writeln!(s, "\nEach phase is CTA 0's own work; each wait is its time at the grid barrier after it (the slowest CTA's lag plus the barrier). Eager launch, stamps of one step.");
+    let _ = writeln!(s, "\nEach phase is CTA 0's own work; each wait is its time at the grid barrier before the phase (the slowest CTA's lag plus the barrier, while the phase's first weight loads fly). Eager launch, stamps of one step.");
 }
 
 #[cfg(test)]
