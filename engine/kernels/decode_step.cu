@@ -17,9 +17,12 @@
 // Launch: one CTA of DS_THREADS per SM (grid = SM count: every CTA resident, or the barriers
 // would never open), dynamic shared memory laid out by the host (StepArgs' smem_* offsets),
 // `barrier` zeroed before the launch. Arithmetic follows the per-op kernels (RMSNorm's sum rounded
-// to T, rotary as rotate_pair, f32 softmax), with sums in other orders: outputs agree with the
-// per-op path to bf16 rounding, not bit for bit. Data written during the launch is read through L2
-// (ld.global.cg), never the non-coherent paths.
+// to T, rotary as rotate_pair, f32 softmax), with sums in other orders, so outputs are meant to
+// agree with the per-op path to rounding, not bit for bit. Data written during the launch is read
+// through L2 (ld.global.cg), never the non-coherent paths.
+//
+// Off by default in the engine: slower than the per-op kernels in CUDA graphs, and with an open
+// reproducibility defect (engine/src/model/decode_step.rs, days/gpu-engine/README.md runs 42-47).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -134,8 +137,7 @@ __device__ __forceinline__ uint64_t now_ns() {
 // The grid barrier, split: arrive() once a CTA's writes of a phase are done, wait() where the next
 // phase first reads another CTA's writes; in between a CTA may only read what no CTA writes in
 // this launch (weights, older cache entries), so those loads fly during the wait. Every CTA
-// arrives and waits in the same order (the pattern of cooperative groups' grid sync: a fence and
-// an atomic add, then an acquire poll of the count). With `timing`, CTA 0 stamps its clock at
+// arrives and waits in the same order: a release add to the count, then an acquire poll of it. With `timing`, CTA 0 stamps its clock at
 // each arrive() and after each wait().
 struct GridSync {
     uint32_t* counter;
@@ -151,10 +153,10 @@ struct GridSync {
         __syncthreads();
         mark();
         epoch += gridDim.x;
-        if (threadIdx.x == 0) {
-            __threadfence();
-            atomicAdd(counter, 1u);
-        }
+        // Release at GPU scope, cumulative over the CTA's writes ordered before it by the CTA
+        // barrier above (no full fence needed).
+        if (threadIdx.x == 0)
+            asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(counter), "r"(1u) : "memory");
     }
     __device__ __forceinline__ void wait() {
         if (threadIdx.x == 0) {
@@ -162,7 +164,6 @@ struct GridSync {
             do {
                 asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
             } while (v < epoch);
-            __threadfence();
         }
         __syncthreads();
         mark();

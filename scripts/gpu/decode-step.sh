@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, repository root: the persistent decode step against the per-op launches.
 # Carry .lab-p (engine-it.xz with the cuda_model module, engine-bench.xz; scripts/build-cuda.sh
-# makes both under .carry/). Writes $OUT/<RUN>/: the CUDA test log, then engine-bench tables at
-# the Qwen2.5-1.5B shape (dummy bf16, CUDA graphs, context 1k) as served and with
-# `--without persistent`, alternating, ROUNDS rounds; with CL34=1 also CodeLlama-34B batch 1.
+# makes both under .carry/; optionally smolpart.ab, see below). Writes $OUT/<RUN>/: the CUDA test log, then engine-bench tables at
+# the Qwen2.5-1.5B shape (dummy bf16, CUDA graphs, context 1k) with `--persistent-decode` and as
+# served (per-op launches), alternating, ROUNDS rounds; with CL34=1 also CodeLlama-34B batch 1.
 # env: RUN (default decode-step), TESTS (engine-it filters; empty skips), ROUNDS (default 2),
 #      BATCHES (default 1,8), EB (extra engine-bench flags), CL34=1.
 set -uo pipefail
@@ -15,11 +15,18 @@ mkdir -p "$D" "$L"
 for f in engine-it engine-bench; do
     [ -f ".lab-p/$f.xz" ] && { xz -dc ".lab-p/$f.xz" > "$L/$f" && chmod +x "$L/$f"; }
 done
+# SmolLM2 for the cuda_model tests: part aa left by `lab-runs.sh a` in a call just before, part ab
+# carried here.
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ -f /root/llmlab/smolpart.aa ] && [ -f .lab-p/smolpart.ab ]; then
+    cat /root/llmlab/smolpart.aa .lab-p/smolpart.ab > "$L/smollm2.gguf"
+    echo "$SHA  $L/smollm2.gguf" | sha256sum -c - && export SMOLLM2_GGUF=$L/smollm2.gguf
+fi
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv,noheader | tee "$D/gpu.txt"
 if [ -n "${TESTS-cuda_model::cuda_persistent}" ]; then
     echo "== CUDA tests: ${TESTS-cuda_model::cuda_persistent}"
     # shellcheck disable=SC2086
-    timeout "${TEST_TIMEOUT:-150}" "$L/engine-it" --test-threads=1 --nocapture \
+    timeout "${TEST_TIMEOUT:-150}" "$L/engine-it" --test-threads=1 --nocapture --include-ignored \
         ${TESTS-cuda_model::cuda_persistent} > "$D/cuda-tests.log" 2>&1
     echo "exit $?"
     grep -E "^test |test result|relative|panicked|differ" "$D/cuda-tests.log" | tail -40
@@ -27,18 +34,18 @@ fi
 QW="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --dtype bfloat16 --device cuda"
 EBF="--cuda-graphs --batch-sizes ${BATCHES:-1,8} --prefill 16 --prefill-variants-max 0 --iters 20 ${EB:-}"
 for r in $(seq 1 "${ROUNDS:-2}"); do
-    for v in served per-op; do
-        w=""; [ "$v" = per-op ] && w="--without persistent"
+    for v in persistent per-op; do
+        w=""; [ "$v" = persistent ] && w="--persistent-decode"
         echo "== round $r, $v"
         # shellcheck disable=SC2086
         timeout 120 "$L/engine-bench" $QW $EBF $w --out "$D/eb-r$r-$v.md" > "$D/eb-r$r-$v.log" 2>&1
-        echo "exit $?"; grep -E "^decode batch [0-9]+: |^decode batch 1, (as served|per-op)" "$D/eb-r$r-$v.log"
+        echo "exit $?"; grep -E "^decode batch [0-9]+: |^decode batch 1, (as served|persistent)|^persistent step" "$D/eb-r$r-$v.log"
     done
 done
 if [ "${CL34:-0}" = 1 ]; then
     CLF="--model configs/codellama-34b.json --load-format dummy --dtype bfloat16 --device cuda"
-    for v in served per-op; do
-        w=""; [ "$v" = per-op ] && w="--without persistent"
+    for v in persistent per-op; do
+        w=""; [ "$v" = persistent ] && w="--persistent-decode"
         echo "== CodeLlama-34B, $v"
         # shellcheck disable=SC2086
         timeout 150 "$L/engine-bench" $CLF --cuda-graphs --batch-sizes 1 --prefill 16 \

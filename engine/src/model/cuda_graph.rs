@@ -340,6 +340,7 @@ fn capture(
     // each other without launch gaps, and with programmatic edges batch-1 replays were slower
     // (Qwen2.5-1.5B shape, H200: 1.67-1.70 ms against 1.59-1.61; days/gpu-engine/run27).
     let _no_pdl = NoPdl::on_this_thread();
+    let _persistent = super::decode_step::CaptureSetting::on_this_thread();
     for _ in 0..WARMUP_FORWARDS {
         forward()?;
     }

@@ -8,13 +8,25 @@
 //! projection) are separated by grid barriers, with the next phases' weights asked of L2 before
 //! each wait. The shape checks and the shared-memory layout are plain arithmetic (tested on the
 //! CPU); the launch is behind the `cuda` feature.
+//!
+//! Off by default, a lab path (engine-bench `--persistent-decode`, the phase timing): on the H200
+//! at the Qwen2.5-1.5B shape it is slower than the per-op kernels replayed from CUDA graphs (1.82
+//! against 1.38 ms) though faster than eager per-op steps (1.9 against 2.1-2.5 ms, which are bound
+//! by the host's ~200 launches), and its results are not yet reproducible across processes (an
+//! open defect: days/gpu-engine/README.md, runs 42-47).
 
 crate::switch! {
-    /// Batch-1 decode steps through the persistent kernel (on) or the per-op launches (off).
-    static PERSISTENT = true;
+    /// Eager batch-1 decode steps through the persistent kernel (on) or the per-op launches (off).
+    static PERSISTENT = false;
 }
 
-/// Turns the persistent decode step on or off process-wide (side-by-side benchmarks).
+crate::switch! {
+    /// Batch-1 decode steps captured into CUDA graphs through the persistent kernel (on) or the
+    /// per-op launches (off).
+    static PERSISTENT_IN_GRAPHS = false;
+}
+
+/// Turns the persistent decode step of eager steps on or off process-wide.
 pub fn set_persistent_decode(on: bool) {
     PERSISTENT.set(on);
 }
@@ -24,9 +36,37 @@ pub fn set_persistent_decode_on_this_thread(on: Option<bool>) {
     PERSISTENT.set_on_this_thread(on);
 }
 
-/// Whether batch-1 decode steps on this thread take the persistent kernel.
+/// Turns the persistent decode step of captured (CUDA graph) steps on or off process-wide.
+pub fn set_persistent_decode_in_graphs(on: bool) {
+    PERSISTENT_IN_GRAPHS.set(on);
+}
+
+/// [`set_persistent_decode_in_graphs`] for captures on this thread (`None`: the process-wide value).
+pub fn set_persistent_decode_in_graphs_on_this_thread(on: Option<bool>) {
+    PERSISTENT_IN_GRAPHS.set_on_this_thread(on);
+}
+
+/// Whether batch-1 decode steps on this thread take the persistent kernel (while a graph is
+/// captured on it, the graphs' setting: `CaptureSetting`).
 pub fn persistent_decode() -> bool {
     PERSISTENT.on()
+}
+
+/// While alive (a CUDA graph capture on this thread), batch-1 steps follow the graphs' setting.
+pub struct CaptureSetting(Option<bool>);
+
+impl CaptureSetting {
+    pub fn on_this_thread() -> Self {
+        let before = PERSISTENT.this_thread();
+        PERSISTENT.set_on_this_thread(Some(PERSISTENT_IN_GRAPHS.on()));
+        Self(before)
+    }
+}
+
+impl Drop for CaptureSetting {
+    fn drop(&mut self) {
+        PERSISTENT.set_on_this_thread(self.0);
+    }
 }
 
 /// Layers one launch takes (`DS_MAX_LAYERS`: their pointers travel in the kernel's parameters).
@@ -427,14 +467,16 @@ mod launch {
             }
             let mut b = Launch::new(&dev, &name, MODULE, ptx::DECODE_STEP)?;
             allow_shared_bytes(b.function(), lay.total)?;
-            b.arg(&args);
+            // Without programmatic dependent launch: the grid barriers' count is zeroed by the
+            // memset just before, and the launch must follow it in plain stream order.
+            b.ordinary().arg(&args);
             let cfg = LaunchConfig {
                 grid_dim: (shape.ctas as u32, 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: lay.total as u32,
             };
-            // SAFETY: `args` matches `StepArgs<T>`; the kernel waits (griddepcontrol) before it
-            // reads what an earlier kernel wrote; one CTA per SM keeps every CTA resident.
+            // SAFETY: `args` matches `StepArgs<T>`; an ordinary launch follows everything before it
+            // in the stream; one CTA per SM keeps every CTA resident.
             unsafe { b.launch(cfg) }
         })?;
         Ok(out)

@@ -57,6 +57,8 @@ pub struct Launch<'a> {
     args: Vec<*mut c_void>,
     /// Thread-block cluster dimensions (sm_90), none when `None`.
     cluster: Option<(u32, u32, u32)>,
+    /// Launch without the PDL attribute whatever the switch.
+    ordinary: bool,
     _args: PhantomData<&'a ()>,
 }
 
@@ -71,6 +73,7 @@ impl<'a> Launch<'a> {
             stream: dev.cuda_stream(),
             args: Vec::with_capacity(16),
             cluster: None,
+            ordinary: false,
             _args: PhantomData,
         })
     }
@@ -96,6 +99,12 @@ impl<'a> Launch<'a> {
         Ok(self)
     }
 
+    /// Launches without the programmatic stream-serialization attribute, whatever the switch.
+    pub fn ordinary(&mut self) -> &mut Self {
+        self.ordinary = true;
+        self
+    }
+
     /// Appends one kernel argument (a scalar or a device pointer as `u64`).
     pub fn arg<T: DeviceRepr>(&mut self, value: &'a T) -> &mut Self {
         self.args.push(value as *const T as *mut c_void);
@@ -112,7 +121,7 @@ impl<'a> Launch<'a> {
         self.stream.context().bind_to_thread().w()?;
         let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
         let mut num_attrs = 0;
-        if pdl() {
+        if pdl() && !self.ordinary {
             let a = &mut attrs[num_attrs];
             a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
             a.value.programmaticStreamSerializationAllowed = 1;

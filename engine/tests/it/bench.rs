@@ -72,7 +72,7 @@ fn engine_bench_names_the_paths_it_can_run_without() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(
-        stderr.contains("--without turbo: not one of persistent, silu, rope,")
+        stderr.contains("--without turbo: not one of silu, rope,")
             && stderr.contains("tensor-cores"),
         "{stderr}"
     );

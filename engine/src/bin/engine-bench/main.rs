@@ -107,12 +107,15 @@ struct Cli {
     #[arg(long, default_value_t = usize::MAX)]
     prefill_variants_max: usize,
     /// Run everything with these paths off, so that "as served" (CUDA graphs included) measures
-    /// the engine without them: persistent (the batch-1 persistent decode step), silu (SiLU-gate
-    /// epilogue), rope (rotary epilogue), warp-rows
+    /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), warp-rows
     /// (warp-per-row GEMV), fused, decode-kernel, pdl (programmatic dependent launch), cluster
     /// (the decode kernel's cluster merge), warm (its L2 warm-up).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
+    /// Batch-1 decode steps through the persistent decode step for the whole run, eager and in
+    /// CUDA graphs (off in the engine).
+    #[arg(long)]
+    persistent_decode: bool,
     /// Also write the table here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -174,6 +177,8 @@ fn main() -> Result<()> {
     for path in &cli.without {
         turn_off(path)?;
     }
+    engine::model::decode_step::set_persistent_decode(cli.persistent_decode);
+    engine::model::decode_step::set_persistent_decode_in_graphs(cli.persistent_decode);
     #[cfg(feature = "cuda")]
     {
         use engine::model::attention_cuda::{set_decode_head_tile, set_decode_min_seqs};
@@ -308,6 +313,7 @@ fn main() -> Result<()> {
                 for path in &cli.without {
                     turn_off(path)?;
                 }
+                engine::model::decode_step::set_persistent_decode(cli.persistent_decode);
                 let gpu = median(times.iter().map(|t| t.1).collect());
                 let enqueue = median(times.iter().map(|t| t.0).collect());
                 eprintln!("decode batch {batch}, {v}: enqueue {enqueue:.3} ms, GPU {gpu:.3} ms");

@@ -44,8 +44,9 @@ pub(crate) fn phase_medians(stamps: &[i64], layers: usize) -> Option<(Vec<f64>, 
     Some((per, us(stamps[0], stamps[10 * layers])))
 }
 
-/// Runs `fb` (one sequence, one token) three times eagerly with phase timing on and returns the
-/// last launch's medians; None when the step did not take the persistent kernel.
+/// Runs `fb` (one sequence, one token) three times eagerly through the persistent step (turned on
+/// for this thread) with phase timing on and returns the last launch's medians; None when the
+/// step did not take the persistent kernel (a shape it cannot take).
 #[cfg(feature = "cuda")]
 pub(crate) fn persistent_phases(
     model: &dyn CausalLM,
@@ -55,15 +56,17 @@ pub(crate) fn persistent_phases(
 ) -> Result<Option<(Vec<f64>, f64)>> {
     use candle_core::{DType, Tensor};
     use engine::model::cuda_graph::set_cuda_graphs_on_this_thread;
-    use engine::model::decode_step::{persistent_decode, set_phase_timing};
+    use engine::model::decode_step::{set_persistent_decode_on_this_thread, set_phase_timing};
     let layers = model.config().num_hidden_layers;
-    if !persistent_decode() || fb.seqs.len() != 1 || fb.token_ids.len() != 1 {
+    if fb.seqs.len() != 1 || fb.token_ids.len() != 1 {
         return Ok(None);
     }
     let buf = Tensor::zeros(1 + 10 * layers, DType::I64, device)?;
     set_phase_timing(Some(buf.clone()));
     set_cuda_graphs_on_this_thread(Some(false));
+    set_persistent_decode_on_this_thread(Some(true));
     let ran = (0..3).try_for_each(|_| model.forward(fb, cache).map(|_| ()));
+    set_persistent_decode_on_this_thread(None);
     set_cuda_graphs_on_this_thread(None);
     set_phase_timing(None);
     ran?;

@@ -72,6 +72,12 @@ pub(crate) fn render(
     if !cli.without.is_empty() {
         let _ = writeln!(s, "Run without: {}.\n", cli.without.join(", "));
     }
+    if cli.persistent_decode {
+        let _ = writeln!(
+            s,
+            "Run with the persistent decode step (`--persistent-decode`).\n"
+        );
+    }
     if let Some(n) = cli.decode_min_seqs {
         let _ = writeln!(s, "Decode kernel from {n} sequences per step.\n");
     }

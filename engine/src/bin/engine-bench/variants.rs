@@ -37,8 +37,9 @@ pub(crate) const NO_DECODE_TC: &str = "CUDA-core decode attention";
 /// Short decode attention launches without their L2 warm-up of the next projections' weights.
 pub(crate) const NO_WARM_L2: &str = "no L2 warm-up in attention";
 
-/// Batch-1 decode steps as per-op launches instead of the persistent decode step.
-pub(crate) const NO_PERSISTENT: &str = "per-op launches (no persistent step)";
+/// Eager batch-1 decode steps through the persistent decode step (off in the engine) instead of
+/// the per-op launches.
+pub(crate) const PERSISTENT: &str = "persistent decode step";
 
 /// The decode variant without CUDA graphs (timed only with `--cuda-graphs`).
 pub(crate) const EAGER: &str = "eager (no CUDA graphs)";
@@ -48,7 +49,7 @@ pub(crate) const EAGER: &str = "eager (no CUDA graphs)";
 pub(crate) fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
     let mut v = vec![
         "as served",
-        NO_PERSISTENT,
+        PERSISTENT,
         "cuBLAS for every projection",
         ONE_ROW_CTA,
         SILU_OWN_LAUNCH,
@@ -79,10 +80,15 @@ pub(crate) fn set_variant(
     if variant != "as served" {
         engine::model::cuda_graph::set_cuda_graphs(cuda_graphs && !on);
     }
-    // The other per-op variants change kernels the persistent step does not launch: at batch 1
-    // they are timed on the per-op path (back on afterwards; `--without` is applied again).
-    if !matches!(variant, "as served" | EAGER | "cudarc event tracking on") {
-        engine::model::decode_step::set_persistent_decode(!on);
+    // The other per-op variants change kernels the persistent step does not launch: under
+    // `--persistent-decode` their eager batch-1 steps run per-op (the caller restores the run's
+    // own setting afterwards).
+    if !matches!(
+        variant,
+        "as served" | EAGER | "cudarc event tracking on" | PERSISTENT
+    ) && on
+    {
+        engine::model::decode_step::set_persistent_decode(false);
     }
     if variant == "cudarc event tracking on" {
         engine::gpu_memory::set_event_tracking(device, on)?;
@@ -104,7 +110,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
         "unfused ops" => engine::model::fused::set_fused_kernels(!on),
         "cuBLAS for every projection" => engine::model::gemv::set_gemv_kernel(!on),
         ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
-        NO_PERSISTENT => engine::model::decode_step::set_persistent_decode(!on),
+        PERSISTENT => engine::model::decode_step::set_persistent_decode(on),
         SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
         ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
         NORM_PROLOGUE => engine::model::gemv::set_gemv_norm_prologue(on),
@@ -126,8 +132,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-pub(crate) const WITHOUT: [(&str, &str); 10] = [
-    ("persistent", NO_PERSISTENT),
+pub(crate) const WITHOUT: [(&str, &str); 9] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
