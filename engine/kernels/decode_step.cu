@@ -21,8 +21,8 @@
 // agree with the per-op path to rounding, not bit for bit. Data written during the launch is read
 // through L2 (ld.global.cg), never the non-coherent paths.
 //
-// Off by default in the engine: slower than the per-op kernels in CUDA graphs, and with an open
-// reproducibility defect (engine/src/model/decode_step.rs, days/gpu-engine/README.md runs 42-47).
+// Off by default in the engine: slower than the per-op kernels in CUDA graphs
+// (engine/src/model/decode_step.rs, days/gpu-engine/README.md runs 42-48).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>

@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=cs
 if [ -n "${TESTS-cuda_model::cuda_persistent}" ]; then
     echo "== CUDA tests: ${TESTS-cuda_model::cuda_persistent}"
     # shellcheck disable=SC2086
-    timeout "${TEST_TIMEOUT:-150}" "$L/engine-it" --test-threads=1 --nocapture --include-ignored \
+    timeout "${TEST_TIMEOUT:-150}" "$L/engine-it" --test-threads=1 --nocapture \
         ${TESTS-cuda_model::cuda_persistent} > "$D/cuda-tests.log" 2>&1
     echo "exit $?"
     grep -E "^test |test result|relative|panicked|differ" "$D/cuda-tests.log" | tail -40

@@ -9,11 +9,11 @@
 //! each wait. The shape checks and the shared-memory layout are plain arithmetic (tested on the
 //! CPU); the launch is behind the `cuda` feature.
 //!
-//! Off by default, a lab path (engine-bench `--persistent-decode`, the phase timing): on the H200
-//! at the Qwen2.5-1.5B shape it is slower than the per-op kernels replayed from CUDA graphs (1.82
-//! against 1.38 ms) though faster than eager per-op steps (1.9 against 2.1-2.5 ms, which are bound
-//! by the host's ~200 launches), and its results are not yet reproducible across processes (an
-//! open defect: days/gpu-engine/README.md, runs 42-47).
+//! Off by default, a lab path (engine-bench `--persistent-decode`, its variant column and phase
+//! table): on the H200 at the Qwen2.5-1.5B shape it is slower than the per-op kernels replayed
+//! from CUDA graphs (1.82 against 1.38 ms) though faster than eager per-op steps (1.9 against
+//! 2.1-2.5 ms, bound by the host's ~200 launches), and it was never timed at the CodeLlama-34B or
+//! Phi-3 shapes (days/gpu-engine/README.md, runs 42-48).
 
 crate::switch! {
     /// Eager batch-1 decode steps through the persistent kernel (on) or the per-op launches (off).

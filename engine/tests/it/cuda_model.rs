@@ -649,13 +649,8 @@ fn same_logits_on_and_off(what: &str, seed: u64, set: &dyn Fn(Option<bool>), che
 /// the first layer's K/V of the six tokens are bit for bit those of the per-op path (the q/k/v
 /// sums run in the same order there), every difference is under 5e-2 relative L2 in bf16, and
 /// replayed from CUDA graphs the step writes its eager K/V bit for bit (no atomics in its sums).
-///
-/// Ignored: the step is an off-by-default lab path with an open defect this test shows (H200, runs
-/// 46-47 of days/gpu-engine/README.md): two eager runs in one process agree bit for bit, but the
-/// graph replay writes other K/V, and the gap to the per-op path changes from process to process
-/// (tiny shape: logits 0, 1.3e-3, 3.5e-3). Run it with `--ignored`.
+/// Two eager runs from scratch give the same bits too.
 #[test]
-#[ignore = "open defect of the persistent decode step (graph and eager runs differ); see the doc"]
 fn cuda_persistent_decode_step_matches_per_op_launches() {
     use engine::model::cuda_graph::{graph_counts, set_cuda_graphs_on_this_thread};
     use engine::model::decode_step::{
