@@ -503,6 +503,23 @@ mod tests {
     }
 
     #[test]
+    fn a_capture_follows_the_graphs_setting_and_restores_the_thread_s() {
+        set_persistent_decode_on_this_thread(Some(false));
+        set_persistent_decode_in_graphs_on_this_thread(Some(true));
+        {
+            let _capture = CaptureSetting::on_this_thread();
+            assert!(persistent_decode(), "inside a capture: the graphs' setting");
+        }
+        assert!(!persistent_decode(), "after it: the thread's own again");
+        set_persistent_decode_in_graphs_on_this_thread(None);
+        {
+            let _capture = CaptureSetting::on_this_thread();
+            assert!(!persistent_decode(), "graphs are off by default");
+        }
+        set_persistent_decode_on_this_thread(None);
+    }
+
+    #[test]
     fn qwen_layout_at_the_h200() {
         let l = qwen().layout();
         // The activation (8,960 x 2 B) is the widest row; the gate/up projection's 2 x 68 rows
