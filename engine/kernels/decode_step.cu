@@ -28,14 +28,15 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "loads.cuh"
 #include "pdl.cuh"
+#include "warp.cuh"
 
 constexpr int DS_WARPS = 16;
 constexpr int DS_THREADS = DS_WARPS * 32;
 constexpr int DS_MAX_LAYERS = 48;
 constexpr int DS_UNROLL = 8;      // 512-byte pieces in flight per warp
 constexpr int DS_KEYS = 64;       // keys per attention unit
-constexpr int DS_KEYS_PER_WARP = DS_KEYS / DS_WARPS;
 constexpr int DS_MAX_GROUP = 16;  // query heads per KV head
 constexpr uint32_t DS_PREFETCH_PIECE = 16384;
 
@@ -78,14 +79,6 @@ struct StepArgs {
 
 // ------------------------------------------------------------------------------ helpers
 
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-    uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
-    return r;
-}
-
 // Data another CTA wrote in this launch: through L2.
 __device__ __forceinline__ uint4 load_l2(const void* p) {
     return __ldcg(reinterpret_cast<const uint4*>(p));
@@ -107,17 +100,6 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
     uint4 r;
     memcpy(&r, e, sizeof(r));
     return r;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
 }
 
 // Rows [begin, end) of n rows for CTA b of p: contiguous, sizes differing by at most one.
@@ -268,13 +250,6 @@ __device__ void rows_dot(const T* __restrict__ w, int k, int nrows, RowOf row_of
         }
     }
     __syncthreads();
-}
-
-// rows_dot without a prologue.
-template <typename T, typename RowOf>
-__device__ void rows_dot(const T* __restrict__ w, int k, int nrows, RowOf row_of,
-                         const uint4* __restrict__ xs, float* __restrict__ part) {
-    rows_dot<T>(w, k, nrows, row_of, xs, part, [] {});
 }
 
 __device__ __forceinline__ float row_sum(const float* part, int i, int segs) {

@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "loads.cuh"
 #include "pdl.cuh"
 
 constexpr int WARPS = 4;
@@ -91,14 +92,6 @@ __device__ __forceinline__ uint4 zero_unless(bool keep, uint4 v) {
     return keep ? v : make_uint4(0, 0, 0, 0);
 }
 
-// A W chunk: read once, so it bypasses L1 and leaves it to x.
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-    uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
-    return r;
-}
 
 // Sums acc over the CTA and stores y[m, row0 + r] (threads 0 .. M * R - 1, one output each).
 template <typename T, int M, int R>

@@ -39,6 +39,7 @@
 #include "convert.cuh"
 #include "paged_common.cuh"
 #include "pdl.cuh"
+#include "warp.cuh"
 
 #define DEC_WARPS 4
 #define DEC_THREADS (32 * DEC_WARPS)
@@ -49,16 +50,6 @@ static_assert(DEC_CHUNK == DECODE_PARTITION_KEYS, "partitions are whole chunks")
 
 namespace {
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
 
 }  // namespace
 
