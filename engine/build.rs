@@ -5,6 +5,8 @@
 //! - `CUDA_COMPUTE_CAP` (default 90): PTX target `compute_<cap>`.
 //! - `CANDLE_CUDA_LINK_DIR`: folder with `libcudart.so` (a linker script pointing at
 //!   `libcudart_static.a`), needed because candle-kernels asks for `-lcudart` without a search path.
+//! - `KERNEL_DEFINES` (optional): space-separated `NAME` or `NAME=VALUE`, each passed to nvcc as
+//!   `-D`, for builds of a kernel variant (e.g. `STREAM_L2_EVICT_NORMAL`, see kernels/loads.cuh).
 //!
 //! Each `kernels/<name>.cu` becomes `$OUT_DIR/<name>.ptx`; `$OUT_DIR/kernels_ptx.rs` declares
 //! `pub const <NAME>: &str` holding that PTX, for `include!` by `src/model/attention_cuda.rs`.
@@ -29,6 +31,7 @@ fn build_kernels() -> Result<(), String> {
         "CUDA_HOME",
         "CUDA_COMPUTE_CAP",
         "CANDLE_CUDA_LINK_DIR",
+        "KERNEL_DEFINES",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -43,6 +46,11 @@ fn build_kernels() -> Result<(), String> {
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
     let cap: String = cap.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let defines: Vec<String> = std::env::var("KERNEL_DEFINES")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|d| format!("-D{d}"))
+        .collect();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
     let kernel_dir = Path::new("kernels");
 
@@ -64,6 +72,7 @@ fn build_kernels() -> Result<(), String> {
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
             .arg(format!("-arch=compute_{cap}"))
+            .args(&defines)
             .arg("-o")
             .arg(&ptx)
             .arg(src)

@@ -181,7 +181,7 @@ fn dtype_suffix(dtype: DType) -> Result<&'static str> {
     })
 }
 
-fn cuda_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+pub(super) fn cuda_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
     match s {
         Storage::Cuda(c) => Ok(c),
         _ => bail!("{what} must live on the CUDA device"),

@@ -18,6 +18,7 @@
 //!   memory); the logits land in a tensor allocated before. cuBLAS gets a workspace of its own
 //!   before the first capture, so that it never allocates one inside a capture.
 //! - A changed KV cache. Graphs hold the cache's addresses: they are dropped when it changes.
+//! - A changed setting that captures bake in (`invalidate_graphs`): they are dropped too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,6 +50,8 @@ const CAPTURE_MODE: sys::CUstreamCaptureMode =
 const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 static REPLAYS: AtomicUsize = AtomicUsize::new(0);
+/// Bumped by a change of a setting that graphs capture (`invalidate_graphs`).
+static SETTINGS_EPOCH: AtomicUsize = AtomicUsize::new(0);
 static FAILED_CAPTURES: AtomicUsize = AtomicUsize::new(0);
 static LAST_CAPTURE_ERROR: Mutex<Option<String>> = Mutex::new(None);
 
@@ -70,6 +73,12 @@ pub fn set_cuda_graphs_on_this_thread(enabled: Option<bool>) {
 /// Whether forwards called on this thread may replay graphs.
 pub fn cuda_graphs_enabled() -> bool {
     GRAPHS.on()
+}
+
+/// Makes every model drop its captured graphs before its next step (a setting that captures bake
+/// in has changed, e.g. `l2_prefetch::set_l2_prefetch`).
+pub fn invalidate_graphs() {
+    SETTINGS_EPOCH.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Decode steps run from a graph, and captures that failed, in this process so far.
@@ -94,6 +103,8 @@ pub struct DecodeGraphs {
     graphs: HashMap<(usize, usize), Captured>,
     /// The KV cache the graphs were captured against (every layer's K and V tensor).
     cache: Vec<(TensorId, TensorId)>,
+    /// `SETTINGS_EPOCH` when the graphs were captured.
+    epoch: usize,
     /// f32 `[rows, vocab]` per batch bucket, shared by its graphs: each replay's logits are
     /// copied out before the next replay is enqueued.
     logits: HashMap<usize, Tensor>,
@@ -147,9 +158,11 @@ impl DecodeGraphs {
             return Ok(None);
         };
         let ids: Vec<_> = cache.layers.iter().map(|(k, v)| (k.id(), v.id())).collect();
-        if self.cache != ids {
+        let epoch = SETTINGS_EPOCH.load(Ordering::Relaxed);
+        if self.cache != ids || self.epoch != epoch {
             self.graphs.clear();
             self.cache = ids;
+            self.epoch = epoch;
         }
         let block_size = key_cache.dim(1)?;
         let step = PaddedStep::new(batch, rows, width);

@@ -80,6 +80,9 @@ pub struct LlamaModel {
     /// Captured decode steps (a CUDA device without tensor parallelism).
     #[cfg(feature = "cuda")]
     graphs: Option<std::sync::Mutex<super::cuda_graph::DecodeGraphs>>,
+    /// The stream of the L2 prefetch (`l2_prefetch`), made on first use.
+    #[cfg(feature = "cuda")]
+    side: super::l2_prefetch::SideStream,
 }
 
 fn shape_err(e: candle_core::Error) -> LoadError {
@@ -187,6 +190,8 @@ impl LlamaModel {
             sin,
             #[cfg(feature = "cuda")]
             graphs,
+            #[cfg(feature = "cuda")]
+            side: Default::default(),
         })
     }
 
@@ -368,7 +373,8 @@ impl LlamaModel {
         // that follows when `gemv::set_gemv_norm_prologue` is on and that one takes its fused
         // one-row kernel); the QKV bias and rotary with the cache write, in the q/k/v
         // projection's epilogue; the SiLU-gate product in the gate/up projection's. A short
-        // decode attention also fetches the next projections' first weights into L2.
+        // decode attention also fetches the next projections' first weights into L2, and with
+        // `l2_prefetch` on, a side stream fetches part of each layer's o, gate/up and down rows.
         let mut x = self.embed_tokens.index_select(&inputs.token_ids, 0)?;
         #[cfg(feature = "cuda")]
         if let Some(out) = self.persistent_step(inputs, cache, &x, &cos, &sin)? {
@@ -377,7 +383,22 @@ impl LlamaModel {
         // The layer before's MLP output, not yet added to the residual stream x: the next q/k/v
         // projection adds it and normalises the sum.
         let mut mlp: Option<Tensor> = None;
+        let prefetch = super::l2_prefetch::l2_prefetch()
+            .filter(|_| self.device.is_cuda() && n <= gemv::MAX_ROWS);
+        // Whether this forward forked the prefetch's side stream (to be joined at the end).
+        #[cfg(feature = "cuda")]
+        let mut forked = false;
         for (layer, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
+            #[cfg(feature = "cuda")]
+            if let Some(p) = prefetch {
+                let mats = [
+                    (&layer.o_proj.weight, p.o),
+                    (&layer.gate_up_proj.weight, p.gate_up),
+                    (&layer.down_proj.weight, p.down),
+                ];
+                forked |=
+                    super::l2_prefetch::prefetch_rows(&self.side, &self.device, &mats, p.ctas)?;
+            }
             let rope = fused::RopeCache {
                 bias: layer.qkv_proj.bias.as_ref(),
                 cos: &cos,
@@ -408,6 +429,12 @@ impl LlamaModel {
             x = sum;
             mlp = Some(self.mlp_down(layer, &act)?);
         }
+        #[cfg(feature = "cuda")]
+        if forked {
+            super::l2_prefetch::join(&self.side, &self.device)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = prefetch;
         // The last layer's MLP output.
         match mlp {
             Some(out) => x + out,

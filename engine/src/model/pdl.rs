@@ -99,6 +99,12 @@ impl<'a> Launch<'a> {
         Ok(self)
     }
 
+    /// Queues the launch on `stream` instead of the device's own (a side stream).
+    pub fn on_stream(&mut self, stream: Arc<CudaStream>) -> &mut Self {
+        self.stream = stream;
+        self
+    }
+
     /// Launches without the programmatic stream-serialization attribute, whatever the switch.
     pub fn ordinary(&mut self) -> &mut Self {
         self.ordinary = true;

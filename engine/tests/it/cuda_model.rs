@@ -567,6 +567,28 @@ fn cuda_decode_cluster_and_l2_warm_match_combine_launch() {
     );
 }
 
+/// The L2 prefetch on a side stream (whole o rows, half of every gate/up and down row, from 132
+/// CTAs) fetches
+/// weights ahead and writes nothing: the same bits with it and without, eagerly and replayed from
+/// CUDA graphs, whose captures fork the side stream at every layer and join it at the end (a
+/// capture that left a fork unjoined would fail here).
+#[test]
+fn cuda_l2_prefetch_matches_no_prefetch() {
+    use engine::model::l2_prefetch::{set_l2_prefetch_on_this_thread, L2Prefetch};
+    let p = L2Prefetch {
+        gate_up: 0.5,
+        down: 0.5,
+        o: 1.0,
+        ctas: 132,
+    };
+    same_logits_on_and_off(
+        "the L2 prefetch",
+        19,
+        &|on| set_l2_prefetch_on_this_thread(on.map(|on| on.then_some(p))),
+        &|_| {},
+    );
+}
+
 /// Runs a prefill and decode steps of two and one sequences, eagerly and from CUDA graphs, with a
 /// path off (`set(Some(false))`) and on (`Some(true)`), at the tiny and the Qwen2.5-1.5B shapes,
 /// and asserts the logits are the same bit for bit; `check(on)` runs after each setting's steps.

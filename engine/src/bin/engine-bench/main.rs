@@ -11,6 +11,7 @@
 
 mod parts;
 mod phases;
+mod prefetch;
 mod render;
 #[cfg(feature = "cuda")]
 mod sweep;
@@ -34,6 +35,7 @@ use engine::args::{DeviceArg, DtypeArg};
 use engine::config::ModelConfig;
 use engine::core::ModelExecutor;
 use engine::launch::{resolve_dtype, select_device};
+use engine::model::l2_prefetch::L2Prefetch;
 use engine::model::{CausalLM, ForwardBatch, KvCache};
 use engine::runner::ModelRunner;
 use engine::sampling::SamplingParams;
@@ -116,11 +118,24 @@ struct Cli {
     /// CUDA graphs (off in the engine).
     #[arg(long)]
     persistent_decode: bool,
+    /// Also time the decode step (replayed from CUDA graphs with --cuda-graphs) with the L2
+    /// prefetch on a side stream at each `GATE_UP:DOWN[:O]` setting (fractions of each row of
+    /// those weights), alternating with the engine's default (off), e.g. `0.5:0:1,0.3:0.3`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_prefetch)]
+    l2_prefetch: Vec<L2Prefetch>,
+    /// Also time each projection alone at the batch sizes up to 8, per launch, with its weights
+    /// from HBM and from L2 (one weight set launched back to back).
+    #[arg(long)]
+    l2_probe: bool,
     /// Also write the table here.
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+fn parse_prefetch(s: &str) -> std::result::Result<L2Prefetch, String> {
+    L2Prefetch::parse(s)
 }
 
 /// Replace every cache tensor with random values (never time attention over zeros).
@@ -288,6 +303,23 @@ fn main() -> Result<()> {
         rows.push(row);
     }
 
+    // ---- the L2 prefetch sweep. Each setting recaptures the graphs; a recaptured graph replayed
+    // ~5% slower than the first capture of its bucket, before the eager variants as after them
+    // (days/gpu-engine/run51, run52), so its "off" column, not "as served", is the baseline.
+    let prefetch_rows = if device.is_cuda() && !cli.l2_prefetch.is_empty() {
+        let batches = cli
+            .batch_sizes
+            .iter()
+            .map(|&b| {
+                let step = decode_step(b, cli.context, bs, cfg.vocab_size);
+                Ok((b, engine::runner::build_forward_batch(&step, bs)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (model, cache) = runner_parts(&mut runner);
+        prefetch::prefetch_sweep(&device, model, cache, &batches, &cli.l2_prefetch, iters)?
+    } else {
+        Vec::new()
+    };
     // ---- decode forward under other settings, side by side (GPU ms between events)
     let mut variants = Vec::new();
     if device.is_cuda() {
@@ -350,6 +382,14 @@ fn main() -> Result<()> {
     };
     #[cfg(not(feature = "cuda"))]
     let dparts: Vec<DecodeParts> = Vec::new();
+    #[cfg(feature = "cuda")]
+    let probe = if device.is_cuda() && cli.l2_probe {
+        l2_probe(&device, dtype, &cfg, &cli)?
+    } else {
+        Vec::new()
+    };
+    #[cfg(not(feature = "cuda"))]
+    let probe: Vec<(usize, [(f64, f64); 4])> = Vec::new();
     #[cfg(feature = "cuda")]
     let sweep = if device.is_cuda() && !(cli.attn_splits.is_empty() && cli.decode_splits.is_empty())
     {
@@ -420,6 +460,8 @@ fn main() -> Result<()> {
         &cli, &device, dtype, &cfg, copy_gbs, tflops, &rows, &variants, graphs, &dparts, &sweep,
         &prows,
     );
+    prefetch::render_sweep(&mut table, &prefetch_rows, cli.cuda_graphs);
+    prefetch::render_probe(&mut table, &probe, &cfg, dtype.size_in_bytes(), copy_gbs);
     if let Some(p) = &phases {
         phases::render_phases(&mut table, p, cfg.num_hidden_layers);
     }
@@ -469,6 +511,25 @@ fn decode_parts(
             "warning: {} decode-part timings enqueued for longer than the queued {:.1} ms of matmuls (launch gaps may be included)",
             q.late, q.busy_ms
         );
+    }
+    Ok(out)
+}
+
+/// `parts::projections_hbm_l2_us` at each batch size up to 8 (the one-row to eight-row GEMVs).
+#[cfg(feature = "cuda")]
+fn l2_probe(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    cli: &Cli,
+) -> Result<Vec<(usize, [(f64, f64); 4])>> {
+    let mut q = QueuedTimer::new(device)?;
+    let mut time = |f: &mut dyn FnMut() -> Result<()>| q.time(device, f);
+    let mut out = Vec::new();
+    for &batch in cli.batch_sizes.iter().filter(|&&b| b <= 8) {
+        let us = parts::projections_hbm_l2_us(device, dtype, cfg, batch, cli.iters, &mut time)?;
+        eprintln!("projections alone, batch {batch}, us per launch (HBM, L2): {us:.2?}");
+        out.push((batch, us));
     }
     Ok(out)
 }

@@ -64,6 +64,28 @@ pub fn projection_tflops(
     Ok(out)
 }
 
+/// Microseconds per launch of each projection alone at `n` rows (`PROJECTIONS` order), launched
+/// once per layer back to back: (weights from HBM: distinct weight sets cycled as in
+/// `matmuls_ms`; weights from L2: one set every time, which stays in L2 where it fits).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn projections_hbm_l2_us(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    n: usize,
+    reps: usize,
+    time: Timer,
+) -> Result<[(f64, f64); 4]> {
+    let mut out = [(0.0, 0.0); 4];
+    let per = 1e3 / cfg.num_hidden_layers as f64;
+    for (i, slot) in out.iter_mut().enumerate() {
+        let hbm = projections_ms_sets(device, dtype, cfg, n, reps, time, &[i], None)?;
+        let l2 = projections_ms_sets(device, dtype, cfg, n, reps, time, &[i], Some(1))?;
+        *slot = (hbm * per, l2 * per);
+    }
+    Ok(out)
+}
+
 /// Milliseconds of the projections `which` (indices into `projection_shapes`) over every layer.
 fn projections_ms(
     device: &Device,
@@ -74,13 +96,31 @@ fn projections_ms(
     time: Timer,
     which: &[usize],
 ) -> Result<f64> {
+    projections_ms_sets(device, dtype, cfg, n, reps, time, which, None)
+}
+
+/// `projections_ms` over `sets` distinct weight sets (default: enough that none is in L2 when it
+/// comes round again).
+#[allow(clippy::too_many_arguments)]
+fn projections_ms_sets(
+    device: &Device,
+    dtype: DType,
+    cfg: &ModelConfig,
+    n: usize,
+    reps: usize,
+    time: Timer,
+    which: &[usize],
+    sets: Option<usize>,
+) -> Result<f64> {
     let all = projection_shapes(cfg);
     let shapes: Vec<_> = which.iter().map(|&i| all[i]).collect();
     let layer_bytes: usize =
         shapes.iter().map(|(k, o)| k * o).sum::<usize>() * dtype.size_in_bytes();
-    let sets = WEIGHT_BYTES_PER_PASS
-        .div_ceil(layer_bytes)
-        .clamp(1, cfg.num_hidden_layers);
+    let sets = sets.unwrap_or_else(|| {
+        WEIGHT_BYTES_PER_PASS
+            .div_ceil(layer_bytes)
+            .clamp(1, cfg.num_hidden_layers)
+    });
     let xs = shapes
         .iter()
         .map(|&(k, _)| Ok(Tensor::randn(0f32, 1.0, (n, k), device)?.to_dtype(dtype)?))
