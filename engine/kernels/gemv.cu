@@ -120,10 +120,13 @@ __device__ __forceinline__ void reduce_store(float (&acc)[M][R], T* __restrict__
     }
 }
 
-template <typename T, int M>
+// R rows per CTA and U chunks per thread and row in flight per step (the defaults for M, or
+// those of a variant: gemv_<T>_m1_v9 below). A thread's chunks are t, t + THREADS, ... in that
+// order whatever U, so the sums are the same bits.
+template <typename T, int M, int R = rows_per_cta<M>(), int U = unroll<M>()>
 __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k) {
-    constexpr int R = rows_per_cta<M>(), U = unroll<M>(), E = Chunk<T>::E;
+    constexpr int E = Chunk<T>::E;
     const int chunks = k / E;
     const int64_t row0 = (int64_t)blockIdx.x * R;
     const uint4* wr[R];
@@ -232,6 +235,11 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 //                  a buffer of its own, as the other CTAs still read residual).
 constexpr int WARP_ROW_CTAS = 8;
 constexpr int ROPE_CTAS = 4;
+// gemv_<T>_m1_w2u6_silu: the SiLU-pair kernel with six chunks per lane and row in flight, so that
+// a pair of rows of up to 192 chunks (Qwen2.5-1.5B's 1,536 bf16 elements) is one dependent step
+// of loads instead of two (w2u4: four chunks, then two); 6 CTAs per SM for its registers. Each
+// lane sums the same chunks in the same order as w2u4: the same bits.
+constexpr int SILU_ONE_STEP_CTAS = 6;
 
 enum Epilogue { PLAIN, SILU, ROPE };
 
@@ -486,6 +494,10 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_##SUFFIX##_m1_w2u4_silu(const T* x, const T* w, T* y, int n, int k) {              \
         gemv_w_impl<T, 2, 4, SILU, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});         \
     }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, SILU_ONE_STEP_CTAS)                   \
+        gemv_##SUFFIX##_m1_w2u6_silu(const T* x, const T* w, T* y, int n, int k) {              \
+        gemv_w_impl<T, 2, 6, SILU, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});         \
+    }                                                                                           \
     extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
         gemv_##SUFFIX##_m1_w2u4_silu_norm(const T* h, const T* w, T* y, int n, int k,           \
                                           const T* residual, const T* norm_w, T* sum_out,       \
@@ -525,7 +537,17 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_impl<T, M>(x, w, y, n, k);                                                         \
     }
 
+// One row, nine chunks per thread and row in flight: a row of up to 1,152 chunks (Qwen2.5-1.5B's
+// down projection: 8,960 bf16 elements, 1,120 chunks) in one dependent step of loads instead of
+// three (gemv_<T>_m1_v: four chunks per step). Same bits as gemv_<T>_m1_v.
+#define GEMV_M1_DEEP(SUFFIX, T)                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS, min_ctas<1>())                        \
+        gemv_##SUFFIX##_m1_v9(const T* x, const T* w, T* y, int n, int k) {                     \
+        gemv_v_impl<T, 1, rows_per_cta<1>(), 9>(x, w, y, n, k);                                 \
+    }
+
 #define GEMV(SUFFIX, T)   \
+    GEMV_M1_DEEP(SUFFIX, T) \
     GEMV_W(SUFFIX, T, 2, 4) \
     GEMV_SILU(SUFFIX, T)    \
     GEMV_ROPE(SUFFIX, T)    \

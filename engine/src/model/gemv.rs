@@ -28,6 +28,28 @@ crate::switch! {
 }
 
 crate::switch! {
+    /// The 1-row gate/up projection with the SiLU-gate epilogue on its one-step variant
+    /// (`w2u6`: a lane's six chunks of a row pair in flight at once, 6 CTAs per SM) (on) or on
+    /// `w2u4` (four chunks per step, 8 CTAs per SM: two dependent steps per pair of 1,536-element
+    /// rows) (off). Same bits either way.
+    static SILU_ONE_STEP = true;
+}
+
+crate::switch! {
+    /// One row of x over rows of `ONE_STEP_CHUNKS` on the CTA-per-rows kernel's one-step variant
+    /// (`m1_v9`: nine chunks per thread and row in flight) (on) or on `m1_v` (four per step:
+    /// three dependent steps over Qwen2.5-1.5B's 8,960-element down rows) (off). Same bits either
+    /// way.
+    static LONG_ROWS_ONE_STEP = true;
+}
+
+/// Row lengths (16-byte chunks) that take `m1_v9`: more than two steps of `m1_v` (1,024 chunks)
+/// and at most one of `m1_v9` (1,152). On an H200 it saved 0.02 ms of a Qwen2.5-1.5B batch-1
+/// step (1,120-chunk down rows) and cost 0.26 ms of a CodeLlama-34B one when it took every
+/// projection there (1,024- and 2,752-chunk rows: 6 CTAs per SM drop to 4 for its registers).
+pub const ONE_STEP_CHUNKS: std::ops::RangeInclusive<usize> = 1025..=1152;
+
+crate::switch! {
     /// The bias, rotary and KV-cache write as the epilogue of a 1-row fused q/k/v projection (on) or
     /// as their own `fused::qkv_rope_cache` launch (off).
     static ROPE_EPILOGUE = true;
@@ -78,6 +100,45 @@ pub fn gemv_rope_epilogue() -> bool {
 /// Turns the SiLU-gate epilogue of 1-row gate/up projections on or off process-wide.
 pub fn set_gemv_silu_epilogue(enabled: bool) {
     SILU_EPILOGUE.set(enabled);
+}
+
+/// Turns the one-step variant of the 1-row gate/up + SiLU-gate kernel on or off process-wide.
+pub fn set_gemv_silu_one_step(enabled: bool) {
+    SILU_ONE_STEP.set(enabled);
+}
+
+/// [`set_gemv_silu_one_step`] for calls on this thread (`None`: the process-wide value).
+pub fn set_gemv_silu_one_step_on_this_thread(enabled: Option<bool>) {
+    SILU_ONE_STEP.set_on_this_thread(enabled);
+}
+
+/// Turns the one-step variant of the 1-row CTA-per-rows kernel on or off process-wide.
+pub fn set_gemv_long_rows_one_step(enabled: bool) {
+    LONG_ROWS_ONE_STEP.set(enabled);
+}
+
+/// [`set_gemv_long_rows_one_step`] for calls on this thread (`None`: the process-wide value).
+pub fn set_gemv_long_rows_one_step_on_this_thread(enabled: Option<bool>) {
+    LONG_ROWS_ONE_STEP.set_on_this_thread(enabled);
+}
+
+/// The suffix of the CTA-per-rows kernel for `m` rows of x over rows of `chunks` 16-byte chunks
+/// (`_v`, or `_v9` for one row of `ONE_STEP_CHUNKS` with the one-step switch on); the caller
+/// adds the element-wise kernel's "".
+pub fn cta_rows_variant(m: usize, chunks: usize) -> &'static str {
+    match m == 1 && ONE_STEP_CHUNKS.contains(&chunks) && LONG_ROWS_ONE_STEP.on() {
+        true => "_v9",
+        false => "_v",
+    }
+}
+
+/// The kernel variant (`w<rows per warp>u<unroll>` in gemv.cu) and CTAs per SM of the 1-row
+/// gate/up + SiLU-gate kernel on this thread.
+pub fn silu_variant() -> (&'static str, usize) {
+    match SILU_ONE_STEP.on() {
+        true => ("w2u6", 6),
+        false => ("w2u4", 8),
+    }
 }
 
 /// [`set_gemv_silu_epilogue`] for calls on this thread (`None`: the process-wide value).
@@ -161,9 +222,10 @@ fn even_rounds_ctas(groups: usize, resident: usize, warps_per_cta: usize) -> u32
 }
 
 /// CTA count of the SiLU-pair variant of the warp-per-row kernel for `inter` outputs (pairs of
-/// a gate and an up row) on `sms` SMs: like [`warp_rows_plan`] with one pair per warp and round.
-pub fn silu_pairs_plan(inter: usize, sms: usize, warps_per_cta: usize) -> u32 {
-    even_rounds_ctas(inter, sms * 8 * warps_per_cta, warps_per_cta)
+/// a gate and an up row) on `sms` SMs with `ctas_per_sm` resident: like [`warp_rows_plan`] with
+/// one pair per warp and round.
+pub fn silu_pairs_plan(inter: usize, sms: usize, warps_per_cta: usize, ctas_per_sm: usize) -> u32 {
+    even_rounds_ctas(inter, sms * ctas_per_sm * warps_per_cta, warps_per_cta)
 }
 
 /// CTA count of the rotary-pair variant of the warp-per-row kernel (4 CTAs per SM) for `pairs`
@@ -345,13 +407,48 @@ mod tests {
     #[test]
     fn silu_pairs_plan_matches_the_two_row_plan() {
         // Qwen2.5-1.5B's 8,960 gate/up pairs: the grid of the plain kernel over its 17,920 rows.
-        assert_eq!(silu_pairs_plan(8960, 132, 4), 747);
+        assert_eq!(silu_pairs_plan(8960, 132, 4, 8), 747);
         for inter in [1, 7, 1536, 2112, 4224, 4225, 11008, 22016] {
-            let ctas = silu_pairs_plan(inter, 132, 4) as usize;
+            let ctas = silu_pairs_plan(inter, 132, 4, 8) as usize;
             let rounds = inter.div_ceil(ctas * 4);
             assert_eq!(rounds, inter.div_ceil(4224), "inter {inter}");
             assert!(ctas * 4 * rounds - inter < 5 * rounds, "inter {inter}");
         }
+        // The one-step variant at 6 CTAs per SM (3,168 warps): the same three rounds at 8,960,
+        // 747 CTAs of the 792 that fit.
+        assert_eq!(silu_pairs_plan(8960, 132, 4, 6), 747);
+        for inter in [1, 3168, 3169, 11008] {
+            let ctas = silu_pairs_plan(inter, 132, 4, 6) as usize;
+            assert_eq!(
+                inter.div_ceil(ctas * 4),
+                inter.div_ceil(3168),
+                "inter {inter}"
+            );
+        }
+    }
+
+    #[test]
+    fn cta_rows_variant_is_one_step_for_one_row_only() {
+        set_gemv_long_rows_one_step_on_this_thread(Some(true));
+        // Qwen2.5-1.5B's down rows (8,960 bf16: 1,120 chunks); not CodeLlama-34B's 8,192 or
+        // 22,016 elements (1,024 / 2,752 chunks), not two rows.
+        assert_eq!(cta_rows_variant(1, 1120), "_v9");
+        assert_eq!(cta_rows_variant(1, 1152), "_v9");
+        assert_eq!(cta_rows_variant(1, 1024), "_v");
+        assert_eq!(cta_rows_variant(1, 2752), "_v");
+        assert_eq!(cta_rows_variant(2, 1120), "_v");
+        set_gemv_long_rows_one_step_on_this_thread(Some(false));
+        assert_eq!(cta_rows_variant(1, 1120), "_v");
+        set_gemv_long_rows_one_step_on_this_thread(None);
+    }
+
+    #[test]
+    fn silu_variant_follows_its_switch() {
+        set_gemv_silu_one_step_on_this_thread(Some(false));
+        assert_eq!(silu_variant(), ("w2u4", 8));
+        set_gemv_silu_one_step_on_this_thread(Some(true));
+        assert_eq!(silu_variant(), ("w2u6", 6));
+        set_gemv_silu_one_step_on_this_thread(None);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use super::attention_cuda::{
 };
 use super::fused_cuda::{aligned16, empty, with_ptrs, NormPrologue};
 use super::gemv::{
-    gemv_warp_rows, silu_pairs_plan, warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS,
+    cta_rows_variant, gemv_warp_rows, silu_pairs_plan, silu_variant, warp_rows_plan, MAX_ROWS,
+    WARP_ROWS_MAX_CHUNKS,
 };
 use super::pdl::Launch;
 
@@ -114,8 +115,9 @@ fn launch(
             if !wide {
                 bail!("gemv_silu: k {k} must be a multiple of {chunk} and x, w 16-byte aligned")
             }
-            let ctas = silu_pairs_plan(inter, multiprocessor_count(&stream), warps);
-            (format!("gemv_{sfx}_m1_w2u4_silu"), ctas, inter)
+            let (variant, per_sm) = silu_variant();
+            let ctas = silu_pairs_plan(inter, multiprocessor_count(&stream), warps, per_sm);
+            (format!("gemv_{sfx}_m1_{variant}_silu"), ctas, inter)
         }
         None if m == 1 && wide && short_rows && gemv_warp_rows() => {
             let (variant, ctas) = warp_rows_plan(n, multiprocessor_count(&stream), warps);
@@ -123,7 +125,11 @@ fn launch(
         }
         None => {
             let ctas = n.div_ceil(rows_per_cta(m)) as u32;
-            let variant = if wide { "_v" } else { "" };
+            let variant = if wide {
+                cta_rows_variant(m, k / chunk)
+            } else {
+                ""
+            };
             (format!("gemv_{sfx}_m{m}{variant}"), ctas, n)
         }
     };
@@ -251,7 +257,8 @@ pub fn gemv_silu_norm(
                 bail!("{WHAT}: k {k} past the prologue's {WARP_ROWS_MAX_CHUNKS} chunks of {chunk}")
             }
             let stream = dev.cuda_stream();
-            let ctas = silu_pairs_plan(inter, multiprocessor_count(&stream), THREADS as usize / 32);
+            let sms = multiprocessor_count(&stream);
+            let ctas = silu_pairs_plan(inter, sms, THREADS as usize / 32, 8);
             let mut b = Launch::new(&dev, &name, MODULE, ptx::GEMV)?;
             let cfg = LaunchConfig {
                 grid_dim: (ctas, 1, 1),

@@ -6,8 +6,9 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
 use engine::model::fused::silu_mul;
 use engine::model::gemv::{
-    gate_up_silu, matmul_t, set_gemv_kernel_on_this_thread, set_gemv_silu_epilogue_on_this_thread,
-    set_gemv_warp_rows_on_this_thread,
+    gate_up_silu, matmul_t, set_gemv_kernel_on_this_thread,
+    set_gemv_long_rows_one_step_on_this_thread, set_gemv_silu_epilogue_on_this_thread,
+    set_gemv_silu_one_step_on_this_thread, set_gemv_warp_rows_on_this_thread,
 };
 use engine::model::gemv_cuda::{gemv, gemv_into, gemv_silu};
 use engine::model::KvCache;
@@ -169,6 +170,21 @@ fn gemv_matches_f64_reference() {
             run_case(&mut rng, dtype, [1, n, k], 0);
         }
         set_gemv_warp_rows_on_this_thread(None);
+        // Rows of 1,025-1,152 chunks on the one-step variant (the default) and on the
+        // three-step kernel: the same bits (Qwen2.5-1.5B's down projection; the longest row).
+        let dev = gpu();
+        for (n, k) in [(1536, 8960), (37, 1152 * 16 / dtype.size_in_bytes())] {
+            let x = upload(uniform(&mut rng, k), 1, k, dtype, &dev);
+            let w = upload(uniform(&mut rng, n * k), n, k, dtype, &dev);
+            let mut outs = Vec::new();
+            for one_step in [true, false] {
+                set_gemv_long_rows_one_step_on_this_thread(Some(one_step));
+                outs.push(host(&gemv(&x, &w).unwrap()));
+            }
+            set_gemv_long_rows_one_step_on_this_thread(None);
+            assert_eq!(outs[0], outs[1], "{dtype:?} n={n} k={k}: m1_v9 vs m1_v");
+            run_case(&mut rng, dtype, [1, n, k], 0);
+        }
         for (n, k) in [(17920, 1536), (17921, 64), (9001, 8)] {
             run_case(&mut rng, dtype, [1, n, k], 0);
         }
@@ -217,10 +233,18 @@ fn gate_up_silu_epilogue_is_gemv_then_silu_mul_bit_for_bit() {
             // runs on the warp-per-row kernel too (rows of at most 256 16-byte chunks; f32 rows
             // of 1,536 take the CTA kernel, whose sums run in another order).
             let two = host(&silu_mul(&gemv(&x, &w).unwrap(), inter).unwrap());
-            let fused = gemv_silu(&x, &w, inter).expect("gemv_silu");
+            // Both kernel variants: the one-step w2u6 (default) and the two-step w2u4.
+            let mut variants = Vec::new();
+            for one_step in [true, false] {
+                set_gemv_silu_one_step_on_this_thread(Some(one_step));
+                variants.push(gemv_silu(&x, &w, inter).expect("gemv_silu"));
+            }
+            set_gemv_silu_one_step_on_this_thread(None);
+            let fused = variants.remove(0);
             assert_eq!(fused.dims2().unwrap(), (1, inter), "{what}: shape");
             let fused = host(&fused);
             assert!(fused.iter().all(|v| v.is_finite()), "{what}: not finite");
+            assert_eq!(host(&variants[0]), fused, "{what}: w2u4 vs w2u6");
             let warp_rows = k * dtype.size_in_bytes() / 16 <= 256;
             if warp_rows {
                 assert_eq!(fused, two, "{what}: epilogue vs two launches");

@@ -11,6 +11,14 @@ pub(crate) const ONE_ROW_CTA: &str = "1-row GEMV on CTA-per-rows kernel";
 /// The MLP's SiLU-gate product as its own launch instead of the 1-row gate/up GEMV's epilogue.
 pub(crate) const SILU_OWN_LAUNCH: &str = "SiLU-gate as own launch";
 
+/// The 1-row gate/up + SiLU-gate GEMV in two dependent steps of loads per row pair (`w2u4`)
+/// instead of one (`w2u6`).
+pub(crate) const SILU_TWO_STEPS: &str = "gate/up GEMV in two steps (w2u4)";
+
+/// The 1-row CTA-per-rows GEMV (down projections) in three dependent steps of loads (`m1_v`)
+/// instead of one (`m1_v9`).
+pub(crate) const LONG_ROWS_STEPS: &str = "down GEMV in steps (m1_v)";
+
 /// The bias, rotary and KV-cache write as their own launch instead of the 1-row q/k/v GEMV's
 /// epilogue.
 pub(crate) const ROPE_OWN_LAUNCH: &str = "rotary + KV write as own launch";
@@ -53,6 +61,8 @@ pub(crate) fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         "cuBLAS for every projection",
         ONE_ROW_CTA,
         SILU_OWN_LAUNCH,
+        SILU_TWO_STEPS,
+        LONG_ROWS_STEPS,
         ROPE_OWN_LAUNCH,
         NORM_PROLOGUE,
         COMBINE_IN_KERNEL,
@@ -112,6 +122,8 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
         ONE_ROW_CTA => engine::model::gemv::set_gemv_warp_rows(!on),
         PERSISTENT => engine::model::decode_step::set_persistent_decode(on),
         SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
+        SILU_TWO_STEPS => engine::model::gemv::set_gemv_silu_one_step(!on),
+        LONG_ROWS_STEPS => engine::model::gemv::set_gemv_long_rows_one_step(!on),
         ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
         NORM_PROLOGUE => engine::model::gemv::set_gemv_norm_prologue(on),
         #[cfg(feature = "cuda")]
@@ -132,11 +144,13 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-pub(crate) const WITHOUT: [(&str, &str); 9] = [
+pub(crate) const WITHOUT: [(&str, &str); 11] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
     ("fused", "unfused ops"),
+    ("silu-one-step", SILU_TWO_STEPS),
+    ("down-one-step", LONG_ROWS_STEPS),
     ("decode-kernel", "paged kernel for decode"),
     ("pdl", NO_PDL),
     ("cluster", NO_DECODE_CLUSTER),
