@@ -25,7 +25,7 @@ pub fn matmuls_ms(
     reps: usize,
     time: Timer,
 ) -> Result<f64> {
-    projections_ms(device, dtype, cfg, n, reps, time, &[0, 1, 2, 3])
+    projections_ms(device, dtype, cfg, n, reps, time, &[0, 1, 2, 3], None)
 }
 
 /// The four projections' names, in `projection_shapes` order.
@@ -57,7 +57,7 @@ pub fn projection_tflops(
     let shapes = projection_shapes(cfg);
     let mut out = [0.0; 4];
     for (i, (k, o)) in shapes.iter().enumerate() {
-        let ms = projections_ms(device, dtype, cfg, n, reps, time, &[i])?;
+        let ms = projections_ms(device, dtype, cfg, n, reps, time, &[i], None)?;
         let flops = 2.0 * (n * k * o * cfg.num_hidden_layers) as f64;
         out[i] = flops / (ms * 1e-3) / 1e12;
     }
@@ -79,30 +79,18 @@ pub fn projections_hbm_l2_us(
     let mut out = [(0.0, 0.0); 4];
     let per = 1e3 / cfg.num_hidden_layers as f64;
     for (i, slot) in out.iter_mut().enumerate() {
-        let hbm = projections_ms_sets(device, dtype, cfg, n, reps, time, &[i], None)?;
-        let l2 = projections_ms_sets(device, dtype, cfg, n, reps, time, &[i], Some(1))?;
+        let hbm = projections_ms(device, dtype, cfg, n, reps, time, &[i], None)?;
+        let l2 = projections_ms(device, dtype, cfg, n, reps, time, &[i], Some(1))?;
         *slot = (hbm * per, l2 * per);
     }
     Ok(out)
 }
 
-/// Milliseconds of the projections `which` (indices into `projection_shapes`) over every layer.
-fn projections_ms(
-    device: &Device,
-    dtype: DType,
-    cfg: &ModelConfig,
-    n: usize,
-    reps: usize,
-    time: Timer,
-    which: &[usize],
-) -> Result<f64> {
-    projections_ms_sets(device, dtype, cfg, n, reps, time, which, None)
-}
-
-/// `projections_ms` over `sets` distinct weight sets (default: enough that none is in L2 when it
-/// comes round again).
+/// Milliseconds of the projections `which` (indices into `projection_shapes`) over every layer,
+/// cycling `sets` distinct weight sets (`None`: enough that none is in L2 when it comes round
+/// again, as the model's layers are).
 #[allow(clippy::too_many_arguments)]
-fn projections_ms_sets(
+fn projections_ms(
     device: &Device,
     dtype: DType,
     cfg: &ModelConfig,
