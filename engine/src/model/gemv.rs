@@ -137,7 +137,7 @@ pub fn cta_rows_variant(m: usize, chunks: usize) -> &'static str {
 pub fn silu_variant() -> (&'static str, usize) {
     match SILU_ONE_STEP.on() {
         true => ("w2u6", 6),
-        false => ("w2u4", 8),
+        false => ("w2u4", WARP_ROW_CTAS),
     }
 }
 
@@ -195,6 +195,10 @@ fn max_kernel_rows() -> usize {
 /// 8,960 (`days/gpu-engine/run13/gemv-bw.log`) and at CodeLlama-34B's 8,192 (`run14`).
 pub const WARP_ROWS_MAX_CHUNKS: usize = 256;
 
+/// CTAs per SM of the warp-per-row kernels (`WARP_ROW_CTAS` in gemv.cu; its rotary-pair variant
+/// takes 4, the one-step SiLU-pair variant 6).
+pub const WARP_ROW_CTAS: usize = 8;
+
 /// Kernel variant (`w<rows per warp>u<unroll>` in gemv.cu) and CTA count of the warp-per-row
 /// kernel for `n` rows on `sms` SMs with `warps_per_cta` (8 CTAs per SM): 2 rows per warp when
 /// that still fills half the resident warps, else 1 with deeper unrolling (more warps and bytes
@@ -202,7 +206,7 @@ pub const WARP_ROWS_MAX_CHUNKS: usize = 256;
 /// row groups as a full GPU would, so that every warp gets the same number of groups (no tail
 /// wave).
 pub fn warp_rows_plan(n: usize, sms: usize, warps_per_cta: usize) -> (&'static str, u32) {
-    let resident = sms * 8 * warps_per_cta;
+    let resident = sms * WARP_ROW_CTAS * warps_per_cta;
     let (variant, wr) = if n.div_ceil(2) >= resident / 2 {
         ("w2u4", 2)
     } else {

@@ -18,7 +18,7 @@ use super::attention_cuda::{
 use super::fused_cuda::{aligned16, empty, with_ptrs, NormPrologue};
 use super::gemv::{
     cta_rows_variant, gemv_warp_rows, silu_pairs_plan, silu_variant, warp_rows_plan, MAX_ROWS,
-    WARP_ROWS_MAX_CHUNKS,
+    WARP_ROWS_MAX_CHUNKS, WARP_ROW_CTAS,
 };
 use super::pdl::Launch;
 
@@ -258,7 +258,7 @@ pub fn gemv_silu_norm(
             }
             let stream = dev.cuda_stream();
             let sms = multiprocessor_count(&stream);
-            let ctas = silu_pairs_plan(inter, sms, THREADS as usize / 32, 8);
+            let ctas = silu_pairs_plan(inter, sms, THREADS as usize / 32, WARP_ROW_CTAS);
             let mut b = Launch::new(&dev, &name, MODULE, ptx::GEMV)?;
             let cfg = LaunchConfig {
                 grid_dim: (ctas, 1, 1),

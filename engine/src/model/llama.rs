@@ -383,6 +383,7 @@ impl LlamaModel {
         // The layer before's MLP output, not yet added to the residual stream x: the next q/k/v
         // projection adds it and normalises the sum.
         let mut mlp: Option<Tensor> = None;
+        #[cfg(feature = "cuda")]
         let prefetch = super::l2_prefetch::l2_prefetch()
             .filter(|_| self.device.is_cuda() && n <= gemv::MAX_ROWS);
         // Whether this forward forked the prefetch's side stream (to be joined at the end).
@@ -433,8 +434,6 @@ impl LlamaModel {
         if forked {
             super::l2_prefetch::join(&self.side, &self.device)?;
         }
-        #[cfg(not(feature = "cuda"))]
-        let _ = prefetch;
         // The last layer's MLP output.
         match mlp {
             Some(out) => x + out,

@@ -32,7 +32,7 @@ pub fn matmuls_ms(
 pub const PROJECTIONS: [&str; 4] = ["qkv", "o", "gate_up", "down"];
 
 /// `(in, out)` of the qkv, o, gate_up and down projections.
-fn projection_shapes(cfg: &ModelConfig) -> [(usize, usize); 4] {
+pub(crate) fn projection_shapes(cfg: &ModelConfig) -> [(usize, usize); 4] {
     let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let q_out = cfg.num_attention_heads * hd;
     let qkv_out = q_out + 2 * cfg.num_key_value_heads * hd;

@@ -10,7 +10,7 @@ use engine::config::ModelConfig;
 use engine::model::l2_prefetch::{set_l2_prefetch, L2Prefetch};
 use engine::model::{CausalLM, ForwardBatch, KvCache};
 
-use super::parts::PROJECTIONS;
+use super::parts::{projection_shapes, PROJECTIONS};
 use super::timing::{event_ms, median};
 
 /// Rounds over the settings: each round times every setting for `iters` steps, so that a drift
@@ -125,7 +125,7 @@ pub(crate) fn render_probe(
             .join(" | ")
     );
     let _ = writeln!(s, "|---:|{}", "---:|".repeat(3 * PROJECTIONS.len()));
-    let bytes = projection_bytes(cfg, elem_bytes);
+    let bytes = projection_shapes(cfg).map(|(k, out)| k * out * elem_bytes);
     for (batch, us) in rows {
         let cells: Vec<String> = us
             .iter()
@@ -135,14 +135,6 @@ pub(crate) fn render_probe(
         let _ = writeln!(s, "| {batch} | {} |", cells.join(" | "));
     }
     let _ = writeln!(s, "\nHBM: the layers' distinct weights in turn (none left in L2 when it comes round again); L2: one layer's weights every time (held in L2 where they fit, 50 MB on H100/H200). Plain GEMVs, no fused epilogues.");
-}
-
-/// Weight bytes of each projection of one layer, `PROJECTIONS` order.
-fn projection_bytes(cfg: &ModelConfig, elem_bytes: usize) -> [usize; 4] {
-    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let q = cfg.num_attention_heads * hd;
-    let qkv = q + 2 * cfg.num_key_value_heads * hd;
-    [h * qkv, q * h, h * 2 * inter, inter * h].map(|e| e * elem_bytes)
 }
 
 #[cfg(test)]
