@@ -7,14 +7,14 @@
 # env: RUN (default decode-step), TESTS (engine-it filters; empty skips), ROUNDS (default 2),
 #      BATCHES (default 1,8), EB (extra engine-bench flags), CL34=1.
 set -uo pipefail
+# shellcheck source=scripts/gpu/common.sh
+. scripts/gpu/common.sh
 OUT=${OUT:-/tmp/out}
 RUN=${RUN:-decode-step}
 D=$OUT/$RUN
 L=/root/dstep
 mkdir -p "$D" "$L"
-for f in engine-it engine-bench; do
-    [ -f ".lab-p/$f.xz" ] && { xz -dc ".lab-p/$f.xz" > "$L/$f" && chmod +x "$L/$f"; }
-done
+unpack_bins "$L" engine-it engine-bench
 # SmolLM2 for the cuda_model tests: part aa left by `lab-runs.sh a` in a call just before, part ab
 # carried here.
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -22,15 +22,9 @@ if [ -f /root/llmlab/smolpart.aa ] && [ -f .lab-p/smolpart.ab ]; then
     cat /root/llmlab/smolpart.aa .lab-p/smolpart.ab > "$L/smollm2.gguf"
     echo "$SHA  $L/smollm2.gguf" | sha256sum -c - && export SMOLLM2_GGUF=$L/smollm2.gguf
 fi
-nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv,noheader | tee "$D/gpu.txt"
-if [ -n "${TESTS-cuda_model::cuda_persistent}" ]; then
-    echo "== CUDA tests: ${TESTS-cuda_model::cuda_persistent}"
-    # shellcheck disable=SC2086
-    timeout "${TEST_TIMEOUT:-150}" "$L/engine-it" --test-threads=1 --nocapture \
-        ${TESTS-cuda_model::cuda_persistent} > "$D/cuda-tests.log" 2>&1
-    echo "exit $?"
-    grep -E "^test |test result|relative|panicked|differ" "$D/cuda-tests.log" | tail -40
-fi
+gpu_line "$D/gpu.txt"
+cuda_tests "$L/engine-it" "$D/cuda-tests.log" "${TESTS-cuda_model::cuda_persistent}" \
+    "^test |test result|relative|panicked|differ" 40
 QW="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --dtype bfloat16 --device cuda"
 EBF="--cuda-graphs --batch-sizes ${BATCHES:-1,8} --prefill 16 --prefill-variants-max 0 --iters 20 ${EB:-}"
 for r in $(seq 1 "${ROUNDS:-2}"); do
@@ -38,8 +32,8 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
         w=""; [ "$v" = persistent ] && w="--persistent-decode"
         echo "== round $r, $v"
         # shellcheck disable=SC2086
-        timeout 120 "$L/engine-bench" $QW $EBF $w --out "$D/eb-r$r-$v.md" > "$D/eb-r$r-$v.log" 2>&1
-        echo "exit $?"; grep -E "^decode batch [0-9]+: |^decode batch 1, (as served|persistent)|^persistent step" "$D/eb-r$r-$v.log"
+        eb_run 120 "$L/engine-bench" "$D/eb-r$r-$v" \
+            "^decode batch [0-9]+: |^decode batch 1, (as served|persistent)|^persistent step" $QW $EBF $w
     done
 done
 if [ "${CL34:-0}" = 1 ]; then
@@ -48,8 +42,7 @@ if [ "${CL34:-0}" = 1 ]; then
         w=""; [ "$v" = persistent ] && w="--persistent-decode"
         echo "== CodeLlama-34B, $v"
         # shellcheck disable=SC2086
-        timeout 150 "$L/engine-bench" $CLF --cuda-graphs --batch-sizes 1 --prefill 16 \
-            --prefill-variants-max 0 --iters 5 $w --out "$D/eb34-$v.md" > "$D/eb34-$v.log" 2>&1
-        echo "exit $?"; grep -E "^decode batch [0-9]+: " "$D/eb34-$v.log"
+        eb_run 150 "$L/engine-bench" "$D/eb34-$v" "^decode batch [0-9]+: " $CLF --cuda-graphs \
+            --batch-sizes 1 --prefill 16 --prefill-variants-max 0 --iters 5 $w
     done
 fi

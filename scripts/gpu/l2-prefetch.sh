@@ -9,23 +9,17 @@
 # env: RUN (default l2-prefetch), TESTS (engine-it filters; empty skips), ROUNDS (default 1),
 #      BATCHES (default 1,8), SPECS (GATE_UP:DOWN:O settings), EB (extra engine-bench flags).
 set -uo pipefail
+# shellcheck source=scripts/gpu/common.sh
+. scripts/gpu/common.sh
 OUT=${OUT:-/tmp/out}
 RUN=${RUN:-l2-prefetch}
 D=$OUT/$RUN
 L=/root/l2p
 mkdir -p "$D" "$L"
-for f in engine-it engine-bench engine-bench-base engine-bench-alt; do
-    [ -f ".lab-p/$f.xz" ] && { xz -dc ".lab-p/$f.xz" > "$L/$f" && chmod +x "$L/$f"; }
-done
-nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv,noheader | tee "$D/gpu.txt"
-if [ -n "${TESTS-cuda_model::cuda_l2_prefetch}" ]; then
-    echo "== CUDA tests: ${TESTS-cuda_model::cuda_l2_prefetch}"
-    # shellcheck disable=SC2086
-    timeout "${TEST_TIMEOUT:-150}" "$L/engine-it" --test-threads=1 --nocapture \
-        ${TESTS-cuda_model::cuda_l2_prefetch} > "$D/cuda-tests.log" 2>&1
-    echo "exit $?"
-    grep -E "^test |test result|bit for bit|panicked|differ" "$D/cuda-tests.log" | tail -20
-fi
+unpack_bins "$L" engine-it engine-bench engine-bench-base engine-bench-alt
+gpu_line "$D/gpu.txt"
+cuda_tests "$L/engine-it" "$D/cuda-tests.log" "${TESTS-cuda_model::cuda_l2_prefetch}" \
+    "^test |test result|bit for bit|panicked|differ" 20
 QW="--model configs/qwen2.5-1.5b-instruct.json --load-format dummy --dtype bfloat16 --device cuda"
 EBF="--cuda-graphs --batch-sizes ${BATCHES:-1,8} --prefill 16 --prefill-variants-max 0 --iters 20 ${EB:-}"
 SPECS=${SPECS:-0:0:1,0.3:0:1,0.5:0:1,0.3:0.3:1,0.5:0.5:1,0.7:0:1}
@@ -33,15 +27,16 @@ for r in $(seq 1 "${ROUNDS:-1}"); do
     if [ -x "$L/engine-bench-base" ]; then
         echo "== round $r, base build"
         # shellcheck disable=SC2086
-        timeout 120 "$L/engine-bench-base" $QW $EBF --out "$D/eb-r$r-base.md" > "$D/eb-r$r-base.log" 2>&1
-        echo "exit $?"; grep -E "^decode batch [0-9]+: |^decode batch [0-9]+, as served" "$D/eb-r$r-base.log"
+        eb_run 120 "$L/engine-bench-base" "$D/eb-r$r-base" \
+            "^decode batch [0-9]+: |^decode batch [0-9]+, as served" $QW $EBF
     fi
     for b in engine-bench engine-bench-alt; do
         [ -x "$L/$b" ] || continue
         n=sweep; [ "$b" = engine-bench-alt ] && n=alt
         echo "== round $r, $b, L2 prefetch sweep $SPECS"
         # shellcheck disable=SC2086
-        timeout 200 "$L/$b" $QW $EBF --l2-prefetch "$SPECS" --out "$D/eb-r$r-$n.md" > "$D/eb-r$r-$n.log" 2>&1
-        echo "exit $?"; grep -E "^decode batch [0-9]+: |^decode batch [0-9]+, (as served|L2 prefetch)|^projections alone" "$D/eb-r$r-$n.log"
+        eb_run 200 "$L/$b" "$D/eb-r$r-$n" \
+            "^decode batch [0-9]+: |^decode batch [0-9]+, (as served|L2 prefetch)|^projections alone" \
+            $QW $EBF --l2-prefetch "$SPECS"
     done
 done

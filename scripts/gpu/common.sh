@@ -1,0 +1,42 @@
+# Shared by the engine-bench scripts of scripts/gpu (decode-step.sh, l2-prefetch.sh, eb-ab.sh),
+# sourced from the repository root on the GPU machine.
+
+# unpack_bins DIR NAME...: each carried .lab-p/NAME.xz that is there, unpacked to DIR/NAME.
+unpack_bins() {
+    local dir=$1 f
+    shift
+    for f in "$@"; do
+        if [ -f ".lab-p/$f.xz" ]; then
+            xz -dc ".lab-p/$f.xz" > "$dir/$f" && chmod +x "$dir/$f"
+        fi
+    done
+}
+
+# gpu_line FILE: the GPU's name, driver, power limit and top SM clock, printed and into FILE.
+gpu_line() {
+    nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv,noheader \
+        | tee "$1"
+}
+
+# cuda_tests BIN LOG FILTERS PATTERN LINES: the CUDA tests FILTERS of the engine-it binary BIN, one
+# thread, under TEST_TIMEOUT seconds (150), into LOG; prints the exit status and the last LINES
+# lines of LOG matching PATTERN. Nothing when FILTERS is empty.
+cuda_tests() {
+    [ -n "$3" ] || return 0
+    echo "== CUDA tests: $3"
+    # shellcheck disable=SC2086
+    timeout "${TEST_TIMEOUT:-150}" "$1" --test-threads=1 --nocapture $3 > "$2" 2>&1
+    echo "exit $?"
+    grep -E "$4" "$2" | tail -"$5"
+}
+
+# eb_run SECONDS BIN OUT PATTERN ARG...: engine-bench BIN with ARG... under a time limit, its
+# table into OUT.md and its output into OUT.log; prints the exit status and OUT.log's lines
+# matching PATTERN.
+eb_run() {
+    local secs=$1 bin=$2 out=$3 pattern=$4
+    shift 4
+    timeout "$secs" "$bin" "$@" --out "$out.md" > "$out.log" 2>&1
+    echo "exit $?"
+    grep -E "$pattern" "$out.log"
+}
