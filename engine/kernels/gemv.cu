@@ -136,6 +136,21 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     // The CTA's rows of W into L2 while the kernel before may still run (pdl.cuh).
     if (threadIdx.x < R && prefetch_pays((int64_t)n * k * (int64_t)sizeof(T)))
         prefetch_l2(w + last_row(row0 + threadIdx.x, n) * k, (uint32_t)(k * sizeof(T)));
+    // One step of the thread's loads from chunk c0: U chunks a row; chunks past the end (last
+    // step only) load the last chunk again and count as zeros, without a branch that would let
+    // the compiler sink the loads behind it.
+    auto load_step = [&](uint4 (&wt)[U][R], int c0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = min(c0 + u * THREADS, chunks - 1);
+#pragma unroll
+            for (int r = 0; r < R; ++r) wt[u][r] = load_stream(wr[r] + c);
+        }
+    };
+    // The first step's weights are on their way before the wait for the kernel before (pdl.cuh):
+    // weights are no earlier kernel's output.
+    uint4 wt[U][R];
+    load_step(wt, threadIdx.x);
     pdl_enter();
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     float acc[M][R];
@@ -144,17 +159,9 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
-    // Every load of a step is issued before any is used; chunks past the end (last step only)
-    // load the last chunk again and count as zeros, without a branch that would let the compiler
-    // sink the loads behind it.
+    // Every load of a step is issued before any is used.
     for (int c0 = threadIdx.x; c0 < chunks; c0 += THREADS * U) {
-        uint4 wt[U][R];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = min(c0 + u * THREADS, chunks - 1);
-#pragma unroll
-            for (int r = 0; r < R; ++r) wt[u][r] = load_stream(wr[r] + c);
-        }
+        if (c0 != (int)threadIdx.x) load_step(wt, c0);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const bool valid = c0 + u * THREADS < chunks;
@@ -209,7 +216,7 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 
 // One row of x, warp-per-row variant (gemv_<T>_m1_w<WR>u<U>): each warp owns WR rows of W at a
 // time and walks them with its lanes over K in 16-byte chunks, all WR x U loads of a step in
-// flight; a warp shuffle reduces; no CTA barrier, and no shared memory but the _norm prologue's.
+// flight; a warp shuffle reduces; no CTA barrier and no shared memory.
 // Warps take row groups grid-stride: the host sizes the grid so that every warp gets the same
 // number of groups (no tail wave). WR = 2 for many rows; WR = 1 with deeper unrolling for few
 // rows (more warps, more bytes in flight). The host sends it rows of at most 256 chunks (one or
@@ -227,12 +234,10 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 //                  q and k heads, stores q into q_out [H, hd] and k, v into the paged caches at
 //                  the token's slot (qkv_rope_cache). 4 CTAs per SM (128 registers: 16 loads in
 //                  flight per lane).
-// and a prologue, bit for bit the add_rms_norm launch (fused_ops.cu) that would come before:
-// gemv_<T>_m1_w2u4_silu_norm, gemv_<T>_m1_w2u8_rope_norm: x is the layer output h; each CTA
-//                  computes the normed row add_rms_norm(h, residual, norm_w) itself, with
-//                  add_rms_norm's arithmetic, into 4 KiB of shared memory (norm_prologue), and
-//                  multiplies that; CTA 0 also stores sum_out = h + residual (the next residual;
-//                  a buffer of its own, as the other CTAs still read residual).
+// and the residual add + RMSNorm before them folded in (NORM, below): gemv_<T>_m1_w2u{4,6}_silu_norm,
+//                  gemv_<T>_m1_w2u8_rope_norm: x is the layer output h; the projection is of
+//                  add_rms_norm(h, residual, norm_w)'s normed row within rounding, and CTA 0 also
+//                  stores sum_out = h + residual (the next residual).
 constexpr int WARP_ROW_CTAS = 8;
 constexpr int ROPE_CTAS = 4;
 // gemv_<T>_m1_w2u6_silu: the SiLU-pair kernel with six chunks per lane and row in flight, so that
@@ -240,6 +245,10 @@ constexpr int ROPE_CTAS = 4;
 // of loads instead of two (w2u4: four chunks, then two); 6 CTAs per SM for its registers. Each
 // lane sums the same chunks in the same order as w2u4: the same bits.
 constexpr int SILU_ONE_STEP_CTAS = 6;
+// Their _norm variants hold the residual, norm weight and sum pointers and the sum of squares
+// too: at 8 and 6 CTAs per SM (64 and 80 registers) they spilled.
+constexpr int SILU_NORM_CTAS = 6;
+constexpr int SILU_ONE_STEP_NORM_CTAS = 5;
 
 enum Epilogue { PLAIN, SILU, ROPE };
 
@@ -256,7 +265,7 @@ struct RopeArgs {
     int64_t num_slots;
 };
 
-// What the RMSNorm prologue needs beside x (= the layer output h it adds to the residual).
+// What the folded RMSNorm needs beside x (= the layer output h it adds to the residual).
 template <typename T>
 struct NormArgs {
     const T* residual;  // [k]
@@ -264,10 +273,6 @@ struct NormArgs {
     T* sum_out;         // [k]: h + residual, the next residual (a buffer of its own)
     float eps;
 };
-
-// Longest row (16-byte chunks) the prologue takes: WARP_ROWS_MAX_CHUNKS on the host.
-constexpr int NORM_MAX_CHUNKS = 256;
-static_assert((NORM_MAX_CHUNKS & (NORM_MAX_CHUNKS - 1)) == 0, "a power of two (index mask)");
 
 // A 16-byte chunk of T from its elements as f32, each rounded to T (unpack's inverse).
 __device__ __forceinline__ uint4 pack(const float (&f)[4], float) {
@@ -291,67 +296,14 @@ __device__ __forceinline__ uint4 pack(const float (&f)[8], T) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// add_rms_norm (fused_ops.cu) of one row, [k] of at most NORM_MAX_CHUNKS chunks, computed by the
-// CTA into xs (NORM_MAX_CHUNKS chunks of shared memory, read by all its warps) with the same
-// arithmetic, so each chunk holds the bits add_rms_norm stores: sum a = round_to<T>(h + residual);
-// squares summed per group of 8 elements in order (add_rms_norm's thread t owns group t: here
-// group j * 32 + l goes to lane l of warp j % WARPS, as thread l of add_rms_norm's warp j), then
-// block_sum's two shuffle trees (over each of those warps' groups, then over the warps' totals);
-// scale = rsqrtf(total / k + eps); the normed element a * scale * weight rounded to T. A group is
-// one chunk of 16-bit T and two of f32. Two CTA barriers; every thread of the CTA must call it.
-// store_sum: this CTA also stores the sum (one CTA in the grid does).
-template <typename T>
-__device__ __forceinline__ void norm_prologue(const T* __restrict__ h, const NormArgs<T>& na,
-                                              int k, uint4* __restrict__ xs, bool store_sum) {
-    constexpr int E = Chunk<T>::E, G = 8 / E;  // elements per chunk, chunks per group
-    __shared__ float partial[NORM_MAX_CHUNKS / 32];  // block_sum's partial[]: one per 32 groups
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int chunks = k / E, groups = (k + 7) / 8;
-    const uint4* hr = reinterpret_cast<const uint4*>(h);
-    const uint4* rr = reinterpret_cast<const uint4*>(na.residual);
-    uint4* sr = reinterpret_cast<uint4*>(na.sum_out);
-    for (int j = warp; j * 32 < groups; j += WARPS) {
-        const int g = j * 32 + lane;
-        float ss = 0.f;
-#pragma unroll
-        for (int q = 0; q < G; ++q) {
-            const int c = g * G + q;
-            if (c >= chunks) break;  // past the row: add_rms_norm's zeros add nothing
-            float a[E], b[E];
-            unpack(__ldg(hr + c), a, T());
-            unpack(__ldg(rr + c), b, T());
-#pragma unroll
-            for (int e = 0; e < E; ++e) {
-                a[e] = round_to<T>(a[e] + b[e]);
-                ss = fmaf(a[e], a[e], ss);
-            }
-            const uint4 s = pack(a, T());
-            xs[c] = s;
-            if (store_sum) sr[c] = s;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) partial[j] = ss;
-    }
-    __syncthreads();
-    float total = lane * 32 < groups ? partial[lane] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-    const float scale = rsqrtf(total / (float)k + na.eps);
-    const uint4* wr = reinterpret_cast<const uint4*>(na.weight);
-    for (int c = threadIdx.x; c < chunks; c += THREADS) {
-        float a[E], nw[E];
-        unpack(xs[c], a, T());
-        unpack(__ldg(wr + c), nw, T());
-#pragma unroll
-        for (int e = 0; e < E; ++e) a[e] = a[e] * scale * nw[e];
-        xs[c] = pack(a, T());
-    }
-    __syncthreads();
-}
-
-// NORM: x is the layer output h, and the row the GEMV multiplies is add_rms_norm(h, residual,
-// weight) (norm_prologue, one copy per CTA in shared memory); na.sum_out gets h + residual.
+// NORM: x is the layer output h, and the row the GEMV multiplies is rms_norm(a) * weight for
+// a = h + residual (rounded to T, as add_rms_norm rounds it), folded into the projection: every
+// warp reads all of a with its lanes anyway, so it sums a * a beside the dot products and scales
+// each dot product once at the end, dot(a * weight, w) * rsqrtf(sum(a * a) / k + eps), instead of
+// rounding a normed row to T first (add_rms_norm's normed[i] = round(a[i] * scale * weight[i])).
+// Not the same bits as add_rms_norm then the projection, within T's rounding of the normed row.
+// No barrier and nothing before the first weight loads. Warp 0 of CTA 0 stores na.sum_out = a
+// (the next residual; a buffer of its own, as other warps still read residual).
 template <typename T, int WR, int U, Epilogue EPI, bool NORM>
 __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k, const RopeArgs<T> ra, const NormArgs<T> na) {
@@ -362,6 +314,10 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * WARPS;
     const uint4* xr = reinterpret_cast<const uint4*>(x);
+    // The fold's residual, norm weight and sum (NORM only).
+    const uint4* rr = reinterpret_cast<const uint4*>(na.residual);
+    const uint4* gr = reinterpret_cast<const uint4*>(na.weight);
+    uint4* sr = reinterpret_cast<uint4*>(na.sum_out);
     const int half = EPI == ROPE ? ra.head_dim / 2 : 1;
     // Row r of the group starting at row0: row0 + r (plain), gate/up row0 and n + row0, or
     // rotary pair j and j + hd/2 of head row0 / (hd/2).
@@ -377,57 +333,55 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     const int64_t w_rows = EPI == PLAIN ? n : 2 * (int64_t)n;
     if (first < n && lane < WR && prefetch_pays(w_rows * k * (int64_t)sizeof(T)))
         prefetch_l2(w + group_row(first, lane) * k, (uint32_t)(k * sizeof(T)));
-    pdl_enter();
-    [[maybe_unused]] uint4* xs = nullptr;
-    if constexpr (NORM) {
-        __shared__ uint4 normed[NORM_MAX_CHUNKS];
-        xs = normed;
-        if (first < n) {
-            // The lane's first step of W on its way into L2 during the prologue (into registers
-            // it would spill).
+    // One step of a lane's loads of the rows of group row0 from chunk c0: U chunks a row.
+    auto load_step = [&](uint4 (&wt)[U][WR], int64_t row0, int c0) {
 #pragma unroll
-            for (int r = 0; r < WR; ++r) {
-                const T* row = w + group_row(first, r) * k;
+        for (int r = 0; r < WR; ++r) {
+            const uint4* row = reinterpret_cast<const uint4*>(w + group_row(row0, r) * k);
 #pragma unroll
-                for (int u = 0; u < U; ++u)
-                    prefetch_l2_line(row + min(lane + u * 32, chunks - 1) * E);
-            }
+            for (int u = 0; u < U; ++u) wt[u][r] = load_stream(row + min(c0 + u * 32, chunks - 1));
         }
-        // Every warp of the CTA, with rows or not (barriers inside); CTA 0 stores the sum.
-        norm_prologue(x, na, k, xs, blockIdx.x == 0);
-    }
+    };
+    // The first step's weights are on their way before the wait for the kernel before (pdl.cuh):
+    // weights are no earlier kernel's output.
+    uint4 wt[U][WR];
+    if (first < n) load_step(wt, first, lane);
+    pdl_enter();
     for (int64_t row0 = first; row0 < n; row0 += warps * STEP) {
         const int64_t head = EPI == ROPE ? row0 / half : 0;
         const int64_t j = row0 - head * half;
         int64_t rows[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r) rows[r] = group_row(row0, r);
-        const uint4* wr[WR];
-#pragma unroll
-        for (int r = 0; r < WR; ++r) wr[r] = reinterpret_cast<const uint4*>(w + rows[r] * k);
         float acc[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r) acc[r] = 0.f;
+        [[maybe_unused]] float ss = 0.f;
+        // The sum a: stored once, by warp 0 of CTA 0 in its first row group.
+        [[maybe_unused]] const bool store_sum = NORM && blockIdx.x == 0 && threadIdx.x < 32 &&
+                                                row0 == first;
         for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-            uint4 wt[U][WR];
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = min(c0 + u * 32, chunks - 1);
-#pragma unroll
-                for (int r = 0; r < WR; ++r) wt[u][r] = load_stream(wr[r] + c);
-            }
+            if (row0 != first || c0 != lane) load_step(wt, row0, c0);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const bool valid = c0 + u * 32 < chunks;
                 const uint4 zero = make_uint4(0, 0, 0, 0);
+                const int c = min(c0 + u * 32, chunks - 1);
                 float xf[E];
+                unpack(valid ? __ldg(xr + c) : zero, xf, T());
                 if constexpr (NORM) {
-                    // Any entry of xs may be read (the value is dropped unless valid): no clamp.
-                    const int c = (c0 + u * 32) & (NORM_MAX_CHUNKS - 1);
-                    unpack(zero_unless(valid, xs[c]), xf, T());
-                } else {
-                    const int c = min(c0 + u * 32, chunks - 1);
-                    unpack(valid ? __ldg(xr + c) : zero, xf, T());
+                    // xf is h: a = round(h + residual); x = a * weight, and a * a summed.
+                    float rf[E], gf[E];
+                    unpack(valid ? __ldg(rr + c) : zero, rf, T());
+                    unpack(valid ? __ldg(gr + c) : zero, gf, T());
+#pragma unroll
+                    for (int e = 0; e < E; ++e) {
+                        xf[e] = round_to<T>(xf[e] + rf[e]);
+                        ss = fmaf(xf[e], xf[e], ss);
+                    }
+                    if (store_sum && valid) sr[c] = pack(xf, T());
+#pragma unroll
+                    for (int e = 0; e < E; ++e) xf[e] *= gf[e];
                 }
 #pragma unroll
                 for (int r = 0; r < WR; ++r) {
@@ -444,6 +398,13 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
             v[r] = acc[r];
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], o);
+        }
+        if constexpr (NORM) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            const float scale = rsqrtf(ss / (float)k + na.eps);
+#pragma unroll
+            for (int r = 0; r < WR; ++r) v[r] *= scale;
         }
         if (lane != 0) continue;
         if constexpr (EPI == PLAIN) {
@@ -487,8 +448,8 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_w_impl<T, WR, U, PLAIN, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});       \
     }
 
-// y [1, n] = silu(x W[:n]^T) * (x W[n:]^T) for W [2n, k]; _norm: x = add_rms_norm(h, residual,
-// norm_w), and sum_out = h + residual.
+// y [1, n] = silu(x W[:n]^T) * (x W[n:]^T) for W [2n, k]; _norm: x = rms_norm(h + residual) *
+// norm_w folded in, and sum_out = h + residual.
 #define GEMV_SILU(SUFFIX, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
         gemv_##SUFFIX##_m1_w2u4_silu(const T* x, const T* w, T* y, int n, int k) {              \
@@ -498,16 +459,23 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_##SUFFIX##_m1_w2u6_silu(const T* x, const T* w, T* y, int n, int k) {              \
         gemv_w_impl<T, 2, 6, SILU, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});         \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
+    extern "C" __global__ void __launch_bounds__(THREADS, SILU_NORM_CTAS)                       \
         gemv_##SUFFIX##_m1_w2u4_silu_norm(const T* h, const T* w, T* y, int n, int k,           \
                                           const T* residual, const T* norm_w, T* sum_out,       \
                                           float eps) {                                          \
         const NormArgs<T> na{residual, norm_w, sum_out, eps};                                   \
         gemv_w_impl<T, 2, 4, SILU, true>(h, w, y, n, k, RopeArgs<T>{}, na);                     \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, SILU_ONE_STEP_NORM_CTAS)              \
+        gemv_##SUFFIX##_m1_w2u6_silu_norm(const T* h, const T* w, T* y, int n, int k,           \
+                                          const T* residual, const T* norm_w, T* sum_out,       \
+                                          float eps) {                                          \
+        const NormArgs<T> na{residual, norm_w, sum_out, eps};                                   \
+        gemv_w_impl<T, 2, 6, SILU, true>(h, w, y, n, k, RopeArgs<T>{}, na);                     \
     }
 
 // q_out [H, hd] (y) and the caches from one token's x [1, k] and W [(H + 2 KV) hd, k]; n pairs.
-// _norm: x = add_rms_norm(h, residual, norm_w), and sum_out = h + residual.
+// _norm: x = rms_norm(h + residual) * norm_w folded in, and sum_out = h + residual.
 #define ROPE_PARAMS(T)                                                                          \
     const T* bias, const T* cos, const T* sin, const int64_t* slot, T* key_cache,               \
         T* value_cache, int num_heads, int num_kv_heads, int head_dim, int64_t num_slots

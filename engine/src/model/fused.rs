@@ -157,9 +157,10 @@ fn takes_rope_epilogue(x: &Tensor, w: &Tensor, r: &RopeCache) -> bool {
 /// [`qkv_proj_rope_cache`] of `add_rms_norm(addend, residual, norm_w, eps)` ([`add_rms_norm`]: the
 /// normed rows and their sum `addend + residual`, the next residual), returning q
 /// `[n, heads, hd]` and the sum `[n, hidden]`. On CUDA a token that takes the rotary epilogue
-/// also takes the add and norm as the projection's prologue when the prologue switch
-/// (`gemv::set_gemv_norm_prologue`) is on and the residual and norm weight fit it (one launch
-/// instead of two, same bits); everything else is [`add_rms_norm`] then [`qkv_proj_rope_cache`].
+/// also takes the add and norm folded into the projection when the fold switch
+/// (`gemv::set_gemv_norm_fold`) is on and the residual and norm weight fit it (one launch
+/// instead of two, within rounding); everything else is [`add_rms_norm`] then
+/// [`qkv_proj_rope_cache`].
 pub fn add_rms_norm_qkv_proj_rope_cache(
     addend: &Tensor,
     residual: &Tensor,
@@ -170,9 +171,7 @@ pub fn add_rms_norm_qkv_proj_rope_cache(
 ) -> Result<(Tensor, Tensor)> {
     check_add_rms_norm("add_rms_norm_qkv_proj_rope_cache", addend, residual, norm_w)?;
     #[cfg(feature = "cuda")]
-    if takes_rope_epilogue(addend, w, r)
-        && super::gemv::takes_norm_prologue(addend, residual, norm_w)
-    {
+    if takes_rope_epilogue(addend, w, r) && super::gemv::takes_norm_fold(addend, residual, norm_w) {
         return super::fused_cuda::qkv_gemv_rope_cache_norm(addend, residual, norm_w, eps, w, r);
     }
     let (h, sum) = add_rms_norm(addend, residual, norm_w, eps)?;

@@ -363,11 +363,12 @@ pub fn qkv_gemv_rope_cache(x: &Tensor, w: &Tensor, r: &RopeCache) -> Result<Tens
 }
 
 /// CUDA `fused::add_rms_norm_qkv_proj_rope_cache` for one token: [`qkv_gemv_rope_cache`] of
-/// [`add_rms_norm`]`(addend, residual, norm_w, eps)` with the add and norm as the projection's
-/// prologue (`gemv_<dtype>_m1_w2u8_rope_norm`), one launch, bit for bit [`add_rms_norm`] followed
-/// by [`qkv_gemv_rope_cache`]: q and the sum `addend + residual` `[1, k]` (a fresh tensor). The
+/// [`add_rms_norm`]`(addend, residual, norm_w, eps)` with the add and norm folded into the
+/// projection (`gemv_<dtype>_m1_w2u8_rope_norm`), one launch, within rounding of [`add_rms_norm`]
+/// followed by [`qkv_gemv_rope_cache`]: q and the sum `addend + residual` `[1, k]` (a fresh
+/// tensor, bit for bit). The
 /// residual `[1, k]` and norm weight `[k]` of the same dtype, contiguous and 16-byte aligned too
-/// (the caller checks with `gemv::takes_norm_prologue`).
+/// (the caller checks with `gemv::takes_norm_fold`).
 pub fn qkv_gemv_rope_cache_norm(
     addend: &Tensor,
     residual: &Tensor,
@@ -376,24 +377,24 @@ pub fn qkv_gemv_rope_cache_norm(
     w: &Tensor,
     r: &RopeCache,
 ) -> Result<(Tensor, Tensor)> {
-    let norm = NormPrologue {
+    let norm = NormFold {
         residual,
         weight: norm_w,
         eps,
     };
     let (q, sum) = qkv_gemv_rope(addend, w, r, Some(&norm))?;
-    Ok((q, sum.expect("the prologue's launch returns the sum")))
+    Ok((q, sum.expect("the fold's launch returns the sum")))
 }
 
-/// The residual add + RMSNorm a warp-per-row GEMV runs as its prologue (`_norm` kernels of
-/// `gemv.cu`): x is the addend, the projection's input `rms_norm(x + residual) * weight`.
-pub(super) struct NormPrologue<'a> {
+/// The residual add + RMSNorm a warp-per-row GEMV folds in (`_norm` kernels of `gemv.cu`): x is
+/// the addend, the projection's input `rms_norm(x + residual) * weight`.
+pub(super) struct NormFold<'a> {
     pub residual: &'a Tensor,
     pub weight: &'a Tensor,
     pub eps: f32,
 }
 
-impl NormPrologue<'_> {
+impl NormFold<'_> {
     /// Checks the residual and weight against x `[1, k]` (the dtype is the caller's check) and
     /// returns the fresh sum tensor `[1, k]` the kernel writes.
     pub(super) fn sum_for(&self, what: &str, x: &Tensor) -> Result<Tensor> {
@@ -415,12 +416,12 @@ pub(super) fn aligned16(ptrs: &[u64]) -> bool {
     ptrs.iter().all(|p| p % 16 == 0)
 }
 
-/// [`qkv_gemv_rope_cache`], with the RMSNorm prologue when `norm` is given (then also the sum).
+/// [`qkv_gemv_rope_cache`], with the RMSNorm folded in when `norm` is given (then also the sum).
 fn qkv_gemv_rope(
     x: &Tensor,
     w: &Tensor,
     r: &RopeCache,
-    norm: Option<&NormPrologue>,
+    norm: Option<&NormFold>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let what = match norm {
         None => "qkv_gemv_rope_cache",
@@ -442,7 +443,7 @@ fn qkv_gemv_rope(
     let sum = norm.map(|n| n.sum_for(what, x)).transpose()?;
     let q = empty(x, &[1, r.num_heads, r.head_dim])?;
     let extra = rope_inputs(r)?;
-    // x, w, then the prologue's residual and weight, then cos, sin, slots (and the bias).
+    // x, w, then the fold's residual and weight, then cos, sin, slots (and the bias).
     let ins: Vec<&Tensor> = [x, w]
         .into_iter()
         .chain(norm.iter().flat_map(|n| [n.residual, n.weight]))
@@ -458,19 +459,19 @@ fn qkv_gemv_rope(
     let (h_i, kv_i, hd_i) = (r.num_heads as i32, r.num_kv_heads as i32, r.head_dim as i32);
     let eps = norm.map_or(0.0, |n| n.eps);
     with_ptrs(&outs, &ins, &|out, inp| {
-        // The prologue's tensors: the residual and norm weight in, the sum out.
+        // The fold's tensors: the residual and norm weight in, the sum out.
         let (norm_in, rope_in) = inp[2..].split_at(if norm.is_some() { 2 } else { 0 });
         let mut wide = [inp[0], inp[1]].to_vec();
         wide.extend(norm_in);
         wide.extend(out.get(3));
         if !k.is_multiple_of(chunk) || !aligned16(&wide) {
             bail!(
-                "{what}: k {k} must be a multiple of {chunk}; x, w and the prologue's residual, \
+                "{what}: k {k} must be a multiple of {chunk}; x, w and the fold's residual, \
                  weight and sum 16-byte aligned"
             )
         }
         if norm.is_some() && k / chunk > WARP_ROWS_MAX_CHUNKS {
-            bail!("{what}: k {k} past the prologue's {WARP_ROWS_MAX_CHUNKS} chunks of {chunk}")
+            bail!("{what}: k {k} past the fold's {WARP_ROWS_MAX_CHUNKS} chunks of {chunk}")
         }
         let stream = dev.cuda_stream();
         let warps = gemv_cuda::THREADS as usize / 32;

@@ -56,30 +56,31 @@ crate::switch! {
 }
 
 crate::switch! {
-    /// The residual add + RMSNorm before a 1-row q/k/v or gate/up projection with an epilogue as
-    /// that projection's prologue (on) or as its own `fused::add_rms_norm` launch (off, the
-    /// default). Off because it saved nothing: a graphed batch-1 step at the Qwen2.5-1.5B shape
-    /// (H200, context 1k) took 1.543-1.552 ms with every warp computing the norm against
-    /// 1.418-1.439 without the prologue (days/gpu-engine/run34, two rounds), and 1.462 against
-    /// 1.452 with the norm computed once per CTA (run35): the prologue's loads and reductions sit
-    /// on each projection's critical path, about as long as the launch they replace.
-    static NORM_PROLOGUE = false;
+    /// The residual add + RMSNorm before a 1-row q/k/v or gate/up projection with an epilogue
+    /// folded into that projection (on, the default) or as its own `fused::add_rms_norm` launch
+    /// (off). Folded, every warp sums the squares of the row it reads anyway and scales its dot
+    /// products once at the end (gemv.cu, `NORM`): nothing is added before the first weight
+    /// loads, where the earlier prologue (the normed row computed per CTA before the projection,
+    /// bit for bit add_rms_norm) cost about what the launch it replaced did (run34, run35). Within
+    /// rounding of add_rms_norm then the projection, not bit for bit: the normed row is not
+    /// rounded to the dtype.
+    static NORM_FOLD = true;
 }
 
-/// Turns the RMSNorm prologue of 1-row q/k/v and gate/up projections on or off process-wide.
-pub fn set_gemv_norm_prologue(enabled: bool) {
-    NORM_PROLOGUE.set(enabled);
+/// Turns the folded RMSNorm of 1-row q/k/v and gate/up projections on or off process-wide.
+pub fn set_gemv_norm_fold(enabled: bool) {
+    NORM_FOLD.set(enabled);
 }
 
-/// [`set_gemv_norm_prologue`] for calls on this thread (`None`: the process-wide value).
-pub fn set_gemv_norm_prologue_on_this_thread(enabled: Option<bool>) {
-    NORM_PROLOGUE.set_on_this_thread(enabled);
+/// [`set_gemv_norm_fold`] for calls on this thread (`None`: the process-wide value).
+pub fn set_gemv_norm_fold_on_this_thread(enabled: Option<bool>) {
+    NORM_FOLD.set_on_this_thread(enabled);
 }
 
-/// Whether a 1-row projection on this thread that takes an epilogue also takes the RMSNorm
-/// prologue (when it fits).
-pub fn gemv_norm_prologue() -> bool {
-    NORM_PROLOGUE.on()
+/// Whether a 1-row projection on this thread that takes an epilogue also takes the folded RMSNorm
+/// (when it fits).
+pub fn gemv_norm_fold() -> bool {
+    NORM_FOLD.on()
 }
 
 /// Turns the rotary epilogue of 1-row q/k/v projections on or off process-wide.
@@ -138,6 +139,15 @@ pub fn silu_variant() -> (&'static str, usize) {
     match SILU_ONE_STEP.on() {
         true => ("w2u6", 6),
         false => ("w2u4", WARP_ROW_CTAS),
+    }
+}
+
+/// The same for its variant with the folded RMSNorm (`_norm`), whose registers allow fewer CTAs
+/// per SM (`SILU_ONE_STEP_NORM_CTAS` and `SILU_NORM_CTAS` in gemv.cu).
+pub fn silu_norm_variant() -> (&'static str, usize) {
+    match SILU_ONE_STEP.on() {
+        true => ("w2u6", 5),
+        false => ("w2u4", 6),
     }
 }
 
@@ -254,8 +264,8 @@ pub fn gate_up_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
 /// [`gate_up_silu`] of `add_rms_norm(addend, residual, norm_w, eps)` (`fused::add_rms_norm`: the
 /// normed rows and their sum `addend + residual`, the next residual), returning the activation
 /// `[n, inter]` and the sum `[n, k]`. On CUDA a row that takes the SiLU-gate epilogue also takes
-/// the add and norm as the projection's prologue when the prologue switch is on and the residual
-/// and norm weight fit it (one launch instead of two, same bits); everything else is
+/// the add and norm folded into the projection when the fold switch is on and the residual and
+/// norm weight fit it (one launch instead of two, within rounding); everything else is
 /// `fused::add_rms_norm` then [`gate_up_silu`].
 pub fn add_rms_norm_gate_up_silu(
     addend: &Tensor,
@@ -267,7 +277,7 @@ pub fn add_rms_norm_gate_up_silu(
 ) -> Result<(Tensor, Tensor)> {
     super::fused::check_add_rms_norm("add_rms_norm_gate_up_silu", addend, residual, norm_w)?;
     #[cfg(feature = "cuda")]
-    if takes_silu_kernel(addend, w, inter) && takes_norm_prologue(addend, residual, norm_w) {
+    if takes_silu_kernel(addend, w, inter) && takes_norm_fold(addend, residual, norm_w) {
         return super::gemv_cuda::gemv_silu_norm(addend, residual, norm_w, eps, w, inter);
     }
     let (h, sum) = super::fused::add_rms_norm(addend, residual, norm_w, eps)?;
@@ -280,11 +290,11 @@ fn takes_silu_kernel(x: &Tensor, w: &Tensor, inter: usize) -> bool {
 }
 
 /// Whether a 1-row projection of `add_rms_norm(addend, residual, norm_w)` that takes a paired-rows
-/// epilogue (the caller checks that with `addend` as x) may also take the RMSNorm prologue: the
+/// epilogue (the caller checks that with `addend` as x) may also take the folded RMSNorm: the
 /// switch on, and the residual `[1, k]` and the norm weight `[k]` contiguous, 16-byte aligned, of
 /// `addend`'s dtype and device.
 #[cfg(feature = "cuda")]
-pub(crate) fn takes_norm_prologue(addend: &Tensor, residual: &Tensor, norm_w: &Tensor) -> bool {
+pub(crate) fn takes_norm_fold(addend: &Tensor, residual: &Tensor, norm_w: &Tensor) -> bool {
     let elem = addend.dtype().size_in_bytes();
     let fits = |t: &Tensor| {
         t.dtype() == addend.dtype()
@@ -292,7 +302,7 @@ pub(crate) fn takes_norm_prologue(addend: &Tensor, residual: &Tensor, norm_w: &T
             && t.is_contiguous()
             && (t.layout().start_offset() * elem).is_multiple_of(16)
     };
-    NORM_PROLOGUE.on()
+    NORM_FOLD.on()
         && residual.dims() == addend.dims()
         && norm_w.dims() == addend.dims().get(1..).unwrap_or_default()
         && fits(residual)
@@ -498,12 +508,12 @@ mod tests {
     }
 
     #[test]
-    fn norm_prologue_thread_override_wins_over_the_switch() {
-        set_gemv_norm_prologue_on_this_thread(Some(false));
-        assert!(!gemv_norm_prologue());
-        set_gemv_norm_prologue_on_this_thread(Some(true));
-        assert!(gemv_norm_prologue());
-        set_gemv_norm_prologue_on_this_thread(None);
+    fn norm_fold_thread_override_wins_over_the_switch() {
+        set_gemv_norm_fold_on_this_thread(Some(false));
+        assert!(!gemv_norm_fold());
+        set_gemv_norm_fold_on_this_thread(Some(true));
+        assert!(gemv_norm_fold());
+        set_gemv_norm_fold_on_this_thread(None);
     }
 
     #[test]

@@ -15,10 +15,10 @@ use candle_core::{
 use super::attention_cuda::{
     device_ptr, device_ptr_mut, multiprocessor_count, ptx, uninit_storage,
 };
-use super::fused_cuda::{aligned16, empty, with_ptrs, NormPrologue};
+use super::fused_cuda::{aligned16, empty, with_ptrs, NormFold};
 use super::gemv::{
-    cta_rows_variant, gemv_warp_rows, silu_pairs_plan, silu_variant, warp_rows_plan, MAX_ROWS,
-    WARP_ROWS_MAX_CHUNKS, WARP_ROW_CTAS,
+    cta_rows_variant, gemv_warp_rows, silu_norm_variant, silu_pairs_plan, silu_variant,
+    warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS,
 };
 use super::pdl::Launch;
 
@@ -202,8 +202,8 @@ pub fn gemv_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
 }
 
 /// CUDA [`gemv_silu`] of `fused::add_rms_norm(addend, residual, norm_w, eps)` with the add and
-/// norm as the projection's prologue (`gemv_<dtype>_m1_w2u4_silu_norm`), one launch, bit for bit
-/// `fused::add_rms_norm` followed by [`gemv_silu`]: the activation `[1, inter]` and the sum
+/// norm folded into the projection (`gemv_<dtype>_m1_w2u{6,4}_silu_norm`), one launch: within
+/// rounding of `fused::add_rms_norm` followed by [`gemv_silu`] (the sum bit for bit): the activation `[1, inter]` and the sum
 /// `addend + residual` `[1, k]` (fresh tensors). addend, residual `[1, k]` and the norm weight
 /// `[k]` as x for [`gemv_silu`] (contiguous, one dtype with W, 16-byte aligned, k at most
 /// `WARP_ROWS_MAX_CHUNKS` 16-byte chunks).
@@ -229,11 +229,12 @@ pub fn gemv_silu_norm(
         bail!("{WHAT}: inter {inter} or k {k} past i32")
     }
     let dtype = addend.dtype();
-    let name = format!("gemv_{}_m1_w2u4_silu_norm", suffix(dtype)?);
+    let (variant, per_sm) = silu_norm_variant();
+    let name = format!("gemv_{}_m1_{variant}_silu_norm", suffix(dtype)?);
     if let Some(t) = [w, residual, norm_w].iter().find(|t| t.dtype() != dtype) {
         bail!("{WHAT}: mixed dtypes {dtype:?} and {:?}", t.dtype())
     }
-    let norm = NormPrologue {
+    let norm = NormFold {
         residual,
         weight: norm_w,
         eps,
@@ -254,11 +255,11 @@ pub fn gemv_silu_norm(
                 bail!("{WHAT}: k {k} must be a multiple of {chunk}, every tensor 16-byte aligned")
             }
             if k / chunk > WARP_ROWS_MAX_CHUNKS {
-                bail!("{WHAT}: k {k} past the prologue's {WARP_ROWS_MAX_CHUNKS} chunks of {chunk}")
+                bail!("{WHAT}: k {k} past the fold's {WARP_ROWS_MAX_CHUNKS} chunks of {chunk}")
             }
             let stream = dev.cuda_stream();
             let sms = multiprocessor_count(&stream);
-            let ctas = silu_pairs_plan(inter, sms, THREADS as usize / 32, WARP_ROW_CTAS);
+            let ctas = silu_pairs_plan(inter, sms, THREADS as usize / 32, per_sm);
             let mut b = Launch::new(&dev, &name, MODULE, ptx::GEMV)?;
             let cfg = LaunchConfig {
                 grid_dim: (ctas, 1, 1),

@@ -238,7 +238,7 @@ impl LlamaModel {
     }
 
     /// The MLP's activation silu(gate) * up of `post_attention_layernorm(residual + attn)`, and
-    /// that sum (the next residual): through the gate/up projection's RMSNorm prologue and
+    /// that sum (the next residual): through the gate/up projection's folded RMSNorm and
     /// SiLU-gate epilogue where they fit (the unfused candle ops on the CPU).
     fn add_norm_mlp_act(
         &self,
@@ -369,8 +369,8 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = self.cfg.rms_norm_eps as f32;
         // Fused ops (the unfused candle ops on the CPU): each residual add runs with the norm
-        // after it (`fused::add_rms_norm`, or the prologue of the q/k/v or gate/up projection
-        // that follows when `gemv::set_gemv_norm_prologue` is on and that one takes its fused
+        // after it (`fused::add_rms_norm`, or folded into the q/k/v or gate/up projection
+        // that follows when `gemv::set_gemv_norm_fold` is on and that one takes its fused
         // one-row kernel); the QKV bias and rotary with the cache write, in the q/k/v
         // projection's epilogue; the SiLU-gate product in the gate/up projection's. A short
         // decode attention also fetches the next projections' first weights into L2, and with

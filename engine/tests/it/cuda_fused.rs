@@ -427,23 +427,23 @@ fn randu(
     upload(v, shape, dtype, dev)
 }
 
-/// The RMSNorm prologue of the one-token q/k/v projection (rotary epilogue) and of the gate/up
+/// The RMSNorm folded into the one-token q/k/v projection (rotary epilogue) and into the gate/up
 /// projection (SiLU-gate epilogue) against their two launches, `add_rms_norm` then the projection
-/// with its epilogue: q, both caches (unmapped slots untouched), the activation and the new
-/// residual bit for bit, called directly and through the model's entry points, and the entry
-/// points with the prologue off. Hidden sizes: Qwen2.5-1.5B's 1,536 and SmolLM2's 576; 2,048 (256
-/// 16-bit chunks, the longest row the prologue takes); 1,000 (125 16-bit / 250 f32 chunks, not a
-/// multiple of the warp); 1,020 (f32: 255 chunks, the last of add_rms_norm's 8-element groups
-/// half outside the row; 16-bit: not a whole number of chunks, the two launches); 1,024 (f32: 256
-/// chunks). Rows past 256 chunks (f32 at 1,536 and 2,048) take the two launches through the entry
-/// points. Enough q/k/v pairs and gate/up rows that warps take several row groups (the row in
-/// shared memory reused).
+/// with its epilogue: q, the written cache rows and the activation within the dtype's rounding
+/// (the fold does not round the normed row to the dtype), the unmapped cache slots untouched and
+/// the new residual bit for bit, called directly and through the model's entry points, and the
+/// entry points with the fold off bit for bit. Hidden sizes: Qwen2.5-1.5B's 1,536 and SmolLM2's
+/// 576; 2,048 (256 16-bit chunks, the longest row the fold takes); 1,000 (125 16-bit / 250 f32
+/// chunks, not a multiple of the warp); 1,020 (f32: 255 chunks; 16-bit: not a whole number of
+/// chunks, the two launches); 1,024 (f32: 256 chunks). Rows past 256 chunks (f32 at 1,536 and
+/// 2,048) take the two launches through the entry points. Enough q/k/v pairs and gate/up rows that
+/// warps take several row groups (the sum of squares taken again for each).
 #[test]
-fn norm_prologue_is_add_rms_norm_then_the_projection_bit_for_bit() {
+fn norm_fold_is_add_rms_norm_then_the_projection_within_rounding() {
     use engine::model::fused::add_rms_norm_qkv_proj_rope_cache;
     use engine::model::fused_cuda::qkv_gemv_rope_cache_norm;
     use engine::model::gemv::{
-        add_rms_norm_gate_up_silu, gate_up_silu, set_gemv_norm_prologue_on_this_thread,
+        add_rms_norm_gate_up_silu, gate_up_silu, set_gemv_norm_fold_on_this_thread,
     };
     use engine::model::gemv_cuda::gemv_silu_norm;
     let dev = gpu();
@@ -463,11 +463,11 @@ fn norm_prologue_is_add_rms_norm_then_the_projection_bit_for_bit() {
             seed += 1;
             let mut rng = StdRng::seed_from_u64(seed);
             let what = format!(
-                "norm prologue {dtype:?} k={k} {h}/{kvh}x{hd} bias={with_bias} slot={slot} \
+                "norm fold {dtype:?} k={k} {h}/{kvh}x{hd} bias={with_bias} slot={slot} \
                  inter={inter}"
             );
             let chunk = 16 / dtype.size_in_bytes();
-            let prologue = k % chunk == 0 && k / chunk <= 256;
+            let fold = k % chunk == 0 && k / chunk <= 256;
             // The layer output (the addend), the residual stream and the norm weight.
             let addend = randu(&mut rng, &[1, k], [2.0, 0.0], dtype, &dev);
             let residual = randu(&mut rng, &[1, k], [4.0, 0.0], dtype, &dev);
@@ -506,7 +506,7 @@ fn norm_prologue_is_add_rms_norm_then_the_projection_bit_for_bit() {
             };
 
             // The two launches each: add_rms_norm, then the projection (with its epilogue where
-            // the rows fit it, as the prologue's kernel does).
+            // the rows fit it, as the fold's kernel does).
             let (normed, sum) = add_rms_norm(&addend, &residual, &norm_w, eps).unwrap();
             let q0 = qkv_proj_rope_cache(&normed, &w_qkv, &rope(0)).unwrap();
             let act0 = host(&gate_up_silu(&normed, &w_gu, inter).unwrap());
@@ -520,7 +520,22 @@ fn norm_prologue_is_add_rms_norm_then_the_projection_bit_for_bit() {
             let untouched = want[1].iter().chain(&want[2]).all(|v| *v == SENTINEL);
             assert_eq!(untouched, !written, "{what}: cache rows");
 
-            let check_rope = |path: &str, (q, s): (Tensor, Tensor), i: usize| {
+            // exact: the two launches (fold off); else within rounding, sentinels untouched.
+            let same = |name: &str, path: &str, exact: bool, got: &[f32], want: &[f32]| {
+                let label = format!("{what}: {path} {name}");
+                if exact {
+                    assert_eq!(got, want, "{label}");
+                    return;
+                }
+                let kept: Vec<usize> = (0..want.len()).filter(|i| want[*i] != SENTINEL).collect();
+                assert!(
+                    (0..want.len()).all(|i| (want[i] == SENTINEL) == (got[i] == SENTINEL)),
+                    "{label}: slots written or left"
+                );
+                let pick = |v: &[f32]| kept.iter().map(|i| v[*i]).collect::<Vec<f32>>();
+                check(&label, dtype, &pick(got), &pick(want));
+            };
+            let check_rope = |path: &str, exact: bool, (q, s): (Tensor, Tensor), i: usize| {
                 assert_eq!(q.dims3().unwrap(), (1, h, hd), "{what}: {path} q shape");
                 assert_eq!(s.dims2().unwrap(), (1, k), "{what}: {path} sum shape");
                 let got = [host(&q), host(&caches[i].0), host(&caches[i].1)];
@@ -529,21 +544,26 @@ fn norm_prologue_is_add_rms_norm_then_the_projection_bit_for_bit() {
                     .zip(&got)
                     .zip(&want)
                 {
-                    assert_eq!(g, w, "{what}: {path} {name}");
+                    same(name, path, exact, g, w);
                 }
                 assert_eq!(host(&s), sum0, "{what}: {path} sum");
             };
-            let check_silu = |path: &str, (act, s): (Tensor, Tensor)| {
+            let check_silu = |path: &str, exact: bool, (act, s): (Tensor, Tensor)| {
                 assert_eq!(act.dims2().unwrap(), (1, inter), "{what}: {path} act shape");
-                assert_eq!(host(&act), act0, "{what}: {path} act");
+                same("act", path, exact, &host(&act), &act0);
                 assert_eq!(host(&s), sum0, "{what}: {path} sum");
             };
-            if prologue {
+            if fold {
                 let direct =
                     qkv_gemv_rope_cache_norm(&addend, &residual, &norm_w, eps, &w_qkv, &rope(1));
-                check_rope("direct", direct.expect("qkv_gemv_rope_cache_norm"), 1);
+                check_rope(
+                    "direct",
+                    false,
+                    direct.expect("qkv_gemv_rope_cache_norm"),
+                    1,
+                );
                 let direct = gemv_silu_norm(&addend, &residual, &norm_w, eps, &w_gu, inter);
-                check_silu("direct", direct.expect("gemv_silu_norm"));
+                check_silu("direct", false, direct.expect("gemv_silu_norm"));
             }
             let entry = |i: usize| {
                 add_rms_norm_qkv_proj_rope_cache(&addend, &residual, &norm_w, eps, &w_qkv, &rope(i))
@@ -552,13 +572,13 @@ fn norm_prologue_is_add_rms_norm_then_the_projection_bit_for_bit() {
             let entry_silu = || {
                 add_rms_norm_gate_up_silu(&addend, &residual, &norm_w, eps, &w_gu, inter).unwrap()
             };
-            set_gemv_norm_prologue_on_this_thread(Some(true));
-            check_rope("dispatch", entry(2), 2);
-            check_silu("dispatch", entry_silu());
-            set_gemv_norm_prologue_on_this_thread(Some(false));
-            check_rope("off", entry(3), 3);
-            check_silu("off", entry_silu());
-            set_gemv_norm_prologue_on_this_thread(None);
+            set_gemv_norm_fold_on_this_thread(Some(true));
+            check_rope("dispatch", !fold, entry(2), 2);
+            check_silu("dispatch", !fold, entry_silu());
+            set_gemv_norm_fold_on_this_thread(Some(false));
+            check_rope("off", true, entry(3), 3);
+            check_silu("off", true, entry_silu());
+            set_gemv_norm_fold_on_this_thread(None);
             // The inputs are read only: the residual stream is not the sum.
             assert_ne!(host(&residual), sum0, "{what}: residual changed");
         }

@@ -23,9 +23,9 @@ pub(crate) const LONG_ROWS_STEPS: &str = "down GEMV in steps (m1_v)";
 /// epilogue.
 pub(crate) const ROPE_OWN_LAUNCH: &str = "rotary + KV write as own launch";
 
-/// The residual add + RMSNorm as the prologue of the 1-row q/k/v and gate/up GEMVs instead of
-/// their own launch (off in the engine).
-pub(crate) const NORM_PROLOGUE: &str = "add + RMSNorm in the GEMV prologue";
+/// The residual add + RMSNorm as its own launch instead of folded into the 1-row q/k/v and
+/// gate/up GEMVs.
+pub(crate) const NORM_OWN_LAUNCH: &str = "add + RMSNorm as own launch";
 
 /// The split paged attention's partitions merged in the kernel's last CTA instead of by the
 /// combine launch (off in the engine).
@@ -64,7 +64,7 @@ pub(crate) fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         SILU_TWO_STEPS,
         LONG_ROWS_STEPS,
         ROPE_OWN_LAUNCH,
-        NORM_PROLOGUE,
+        NORM_OWN_LAUNCH,
         COMBINE_IN_KERNEL,
         NO_PDL,
         NO_DECODE_CLUSTER,
@@ -125,7 +125,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
         SILU_TWO_STEPS => engine::model::gemv::set_gemv_silu_one_step(!on),
         LONG_ROWS_STEPS => engine::model::gemv::set_gemv_long_rows_one_step(!on),
         ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
-        NORM_PROLOGUE => engine::model::gemv::set_gemv_norm_prologue(on),
+        NORM_OWN_LAUNCH => engine::model::gemv::set_gemv_norm_fold(!on),
         #[cfg(feature = "cuda")]
         COMBINE_IN_KERNEL => engine::model::attention_cuda::set_in_kernel_combine(on),
         #[cfg(feature = "cuda")]
@@ -144,12 +144,13 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-pub(crate) const WITHOUT: [(&str, &str); 11] = [
+pub(crate) const WITHOUT: [(&str, &str); 12] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
     ("fused", "unfused ops"),
     ("silu-one-step", SILU_TWO_STEPS),
+    ("norm", NORM_OWN_LAUNCH),
     ("down-one-step", LONG_ROWS_STEPS),
     ("decode-kernel", "paged kernel for decode"),
     ("pdl", NO_PDL),
