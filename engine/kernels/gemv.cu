@@ -136,21 +136,6 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     // The CTA's rows of W into L2 while the kernel before may still run (pdl.cuh).
     if (threadIdx.x < R && prefetch_pays((int64_t)n * k * (int64_t)sizeof(T)))
         prefetch_l2(w + last_row(row0 + threadIdx.x, n) * k, (uint32_t)(k * sizeof(T)));
-    // One step of the thread's loads from chunk c0: U chunks a row; chunks past the end (last
-    // step only) load the last chunk again and count as zeros, without a branch that would let
-    // the compiler sink the loads behind it.
-    auto load_step = [&](uint4 (&wt)[U][R], int c0) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = min(c0 + u * THREADS, chunks - 1);
-#pragma unroll
-            for (int r = 0; r < R; ++r) wt[u][r] = load_stream(wr[r] + c);
-        }
-    };
-    // The first step's weights are on their way before the wait for the kernel before (pdl.cuh):
-    // weights are no earlier kernel's output.
-    uint4 wt[U][R];
-    load_step(wt, threadIdx.x);
     pdl_enter();
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     float acc[M][R];
@@ -159,9 +144,17 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
-    // Every load of a step is issued before any is used.
+    // Every load of a step is issued before any is used; chunks past the end (last step only)
+    // load the last chunk again and count as zeros, without a branch that would let the compiler
+    // sink the loads behind it.
     for (int c0 = threadIdx.x; c0 < chunks; c0 += THREADS * U) {
-        if (c0 != (int)threadIdx.x) load_step(wt, c0);
+        uint4 wt[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = min(c0 + u * THREADS, chunks - 1);
+#pragma unroll
+            for (int r = 0; r < R; ++r) wt[u][r] = load_stream(wr[r] + c);
+        }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const bool valid = c0 + u * THREADS < chunks;
@@ -245,10 +238,6 @@ constexpr int ROPE_CTAS = 4;
 // of loads instead of two (w2u4: four chunks, then two); 6 CTAs per SM for its registers. Each
 // lane sums the same chunks in the same order as w2u4: the same bits.
 constexpr int SILU_ONE_STEP_CTAS = 6;
-// Their _norm variants hold the residual, norm weight and sum pointers and the sum of squares
-// too: at 8 and 6 CTAs per SM (64 and 80 registers) they spilled.
-constexpr int SILU_NORM_CTAS = 6;
-constexpr int SILU_ONE_STEP_NORM_CTAS = 5;
 
 enum Epilogue { PLAIN, SILU, ROPE };
 
@@ -302,8 +291,8 @@ __device__ __forceinline__ uint4 pack(const float (&f)[8], T) {
 // each dot product once at the end, dot(a * weight, w) * rsqrtf(sum(a * a) / k + eps), instead of
 // rounding a normed row to T first (add_rms_norm's normed[i] = round(a[i] * scale * weight[i])).
 // Not the same bits as add_rms_norm then the projection, within T's rounding of the normed row.
-// No barrier and nothing before the first weight loads. Warp 0 of CTA 0 stores na.sum_out = a
-// (the next residual; a buffer of its own, as other warps still read residual).
+// No barrier and nothing before the first weight loads but, in warp 0 of CTA 0, storing
+// na.sum_out = a (the next residual; a buffer of its own, as other warps still read residual).
 template <typename T, int WR, int U, Epilogue EPI, bool NORM>
 __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int n, int k, const RopeArgs<T> ra, const NormArgs<T> na) {
@@ -333,35 +322,41 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     const int64_t w_rows = EPI == PLAIN ? n : 2 * (int64_t)n;
     if (first < n && lane < WR && prefetch_pays(w_rows * k * (int64_t)sizeof(T)))
         prefetch_l2(w + group_row(first, lane) * k, (uint32_t)(k * sizeof(T)));
-    // One step of a lane's loads of the rows of group row0 from chunk c0: U chunks a row.
-    auto load_step = [&](uint4 (&wt)[U][WR], int64_t row0, int c0) {
-#pragma unroll
-        for (int r = 0; r < WR; ++r) {
-            const uint4* row = reinterpret_cast<const uint4*>(w + group_row(row0, r) * k);
-#pragma unroll
-            for (int u = 0; u < U; ++u) wt[u][r] = load_stream(row + min(c0 + u * 32, chunks - 1));
-        }
-    };
-    // The first step's weights are on their way before the wait for the kernel before (pdl.cuh):
-    // weights are no earlier kernel's output.
-    uint4 wt[U][WR];
-    if (first < n) load_step(wt, first, lane);
     pdl_enter();
+    if constexpr (NORM) {
+        // The sum a = round(h + residual), the next residual: stored by warp 0 of CTA 0.
+        if (blockIdx.x == 0 && threadIdx.x < 32) {
+            for (int c = lane; c < chunks; c += 32) {
+                float a[E], b[E];
+                unpack(__ldg(xr + c), a, T());
+                unpack(__ldg(rr + c), b, T());
+#pragma unroll
+                for (int e = 0; e < E; ++e) a[e] = round_to<T>(a[e] + b[e]);
+                sr[c] = pack(a, T());
+            }
+        }
+    }
     for (int64_t row0 = first; row0 < n; row0 += warps * STEP) {
         const int64_t head = EPI == ROPE ? row0 / half : 0;
         const int64_t j = row0 - head * half;
         int64_t rows[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r) rows[r] = group_row(row0, r);
+        const uint4* wr[WR];
+#pragma unroll
+        for (int r = 0; r < WR; ++r) wr[r] = reinterpret_cast<const uint4*>(w + rows[r] * k);
         float acc[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r) acc[r] = 0.f;
         [[maybe_unused]] float ss = 0.f;
-        // The sum a: stored once, by warp 0 of CTA 0 in its first row group.
-        [[maybe_unused]] const bool store_sum = NORM && blockIdx.x == 0 && threadIdx.x < 32 &&
-                                                row0 == first;
         for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-            if (row0 != first || c0 != lane) load_step(wt, row0, c0);
+            uint4 wt[U][WR];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = min(c0 + u * 32, chunks - 1);
+#pragma unroll
+                for (int r = 0; r < WR; ++r) wt[u][r] = load_stream(wr[r] + c);
+            }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const bool valid = c0 + u * 32 < chunks;
@@ -379,7 +374,6 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
                         xf[e] = round_to<T>(xf[e] + rf[e]);
                         ss = fmaf(xf[e], xf[e], ss);
                     }
-                    if (store_sum && valid) sr[c] = pack(xf, T());
 #pragma unroll
                     for (int e = 0; e < E; ++e) xf[e] *= gf[e];
                 }
@@ -459,14 +453,14 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_##SUFFIX##_m1_w2u6_silu(const T* x, const T* w, T* y, int n, int k) {              \
         gemv_w_impl<T, 2, 6, SILU, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});         \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS, SILU_NORM_CTAS)                       \
+    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
         gemv_##SUFFIX##_m1_w2u4_silu_norm(const T* h, const T* w, T* y, int n, int k,           \
                                           const T* residual, const T* norm_w, T* sum_out,       \
                                           float eps) {                                          \
         const NormArgs<T> na{residual, norm_w, sum_out, eps};                                   \
         gemv_w_impl<T, 2, 4, SILU, true>(h, w, y, n, k, RopeArgs<T>{}, na);                     \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS, SILU_ONE_STEP_NORM_CTAS)              \
+    extern "C" __global__ void __launch_bounds__(THREADS, SILU_ONE_STEP_CTAS)                   \
         gemv_##SUFFIX##_m1_w2u6_silu_norm(const T* h, const T* w, T* y, int n, int k,           \
                                           const T* residual, const T* norm_w, T* sum_out,       \
                                           float eps) {                                          \

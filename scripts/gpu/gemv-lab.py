@@ -18,6 +18,10 @@ import numpy as np
 LAYERS = 28
 SMS = None
 HIDDEN, INTER, QKV = 1536, 8960, 2048
+# CTA-per-rows variants of the down projection in gemv-lab.cu: (rows per CTA, chunks per thread
+# and row in flight, CTAs per SM).
+DOWN_VARIANTS = ((1, 9, 8), (1, 9, 6), (1, 5, 8), (4, 3, 4), (4, 3, 6), (4, 2, 8), (8, 2, 4),
+                 (4, 4, 4), (2, 5, 6), (8, 3, 2))
 
 
 def bf16_random(n, rng):
@@ -134,7 +138,7 @@ def main():
     # down: the served m1_v9 (2 rows per CTA) and CTA-per-rows variants.
     gemv("down gemv m1_v9 grid 768 (served)", dn, "gemv_bf16_m1_v9", HIDDEN // 2, HIDDEN)
     gemv("down gemv m1_v grid 768", dn, "gemv_bf16_m1_v", HIDDEN // 2, HIDDEN)
-    for r, u, b in ((1, 9, 8), (1, 9, 6), (1, 5, 8), (4, 3, 4)):
+    for r, u, b in DOWN_VARIANTS:
         gemv(f"down lab r{r} u{u} {b}/SM grid {HIDDEN // r}", dn,
              f"lab_gemv_bf16_m1_r{r}_u{u}_b{b}", HIDDEN // r, HIDDEN)
     # q/k/v (plain, no rotary) and o: the served warp-per-row plan.
@@ -158,7 +162,7 @@ def main():
         got = bf16_to_f32(ref).astype(cp.float64)
         rel = float(cp.linalg.norm(got - want) / cp.linalg.norm(want))
         print(f"# down m1_v9 against f64: rel err {rel:.2e}")
-        for r, u, b in ((1, 9, 8), (1, 9, 6), (1, 5, 8), (4, 3, 4)):
+        for r, u, b in DOWN_VARIANTS:
             y[:] = 0xFFFF
             k(f"lab_gemv_bf16_m1_r{r}_u{u}_b{b}")((HIDDEN // r,), (128,), (
                 dn.x, dn.w[0], y, np.int32(HIDDEN), np.int32(INTER)))

@@ -142,15 +142,6 @@ pub fn silu_variant() -> (&'static str, usize) {
     }
 }
 
-/// The same for its variant with the folded RMSNorm (`_norm`), whose registers allow fewer CTAs
-/// per SM (`SILU_ONE_STEP_NORM_CTAS` and `SILU_NORM_CTAS` in gemv.cu).
-pub fn silu_norm_variant() -> (&'static str, usize) {
-    match SILU_ONE_STEP.on() {
-        true => ("w2u6", 5),
-        false => ("w2u4", 6),
-    }
-}
-
 /// [`set_gemv_silu_epilogue`] for calls on this thread (`None`: the process-wide value).
 pub fn set_gemv_silu_epilogue_on_this_thread(enabled: Option<bool>) {
     SILU_EPILOGUE.set_on_this_thread(enabled);

@@ -17,8 +17,8 @@ use super::attention_cuda::{
 };
 use super::fused_cuda::{aligned16, empty, with_ptrs, NormFold};
 use super::gemv::{
-    cta_rows_variant, gemv_warp_rows, silu_norm_variant, silu_pairs_plan, silu_variant,
-    warp_rows_plan, MAX_ROWS, WARP_ROWS_MAX_CHUNKS,
+    cta_rows_variant, gemv_warp_rows, silu_pairs_plan, silu_variant, warp_rows_plan, MAX_ROWS,
+    WARP_ROWS_MAX_CHUNKS,
 };
 use super::pdl::Launch;
 
@@ -229,7 +229,7 @@ pub fn gemv_silu_norm(
         bail!("{WHAT}: inter {inter} or k {k} past i32")
     }
     let dtype = addend.dtype();
-    let (variant, per_sm) = silu_norm_variant();
+    let (variant, per_sm) = silu_variant();
     let name = format!("gemv_{}_m1_{variant}_silu_norm", suffix(dtype)?);
     if let Some(t) = [w, residual, norm_w].iter().find(|t| t.dtype() != dtype) {
         bail!("{WHAT}: mixed dtypes {dtype:?} and {:?}", t.dtype())
