@@ -124,13 +124,16 @@ fn launch(
             (format!("gemv_{sfx}_m1_{variant}"), ctas, n)
         }
         None => {
-            let ctas = n.div_ceil(rows_per_cta(m)) as u32;
-            let variant = if wide {
-                cta_rows_variant(m, k / chunk)
+            let (variant, rows) = if wide {
+                cta_rows_variant(m, k / chunk, rows_per_cta(m))
             } else {
-                ""
+                ("", rows_per_cta(m))
             };
-            (format!("gemv_{sfx}_m{m}{variant}"), ctas, n)
+            (
+                format!("gemv_{sfx}_m{m}{variant}"),
+                n.div_ceil(rows) as u32,
+                n,
+            )
         }
     };
     let mut b = Launch::new(&dev, &name, MODULE, ptx::GEMV)?;
