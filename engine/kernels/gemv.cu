@@ -121,7 +121,7 @@ __device__ __forceinline__ void reduce_store(float (&acc)[M][R], T* __restrict__
 }
 
 // R rows per CTA and U chunks per thread and row in flight per step (the defaults for M, or
-// those of a variant: gemv_<T>_m1_r4u3 below). A thread's chunks are t, t + THREADS, ... in that
+// those of a variant: gemv_<T>_m1_v9 below). A thread's chunks are t, t + THREADS, ... in that
 // order whatever U, so the sums are the same bits.
 template <typename T, int M, int R = rows_per_cta<M>(), int U = unroll<M>()>
 __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
@@ -499,18 +499,17 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_impl<T, M>(x, w, y, n, k);                                                         \
     }
 
-// One row, four rows of W per CTA and three chunks per thread and row in flight: Qwen2.5-1.5B's
-// down projection (1,536 rows of 8,960 bf16 elements, 1,120 chunks) in 384 CTAs, one wave at 4
-// CTAs per SM, where gemv_<T>_m1_v's 768 two-row CTAs take 1.45 waves. Same bits as
-// gemv_<T>_m1_v.
-#define GEMV_M1_R4(SUFFIX, T)                                                                   \
+// One row, nine chunks per thread and row in flight: a row of up to 1,152 chunks (Qwen2.5-1.5B's
+// down projection: 8,960 bf16 elements, 1,120 chunks) in one dependent step of loads instead of
+// three (gemv_<T>_m1_v: four chunks per step). Same bits as gemv_<T>_m1_v.
+#define GEMV_M1_DEEP(SUFFIX, T)                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS, min_ctas<1>())                        \
-        gemv_##SUFFIX##_m1_r4u3(const T* x, const T* w, T* y, int n, int k) {                   \
-        gemv_v_impl<T, 1, 4, 3>(x, w, y, n, k);                                                 \
+        gemv_##SUFFIX##_m1_v9(const T* x, const T* w, T* y, int n, int k) {                     \
+        gemv_v_impl<T, 1, rows_per_cta<1>(), 9>(x, w, y, n, k);                                 \
     }
 
 #define GEMV(SUFFIX, T)   \
-    GEMV_M1_R4(SUFFIX, T)   \
+    GEMV_M1_DEEP(SUFFIX, T) \
     GEMV_W(SUFFIX, T, 2, 4) \
     GEMV_SILU(SUFFIX, T)    \
     GEMV_ROPE(SUFFIX, T)    \

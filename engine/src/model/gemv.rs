@@ -36,17 +36,18 @@ crate::switch! {
 }
 
 crate::switch! {
-    /// One row of x over rows of `LONG_ROW_CHUNKS` on the CTA-per-rows kernel's four-row variant
-    /// (`m1_r4u3`: four rows per CTA, so that Qwen2.5-1.5B's 1,536 down rows take one wave of
-    /// CTAs) (on) or on `m1_v` (two rows per CTA: 1.45 waves) (off). Same bits either way.
-    static LONG_ROWS_VARIANT = true;
+    /// One row of x over rows of `ONE_STEP_CHUNKS` on the CTA-per-rows kernel's one-step variant
+    /// (`m1_v9`: nine chunks per thread and row in flight) (on) or on `m1_v` (four per step:
+    /// three dependent steps over Qwen2.5-1.5B's 8,960-element down rows) (off). Same bits either
+    /// way.
+    static LONG_ROWS_ONE_STEP = true;
 }
 
-/// Row lengths (16-byte chunks) that take the long-row variant: those measured, around
-/// Qwen2.5-1.5B's 1,120-chunk down rows. Its earlier form (`m1_v9`, nine chunks per thread in
-/// flight) cost 0.26 ms of a CodeLlama-34B batch-1 step when it took every projection there
-/// (1,024- and 2,752-chunk rows), so it stays limited to these.
-pub const LONG_ROW_CHUNKS: std::ops::RangeInclusive<usize> = 1025..=1152;
+/// Row lengths (16-byte chunks) that take `m1_v9`: more than two steps of `m1_v` (1,024 chunks)
+/// and at most one of `m1_v9` (1,152). On an H200 it saved 0.02 ms of a Qwen2.5-1.5B batch-1
+/// step (1,120-chunk down rows) and cost 0.26 ms of a CodeLlama-34B one when it took every
+/// projection there (1,024- and 2,752-chunk rows: 6 CTAs per SM drop to 4 for its registers).
+pub const ONE_STEP_CHUNKS: std::ops::RangeInclusive<usize> = 1025..=1152;
 
 crate::switch! {
     /// The bias, rotary and KV-cache write as the epilogue of a 1-row fused q/k/v projection (on) or
@@ -112,23 +113,23 @@ pub fn set_gemv_silu_one_step_on_this_thread(enabled: Option<bool>) {
     SILU_ONE_STEP.set_on_this_thread(enabled);
 }
 
-/// Turns the long-row variant of the 1-row CTA-per-rows kernel on or off process-wide.
-pub fn set_gemv_long_rows_variant(enabled: bool) {
-    LONG_ROWS_VARIANT.set(enabled);
+/// Turns the one-step variant of the 1-row CTA-per-rows kernel on or off process-wide.
+pub fn set_gemv_long_rows_one_step(enabled: bool) {
+    LONG_ROWS_ONE_STEP.set(enabled);
 }
 
-/// [`set_gemv_long_rows_variant`] for calls on this thread (`None`: the process-wide value).
-pub fn set_gemv_long_rows_variant_on_this_thread(enabled: Option<bool>) {
-    LONG_ROWS_VARIANT.set_on_this_thread(enabled);
+/// [`set_gemv_long_rows_one_step`] for calls on this thread (`None`: the process-wide value).
+pub fn set_gemv_long_rows_one_step_on_this_thread(enabled: Option<bool>) {
+    LONG_ROWS_ONE_STEP.set_on_this_thread(enabled);
 }
 
 /// The suffix of the CTA-per-rows kernel for `m` rows of x over rows of `chunks` 16-byte chunks
-/// and its rows of W per CTA: `_v` with `rows_per_cta`, or `_r4u3` with 4 for one row of
-/// `LONG_ROW_CHUNKS` with the long-row switch on (the caller adds the element-wise kernel's "").
-pub fn cta_rows_variant(m: usize, chunks: usize, rows_per_cta: usize) -> (&'static str, usize) {
-    match m == 1 && LONG_ROW_CHUNKS.contains(&chunks) && LONG_ROWS_VARIANT.on() {
-        true => ("_r4u3", 4),
-        false => ("_v", rows_per_cta),
+/// (`_v`, or `_v9` for one row of `ONE_STEP_CHUNKS` with the one-step switch on); the caller
+/// adds the element-wise kernel's "".
+pub fn cta_rows_variant(m: usize, chunks: usize) -> &'static str {
+    match m == 1 && ONE_STEP_CHUNKS.contains(&chunks) && LONG_ROWS_ONE_STEP.on() {
+        true => "_v9",
+        false => "_v",
     }
 }
 
@@ -432,18 +433,18 @@ mod tests {
     }
 
     #[test]
-    fn cta_rows_variant_is_four_rows_for_one_row_of_x_only() {
-        set_gemv_long_rows_variant_on_this_thread(Some(true));
+    fn cta_rows_variant_is_one_step_for_one_row_only() {
+        set_gemv_long_rows_one_step_on_this_thread(Some(true));
         // Qwen2.5-1.5B's down rows (8,960 bf16: 1,120 chunks); not CodeLlama-34B's 8,192 or
         // 22,016 elements (1,024 / 2,752 chunks), not two rows.
-        assert_eq!(cta_rows_variant(1, 1120, 2), ("_r4u3", 4));
-        assert_eq!(cta_rows_variant(1, 1152, 2), ("_r4u3", 4));
-        assert_eq!(cta_rows_variant(1, 1024, 2), ("_v", 2));
-        assert_eq!(cta_rows_variant(1, 2752, 2), ("_v", 2));
-        assert_eq!(cta_rows_variant(2, 1120, 2), ("_v", 2));
-        set_gemv_long_rows_variant_on_this_thread(Some(false));
-        assert_eq!(cta_rows_variant(1, 1120, 2), ("_v", 2));
-        set_gemv_long_rows_variant_on_this_thread(None);
+        assert_eq!(cta_rows_variant(1, 1120), "_v9");
+        assert_eq!(cta_rows_variant(1, 1152), "_v9");
+        assert_eq!(cta_rows_variant(1, 1024), "_v");
+        assert_eq!(cta_rows_variant(1, 2752), "_v");
+        assert_eq!(cta_rows_variant(2, 1120), "_v");
+        set_gemv_long_rows_one_step_on_this_thread(Some(false));
+        assert_eq!(cta_rows_variant(1, 1120), "_v");
+        set_gemv_long_rows_one_step_on_this_thread(None);
     }
 
     #[test]

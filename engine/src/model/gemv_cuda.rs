@@ -124,16 +124,13 @@ fn launch(
             (format!("gemv_{sfx}_m1_{variant}"), ctas, n)
         }
         None => {
-            let (variant, rows) = if wide {
-                cta_rows_variant(m, k / chunk, rows_per_cta(m))
+            let ctas = n.div_ceil(rows_per_cta(m)) as u32;
+            let variant = if wide {
+                cta_rows_variant(m, k / chunk)
             } else {
-                ("", rows_per_cta(m))
+                ""
             };
-            (
-                format!("gemv_{sfx}_m{m}{variant}"),
-                n.div_ceil(rows) as u32,
-                n,
-            )
+            (format!("gemv_{sfx}_m{m}{variant}"), ctas, n)
         }
     };
     let mut b = Launch::new(&dev, &name, MODULE, ptx::GEMV)?;

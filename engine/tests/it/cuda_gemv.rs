@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use engine::model::fused::silu_mul;
 use engine::model::gemv::{
     gate_up_silu, matmul_t, set_gemv_kernel_on_this_thread,
-    set_gemv_long_rows_variant_on_this_thread, set_gemv_silu_epilogue_on_this_thread,
+    set_gemv_long_rows_one_step_on_this_thread, set_gemv_silu_epilogue_on_this_thread,
     set_gemv_silu_one_step_on_this_thread, set_gemv_warp_rows_on_this_thread,
 };
 use engine::model::gemv_cuda::{gemv, gemv_into, gemv_silu};
@@ -170,19 +170,19 @@ fn gemv_matches_f64_reference() {
             run_case(&mut rng, dtype, [1, n, k], 0);
         }
         set_gemv_warp_rows_on_this_thread(None);
-        // Rows of 1,025-1,152 chunks on the four-row variant (the default) and on the two-row
-        // kernel: the same bits (Qwen2.5-1.5B's down projection; the longest row).
+        // Rows of 1,025-1,152 chunks on the one-step variant (the default) and on the
+        // three-step kernel: the same bits (Qwen2.5-1.5B's down projection; the longest row).
         let dev = gpu();
         for (n, k) in [(1536, 8960), (37, 1152 * 16 / dtype.size_in_bytes())] {
             let x = upload(uniform(&mut rng, k), 1, k, dtype, &dev);
             let w = upload(uniform(&mut rng, n * k), n, k, dtype, &dev);
             let mut outs = Vec::new();
-            for four_rows in [true, false] {
-                set_gemv_long_rows_variant_on_this_thread(Some(four_rows));
+            for one_step in [true, false] {
+                set_gemv_long_rows_one_step_on_this_thread(Some(one_step));
                 outs.push(host(&gemv(&x, &w).unwrap()));
             }
-            set_gemv_long_rows_variant_on_this_thread(None);
-            assert_eq!(outs[0], outs[1], "{dtype:?} n={n} k={k}: m1_r4u3 vs m1_v");
+            set_gemv_long_rows_one_step_on_this_thread(None);
+            assert_eq!(outs[0], outs[1], "{dtype:?} n={n} k={k}: m1_v9 vs m1_v");
             run_case(&mut rng, dtype, [1, n, k], 0);
         }
         for (n, k) in [(17920, 1536), (17921, 64), (9001, 8)] {

@@ -15,9 +15,9 @@ pub(crate) const SILU_OWN_LAUNCH: &str = "SiLU-gate as own launch";
 /// instead of one (`w2u6`).
 pub(crate) const SILU_TWO_STEPS: &str = "gate/up GEMV in two steps (w2u4)";
 
-/// The 1-row CTA-per-rows GEMV of Qwen2.5-1.5B's down projection on two rows per CTA (`m1_v`)
-/// instead of four (`m1_r4u3`).
-pub(crate) const LONG_ROWS_TWO: &str = "down GEMV on 2-row CTAs (m1_v)";
+/// The 1-row CTA-per-rows GEMV (down projections) in three dependent steps of loads (`m1_v`)
+/// instead of one (`m1_v9`).
+pub(crate) const LONG_ROWS_STEPS: &str = "down GEMV in steps (m1_v)";
 
 /// The bias, rotary and KV-cache write as their own launch instead of the 1-row q/k/v GEMV's
 /// epilogue.
@@ -62,7 +62,7 @@ pub(crate) fn variant_names(cuda_graphs: bool) -> Vec<&'static str> {
         ONE_ROW_CTA,
         SILU_OWN_LAUNCH,
         SILU_TWO_STEPS,
-        LONG_ROWS_TWO,
+        LONG_ROWS_STEPS,
         ROPE_OWN_LAUNCH,
         NORM_OWN_LAUNCH,
         COMBINE_IN_KERNEL,
@@ -123,7 +123,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
         PERSISTENT => engine::model::decode_step::set_persistent_decode(on),
         SILU_OWN_LAUNCH => engine::model::gemv::set_gemv_silu_epilogue(!on),
         SILU_TWO_STEPS => engine::model::gemv::set_gemv_silu_one_step(!on),
-        LONG_ROWS_TWO => engine::model::gemv::set_gemv_long_rows_variant(!on),
+        LONG_ROWS_STEPS => engine::model::gemv::set_gemv_long_rows_one_step(!on),
         ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
         NORM_OWN_LAUNCH => engine::model::gemv::set_gemv_norm_fold(!on),
         #[cfg(feature = "cuda")]
@@ -151,7 +151,7 @@ pub(crate) const WITHOUT: [(&str, &str); 12] = [
     ("fused", "unfused ops"),
     ("silu-one-step", SILU_TWO_STEPS),
     ("norm", NORM_OWN_LAUNCH),
-    ("down-rows", LONG_ROWS_TWO),
+    ("down-one-step", LONG_ROWS_STEPS),
     ("decode-kernel", "paged kernel for decode"),
     ("pdl", NO_PDL),
     ("cluster", NO_DECODE_CLUSTER),
