@@ -104,6 +104,10 @@ struct Cli {
     /// The decode kernel's split for the whole run, `CTAS_PER_SM:MIN_PARTITION_KEYS`.
     #[arg(long)]
     decode_split: Option<String>,
+    /// The tensor-core decode kernel's split for the whole run, `CTAS_PER_SM:MIN_PARTITION_KEYS`
+    /// (the engine's default is 2:128).
+    #[arg(long)]
+    flash_decode_split: Option<String>,
     /// Time the prefill variants (paged-attention kernel only, 64x32 tiles, unfused ops) only up
     /// to this many tokens: the paged kernel alone is quadratic and slow on long prompts.
     #[arg(long, default_value_t = usize::MAX)]
@@ -207,6 +211,10 @@ fn main() -> Result<()> {
         if let Some(split) = &cli.decode_split {
             let (a, b) = parse_split(split)?;
             engine::model::attention_cuda::set_decode_split(a, b);
+        }
+        if let Some(split) = &cli.flash_decode_split {
+            let (a, b) = parse_split(split)?;
+            engine::model::attention_cuda::set_flash_decode_split(a, b);
         }
     }
     let dtype = resolve_dtype(cli.dtype, &device);
