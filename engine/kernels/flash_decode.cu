@@ -13,8 +13,16 @@
 //    input type for P V (as flash_prefill.cu);
 //  - at the end the four warps' (m, l, O) merge through shared memory, and the CTA stores `out`
 //    (one partition) or (m, l, acc) partials in paged_decode.cu's layout.
+// flash_decode_<type>_d<D>_cluster (sm_90): the partitions of one (sequence, KV head) are one
+// thread-block cluster (cluster dims (1, 1, splits), splits <= 16), merged as
+// paged_decode_<...>_cluster merges them: each CTA leaves its (m, l, acc) in shared memory, and
+// after a cluster barrier every CTA merges a slice of the group's output elements through
+// distributed shared memory with paged_decode_combine's arithmetic in its order (the same bits
+// as the partials and the combine launch). Empty partitions take part in the barriers and are
+// not read.
 // Each K/V element of the partition is read once per step (all of the group's heads use it), and
 // the score and P V arithmetic runs on tensor cores rather than in f32 FMAs per head.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -48,7 +56,7 @@ struct Dec {
     static_assert(D % 16 == 0 && D <= 128, "head_dim");
 };
 
-template <typename T, int D>
+template <typename T, int D, bool CLUSTER>
 __device__ __forceinline__ void flash_decode_impl(
     T* __restrict__ out, float* __restrict__ part_m, float* __restrict__ part_l,
     float* __restrict__ part_acc, const T* __restrict__ q, const T* __restrict__ key_cache,
@@ -73,7 +81,9 @@ __device__ __forceinline__ void flash_decode_impl(
     const int splits = gridDim.z;
     const int partition = decode_partition(nkeys, splits);
     const int key_begin = blockIdx.z * partition;
-    if (key_begin >= nkeys) return;  // an empty partition: the combine does not read it
+    // An empty partition: the combine does not read it. A cluster's CTA stays for the barriers:
+    // it walks no tile and leaves m = -inf, which the merge does not read either.
+    if (!CLUSTER && key_begin >= nkeys) return;
     const int key_end = min(key_begin + partition, nkeys);
 
     const int group = num_heads / num_kv_heads;  // <= 16 (the host checks)
@@ -250,6 +260,8 @@ __device__ __forceinline__ void flash_decode_impl(
             r0[8 * D + 1] = o[j][3];
         }
     }
+    // The CTA's merged partition for its cluster: m [16], l [16], acc [16][D].
+    __shared__ float cpart[CLUSTER ? 16 * (D + 2) : 1];
     __syncthreads();
     for (int i = tid_here(); i < group * D; i += THREADS) {
         const int h = i / D, d = i % D;
@@ -266,7 +278,13 @@ __device__ __forceinline__ void flash_decode_impl(
             a += wt * wo[(w * 16 + h) * D + d];
         }
         const size_t orow = (size_t)qstart * num_heads + head0 + h;
-        if (splits == 1) {
+        if (CLUSTER) {
+            cpart[2 * 16 + h * D + d] = a;
+            if (d == 0) {
+                cpart[h] = mx;
+                cpart[16 + h] = lsum;
+            }
+        } else if (splits == 1) {
             out[orow * D + d] = from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
         } else {
             const size_t pr = orow * splits + blockIdx.z;
@@ -277,25 +295,57 @@ __device__ __forceinline__ void flash_decode_impl(
             }
         }
     }
+    if constexpr (CLUSTER) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // paged_decode_combine's merge over the cluster's CTAs (rank = blockIdx.z = the
+        // partition), spread over every thread of the cluster.
+        namespace cg = cooperative_groups;
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();
+        const int used = (nkeys + partition - 1) / partition;
+        for (int i = (int)blockIdx.z * THREADS + tid_here(); i < group * D;
+             i += splits * THREADS) {
+            const int h = i / D, d = i % D;
+            float mx = -INFINITY;
+#pragma unroll 8
+            for (int z = 0; z < used; ++z) mx = fmaxf(mx, *cluster.map_shared_rank(&cpart[h], z));
+            float lsum = 0.f, a = 0.f;
+#pragma unroll 8
+            for (int z = 0; z < used; ++z) {
+                const float* pz = cluster.map_shared_rank(cpart, z);
+                const float wt = exp2f(pz[h] - mx);
+                lsum += wt * pz[16 + h];
+                a += wt * pz[2 * 16 + h * D + d];
+            }
+            out[((size_t)qstart * num_heads + head0 + h) * D + d] =
+                from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
+        }
+        cluster.sync();  // no CTA leaves while another reads its shared memory
+#endif
+    }
 }
 
 }  // namespace flash_decode
 
-// Kernel flash_decode_<type>_d<D>. No L2 warm-up of later weights (paged_decode.cu's warm0..2):
+// Kernels flash_decode_<type>_d<D>[_cluster]. No L2 warm-up of later weights (paged_decode.cu's warm0..2):
 // its launches at batch 1 are a few CTAs, and issuing the warm-up from them slowed the step
 // (attention_cuda.rs).
-#define FLASH_DECODE(T, SUFFIX, D)                                                              \
+#define FLASH_DECODE_V(T, NAME, D, CLUSTER)                                                     \
     extern "C" __global__ void __launch_bounds__(flash_decode::THREADS)                         \
-        flash_decode_##SUFFIX##_d##D(                                                           \
+        NAME(                                                                                   \
             T* out, float* part_m, float* part_l, float* part_acc, const T* q,                  \
             const T* key_cache, const T* value_cache, const uint32_t* block_tables,             \
             const uint32_t* context_lens, const uint32_t* query_start, int num_heads,           \
             int num_kv_heads, int block_size, int max_blocks_per_seq, float scale_log2) {       \
-        flash_decode::flash_decode_impl<T, D>(out, part_m, part_l, part_acc, q, key_cache,      \
-                                              value_cache, block_tables, context_lens,          \
-                                              query_start, num_heads, num_kv_heads, block_size, \
-                                              max_blocks_per_seq, scale_log2);                  \
+        flash_decode::flash_decode_impl<T, D, CLUSTER>(                                         \
+            out, part_m, part_l, part_acc, q, key_cache, value_cache, block_tables,             \
+            context_lens, query_start, num_heads, num_kv_heads, block_size, max_blocks_per_seq, \
+            scale_log2);                                                                        \
     }
+
+#define FLASH_DECODE(T, SUFFIX, D)                                     \
+    FLASH_DECODE_V(T, flash_decode_##SUFFIX##_d##D, D, false)          \
+    FLASH_DECODE_V(T, flash_decode_##SUFFIX##_d##D##_cluster, D, true)
 
 #define FLASH_DECODE_ALL_D(T, SUFFIX) \
     FLASH_DECODE(T, SUFFIX, 64)       \

@@ -727,9 +727,10 @@ impl PagedAttention {
         };
         let target = ctas_per_sm * sms;
         let splits = decode_splits(base_ctas, max_ctx, target, min_partition);
-        // A launch of at most one CTA per SM: the cluster merge and the L2 warm-up pay there.
+        // A launch of at most one CTA per SM: the cluster merge (either kernel) and the L2
+        // warm-up (CUDA cores only) pay there.
         let small = base_ctas * splits <= sms;
-        let cluster = !tc && takes_decode_cluster(small, splits) && has_clusters(&stream);
+        let cluster = takes_decode_cluster(small, splits) && has_clusters(&stream);
         // Weight ranges into L2 (pointer, bytes), with the guards that keep them valid. Not with
         // the tensor-core kernel: its small launches (18 CTAs at batch 1, Qwen2.5-1.5B shape)
         // issue the whole warm-up from a few SMs, and the H200 batch-1 step took 2.079 ms with
@@ -780,7 +781,7 @@ impl PagedAttention {
         let variant = if cluster { "_cluster" } else { "" };
         let (name, module, code) = match tc {
             true => (
-                format!("flash_decode_{suffix}_d{head_dim}"),
+                format!("flash_decode_{suffix}_d{head_dim}{variant}"),
                 "flash_decode",
                 ptx::FLASH_DECODE,
             ),

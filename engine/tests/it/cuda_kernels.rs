@@ -472,6 +472,64 @@ fn paged_decode_cluster_matches_combine_launch() {
     set_decode_kernel_on_this_thread(None);
 }
 
+/// The same for the tensor-core decode kernel (a whole GQA group per CTA, bf16 and f16): its
+/// cluster merge against its partials and the combine launch, bit for bit, every output written,
+/// within tolerance of the reference; groups of 6, 8 and 16 heads, head sizes 64 to 128,
+/// contexts from one key to 3,000 (some partitions empty), partitions of >= 64 to >= 512 keys
+/// (2 to 16 per cluster) and of 32 keys (more than a cluster takes: the combine launch).
+#[test]
+fn flash_decode_cluster_matches_combine_launch() {
+    let shapes = [
+        (12, 2, 128, 16),
+        (16, 2, 96, 8),
+        (16, 1, 64, 16),
+        (40, 5, 128, 16),
+    ];
+    let batches: Vec<Vec<usize>> = vec![
+        vec![1024],
+        vec![1025],
+        vec![1, 33, 3000],
+        vec![129, 1000, 257],
+    ];
+    let default_split = flash_decode_split();
+    let splits = [(64, 64), (64, 128), (64, 200), (64, 512), (64, 32)];
+    set_decode_kernel_on_this_thread(Some(true));
+    set_decode_tensor_cores_on_this_thread(Some(true));
+    let mut seed = 9000;
+    for &(heads, kv_heads, head_dim, block_size) in &shapes {
+        for ctxs in &batches {
+            let c = Case {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size,
+                seqs: ctxs.iter().map(|&ctx| (1, ctx)).collect(),
+            };
+            for dtype in [DType::BF16, DType::F16] {
+                for &(ctas, min_keys) in &splits {
+                    seed += 1;
+                    set_flash_decode_split(ctas, min_keys);
+                    set_decode_cluster_on_this_thread(Some(false));
+                    let launch = run_attention(&c, dtype, seed, 0);
+                    set_decode_cluster_on_this_thread(Some(true));
+                    let cluster = run_attention(&c, dtype, seed, 0);
+                    set_decode_cluster_on_this_thread(None);
+                    set_flash_decode_split(default_split.0, default_split.1);
+                    let what = format!(
+                        "{heads}/{kv_heads} heads d{head_dim}, contexts {ctxs:?}, {dtype:?}, \
+                         split ({ctas}, {min_keys})"
+                    );
+                    assert_eq!(cluster.got, launch.got, "{what}: cluster vs combine launch");
+                    let err = rel_l2(&cluster.got, &cluster.reference(&c));
+                    assert!(err < tolerance(dtype), "{what}: rel error {err:.3e}");
+                }
+            }
+        }
+    }
+    set_decode_tensor_cores_on_this_thread(None);
+    set_decode_kernel_on_this_thread(None);
+}
+
 #[test]
 fn paged_decode_matches_reference() {
     // (heads, kv_heads, head_dim, block_size)

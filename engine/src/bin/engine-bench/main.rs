@@ -117,7 +117,7 @@ struct Cli {
     /// (warp-per-row GEMV), fused, silu-one-step (the gate/up + SiLU GEMV's one-step variant),
     /// norm (the residual add + RMSNorm folded into the q/k/v and gate/up GEMVs),
     /// down-one-step (the long-row GEMV's), decode-kernel, pdl (programmatic dependent launch),
-    /// cluster (the decode kernel's cluster merge), warm (its L2 warm-up), tensor-cores (the
+    /// cluster (the decode kernels' cluster merge), warm (its L2 warm-up), tensor-cores (the
     /// tensor-core decode kernel).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
