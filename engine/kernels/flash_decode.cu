@@ -22,7 +22,6 @@
 // not read.
 // Each K/V element of the partition is read once per step (all of the group's heads use it), and
 // the score and P V arithmetic runs on tensor cores rather than in f32 FMAs per head.
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -296,32 +295,8 @@ __device__ __forceinline__ void flash_decode_impl(
         }
     }
     if constexpr (CLUSTER) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        // paged_decode_combine's merge over the cluster's CTAs (rank = blockIdx.z = the
-        // partition), spread over every thread of the cluster.
-        namespace cg = cooperative_groups;
-        cg::cluster_group cluster = cg::this_cluster();
-        cluster.sync();
-        const int used = (nkeys + partition - 1) / partition;
-        for (int i = (int)blockIdx.z * THREADS + tid_here(); i < group * D;
-             i += splits * THREADS) {
-            const int h = i / D, d = i % D;
-            float mx = -INFINITY;
-#pragma unroll 8
-            for (int z = 0; z < used; ++z) mx = fmaxf(mx, *cluster.map_shared_rank(&cpart[h], z));
-            float lsum = 0.f, a = 0.f;
-#pragma unroll 8
-            for (int z = 0; z < used; ++z) {
-                const float* pz = cluster.map_shared_rank(cpart, z);
-                const float wt = exp2f(pz[h] - mx);
-                lsum += wt * pz[16 + h];
-                a += wt * pz[2 * 16 + h * D + d];
-            }
-            out[((size_t)qstart * num_heads + head0 + h) * D + d] =
-                from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
-        }
-        cluster.sync();  // no CTA leaves while another reads its shared memory
-#endif
+        cluster_merge<T, D, 16, THREADS>(cpart, out + ((size_t)qstart * num_heads + head0) * D,
+                                         group, (nkeys + partition - 1) / partition, splits);
     }
 }
 

@@ -442,6 +442,16 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_w_impl<T, WR, U, PLAIN, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});       \
     }
 
+// gemv_<T>_m1_w2u<U>_silu_norm: the SiLU-pair kernel with the RMSNorm folded in.
+#define GEMV_SILU_NORM(SUFFIX, T, U, CTAS)                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, CTAS)                                 \
+        gemv_##SUFFIX##_m1_w2u##U##_silu_norm(const T* h, const T* w, T* y, int n, int k,       \
+                                              const T* residual, const T* norm_w, T* sum_out,   \
+                                              float eps) {                                      \
+        const NormArgs<T> na{residual, norm_w, sum_out, eps};                                   \
+        gemv_w_impl<T, 2, U, SILU, true>(h, w, y, n, k, RopeArgs<T>{}, na);                     \
+    }
+
 // y [1, n] = silu(x W[:n]^T) * (x W[n:]^T) for W [2n, k]; _norm: x = rms_norm(h + residual) *
 // norm_w folded in, and sum_out = h + residual.
 #define GEMV_SILU(SUFFIX, T)                                                                    \
@@ -453,20 +463,8 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         gemv_##SUFFIX##_m1_w2u6_silu(const T* x, const T* w, T* y, int n, int k) {              \
         gemv_w_impl<T, 2, 6, SILU, false>(x, w, y, n, k, RopeArgs<T>{}, NormArgs<T>{});         \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS, WARP_ROW_CTAS)                        \
-        gemv_##SUFFIX##_m1_w2u4_silu_norm(const T* h, const T* w, T* y, int n, int k,           \
-                                          const T* residual, const T* norm_w, T* sum_out,       \
-                                          float eps) {                                          \
-        const NormArgs<T> na{residual, norm_w, sum_out, eps};                                   \
-        gemv_w_impl<T, 2, 4, SILU, true>(h, w, y, n, k, RopeArgs<T>{}, na);                     \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(THREADS, SILU_ONE_STEP_CTAS)                   \
-        gemv_##SUFFIX##_m1_w2u6_silu_norm(const T* h, const T* w, T* y, int n, int k,           \
-                                          const T* residual, const T* norm_w, T* sum_out,       \
-                                          float eps) {                                          \
-        const NormArgs<T> na{residual, norm_w, sum_out, eps};                                   \
-        gemv_w_impl<T, 2, 6, SILU, true>(h, w, y, n, k, RopeArgs<T>{}, na);                     \
-    }
+    GEMV_SILU_NORM(SUFFIX, T, 4, WARP_ROW_CTAS)                                                 \
+    GEMV_SILU_NORM(SUFFIX, T, 6, SILU_ONE_STEP_CTAS)
 
 // q_out [H, hd] (y) and the caches from one token's x [1, k] and W [(H + 2 KV) hd, k]; n pairs.
 // _norm: x = rms_norm(h + residual) * norm_w folded in, and sum_out = h + residual.

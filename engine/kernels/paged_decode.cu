@@ -308,30 +308,8 @@ __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_
         }
     }
     if constexpr (CLUSTER) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        // The merge of paged_decode_combine over the cluster's CTAs (rank = blockIdx.z = the
-        // partition), spread over every thread of the cluster.
-        namespace cg = cooperative_groups;
-        cg::cluster_group cluster = cg::this_cluster();
-        cluster.sync();
-        const int used = (nkeys + partition - 1) / partition;
-        for (int i = (int)blockIdx.z * DEC_THREADS + tid; i < gh * D; i += splits * DEC_THREADS) {
-            const int h = i / D, d = i % D;
-            float mx = -INFINITY;
-#pragma unroll 8
-            for (int z = 0; z < used; ++z) mx = fmaxf(mx, *cluster.map_shared_rank(&cpart[h], z));
-            float lsum = 0.f, a = 0.f;
-#pragma unroll 8
-            for (int z = 0; z < used; ++z) {
-                const float* pz = cluster.map_shared_rank(cpart, z);
-                const float wt = exp2f(pz[h] - mx);
-                lsum += wt * pz[G + h];
-                a += wt * pz[2 * G + h * D + d];
-            }
-            out[(token * num_heads + head0 + h) * D + d] = from_f32<T>(lsum > 0.f ? a / lsum : 0.f);
-        }
-        cluster.sync();  // no CTA leaves while another reads its shared memory
-#endif
+        cluster_merge<T, D, G, DEC_THREADS>(cpart, out + (token * num_heads + head0) * D, gh,
+                                            (nkeys + partition - 1) / partition, splits);
     }
 }
 

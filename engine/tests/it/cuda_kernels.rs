@@ -414,27 +414,81 @@ fn paged_in_kernel_combine_matches_combine_launch() {
 /// more than a cluster takes (the combine launch either way).
 #[test]
 fn paged_decode_cluster_matches_combine_launch() {
-    let shapes = [
-        (12, 2, 128, 16),
-        (4, 4, 64, 16),
-        (16, 2, 96, 8),
-        (6, 2, 80, 32),
-    ];
-    let batches: Vec<Vec<usize>> = vec![
-        vec![1024],
-        vec![1025],
-        vec![1, 33, 3000],
-        (1..=9).map(|i| 100 * i + 7).collect(),
-        vec![129, 1000, 257],
-    ];
-    let default_split = decode_split();
-    // (CTAs per SM, min keys per partition): partitions of >= 128, >= 200 and >= 512 keys (2 to
-    // 14 per launch at these contexts), and of 32 keys (up to 94: the combine launch).
-    let splits = [(64, 128), (64, 200), (64, 512), (64, 32)];
+    cluster_matches_combine_launch(ClusterCases {
+        tensor_cores: false,
+        shapes: &[
+            (12, 2, 128, 16),
+            (4, 4, 64, 16),
+            (16, 2, 96, 8),
+            (6, 2, 80, 32),
+        ],
+        extra_batch: (1..=9).map(|i| 100 * i + 7).collect(),
+        // Partitions of >= 128, >= 200 and >= 512 keys (2 to 14 per launch at these contexts),
+        // and of 32 keys (up to 94: the combine launch).
+        splits: &[(64, 128), (64, 200), (64, 512), (64, 32)],
+        tiles: &[None, Some(1), Some(4), Some(8)],
+        dtypes: &[DType::BF16, DType::F32],
+        seed: 7000,
+    });
+}
+
+/// The same for the tensor-core decode kernel (a whole GQA group per CTA, bf16 and f16): groups
+/// of 6, 8 and 16 heads, head sizes 64 to 128, partitions of >= 64 to >= 512 keys (2 to 16 per
+/// cluster) and of 32 keys (more than a cluster takes: the combine launch).
+#[test]
+fn flash_decode_cluster_matches_combine_launch() {
+    cluster_matches_combine_launch(ClusterCases {
+        tensor_cores: true,
+        shapes: &[
+            (12, 2, 128, 16),
+            (16, 2, 96, 8),
+            (16, 1, 64, 16),
+            (40, 5, 128, 16),
+        ],
+        extra_batch: vec![],
+        splits: &[(64, 64), (64, 128), (64, 200), (64, 512), (64, 32)],
+        tiles: &[None],
+        dtypes: &[DType::BF16, DType::F16],
+        seed: 9000,
+    });
+}
+
+/// What [`cluster_matches_combine_launch`] runs: `(heads, kv_heads, head_dim, block_size)`
+/// shapes, a batch beside the common ones, `(CTAs per SM, min keys per partition)` splits of the
+/// chosen kernel, head tiles (CUDA-core kernel) and dtypes.
+struct ClusterCases<'a> {
+    tensor_cores: bool,
+    shapes: &'a [(usize, usize, usize, usize)],
+    extra_batch: Vec<usize>,
+    splits: &'a [(usize, usize)],
+    tiles: &'a [Option<usize>],
+    dtypes: &'a [DType],
+    seed: u64,
+}
+
+/// Every case with the cluster merge and with partials and the combine launch: the same bits,
+/// and within tolerance of the reference. Contexts 1,024, 1,025, one to 3,000 keys (some
+/// partitions empty) and three uneven ones.
+fn cluster_matches_combine_launch(cases: ClusterCases) {
+    let mut batches: Vec<Vec<usize>> = vec![vec![1024], vec![1025], vec![1, 33, 3000]];
+    if !cases.extra_batch.is_empty() {
+        batches.push(cases.extra_batch.clone());
+    }
+    batches.push(vec![129, 1000, 257]);
+    let tc = cases.tensor_cores;
+    let default_split = if tc {
+        flash_decode_split()
+    } else {
+        decode_split()
+    };
+    let set_split = |(ctas, keys): (usize, usize)| match tc {
+        true => set_flash_decode_split(ctas, keys),
+        false => set_decode_split(ctas, keys),
+    };
     set_decode_kernel_on_this_thread(Some(true));
-    set_decode_tensor_cores_on_this_thread(Some(false));
-    let mut seed = 7000;
-    for &(heads, kv_heads, head_dim, block_size) in &shapes {
+    set_decode_tensor_cores_on_this_thread(Some(tc));
+    let mut seed = cases.seed;
+    for &(heads, kv_heads, head_dim, block_size) in cases.shapes {
         for ctxs in &batches {
             let c = Case {
                 heads,
@@ -443,85 +497,27 @@ fn paged_decode_cluster_matches_combine_launch() {
                 block_size,
                 seqs: ctxs.iter().map(|&ctx| (1, ctx)).collect(),
             };
-            for tile in [None, Some(1), Some(4), Some(8)] {
-                for dtype in [DType::BF16, DType::F32] {
-                    for &(ctas, min_keys) in &splits {
+            for &tile in cases.tiles {
+                for &dtype in cases.dtypes {
+                    for &split in cases.splits {
                         seed += 1;
                         set_decode_head_tile(tile).unwrap();
-                        set_decode_split(ctas, min_keys);
+                        set_split(split);
                         set_decode_cluster_on_this_thread(Some(false));
                         let launch = run_attention(&c, dtype, seed, 0);
                         set_decode_cluster_on_this_thread(Some(true));
                         let cluster = run_attention(&c, dtype, seed, 0);
                         set_decode_cluster_on_this_thread(None);
-                        set_decode_split(default_split.0, default_split.1);
+                        set_split(default_split);
                         set_decode_head_tile(None).unwrap();
                         let what = format!(
                             "{heads}/{kv_heads} heads d{head_dim}, contexts {ctxs:?}, tile {tile:?}, \
-                             {dtype:?}, split ({ctas}, {min_keys})"
+                             {dtype:?}, split {split:?}, tensor cores {tc}"
                         );
                         assert_eq!(cluster.got, launch.got, "{what}: cluster vs combine launch");
                         let err = rel_l2(&cluster.got, &cluster.reference(&c));
                         assert!(err < tolerance(dtype), "{what}: rel error {err:.3e}");
                     }
-                }
-            }
-        }
-    }
-    set_decode_tensor_cores_on_this_thread(None);
-    set_decode_kernel_on_this_thread(None);
-}
-
-/// The same for the tensor-core decode kernel (a whole GQA group per CTA, bf16 and f16): its
-/// cluster merge against its partials and the combine launch, bit for bit, every output written,
-/// within tolerance of the reference; groups of 6, 8 and 16 heads, head sizes 64 to 128,
-/// contexts from one key to 3,000 (some partitions empty), partitions of >= 64 to >= 512 keys
-/// (2 to 16 per cluster) and of 32 keys (more than a cluster takes: the combine launch).
-#[test]
-fn flash_decode_cluster_matches_combine_launch() {
-    let shapes = [
-        (12, 2, 128, 16),
-        (16, 2, 96, 8),
-        (16, 1, 64, 16),
-        (40, 5, 128, 16),
-    ];
-    let batches: Vec<Vec<usize>> = vec![
-        vec![1024],
-        vec![1025],
-        vec![1, 33, 3000],
-        vec![129, 1000, 257],
-    ];
-    let default_split = flash_decode_split();
-    let splits = [(64, 64), (64, 128), (64, 200), (64, 512), (64, 32)];
-    set_decode_kernel_on_this_thread(Some(true));
-    set_decode_tensor_cores_on_this_thread(Some(true));
-    let mut seed = 9000;
-    for &(heads, kv_heads, head_dim, block_size) in &shapes {
-        for ctxs in &batches {
-            let c = Case {
-                heads,
-                kv_heads,
-                head_dim,
-                block_size,
-                seqs: ctxs.iter().map(|&ctx| (1, ctx)).collect(),
-            };
-            for dtype in [DType::BF16, DType::F16] {
-                for &(ctas, min_keys) in &splits {
-                    seed += 1;
-                    set_flash_decode_split(ctas, min_keys);
-                    set_decode_cluster_on_this_thread(Some(false));
-                    let launch = run_attention(&c, dtype, seed, 0);
-                    set_decode_cluster_on_this_thread(Some(true));
-                    let cluster = run_attention(&c, dtype, seed, 0);
-                    set_decode_cluster_on_this_thread(None);
-                    set_flash_decode_split(default_split.0, default_split.1);
-                    let what = format!(
-                        "{heads}/{kv_heads} heads d{head_dim}, contexts {ctxs:?}, {dtype:?}, \
-                         split ({ctas}, {min_keys})"
-                    );
-                    assert_eq!(cluster.got, launch.got, "{what}: cluster vs combine launch");
-                    let err = rel_l2(&cluster.got, &cluster.reference(&c));
-                    assert!(err < tolerance(dtype), "{what}: rel error {err:.3e}");
                 }
             }
         }
