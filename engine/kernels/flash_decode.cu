@@ -302,9 +302,9 @@ __device__ __forceinline__ void flash_decode_impl(
 
 }  // namespace flash_decode
 
-// Kernels flash_decode_<type>_d<D>[_cluster]. No L2 warm-up of later weights (paged_decode.cu's warm0..2):
-// its launches at batch 1 are a few CTAs, and issuing the warm-up from them slowed the step
-// (attention_cuda.rs).
+// Kernels flash_decode_<type>_d<D>[_cluster]. No L2 warm-up of later weights (paged_decode.cu's
+// warm0..2): its launches at batch 1 are a few CTAs, and issuing the warm-up from them slowed the
+// step (attention_cuda.rs).
 #define FLASH_DECODE_V(T, NAME, D, CLUSTER)                                                     \
     extern "C" __global__ void __launch_bounds__(flash_decode::THREADS)                         \
         NAME(                                                                                   \

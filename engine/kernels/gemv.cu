@@ -86,13 +86,6 @@ __device__ __forceinline__ bool prefetch_pays(int64_t weight_bytes) {
     return weight_bytes <= PREFETCH_MAX_BYTES;
 }
 
-// v, or zeros (a chunk past the end of a row). By value: a select between two addresses would
-// put the zeros on the stack.
-__device__ __forceinline__ uint4 zero_unless(bool keep, uint4 v) {
-    return keep ? v : make_uint4(0, 0, 0, 0);
-}
-
-
 // Sums acc over the CTA and stores y[m, row0 + r] (threads 0 .. M * R - 1, one output each).
 template <typename T, int M, int R>
 __device__ __forceinline__ void reduce_store(float (&acc)[M][R], T* __restrict__ y, int n,
@@ -227,10 +220,10 @@ __device__ void gemv_impl(const T* __restrict__ x, const T* __restrict__ w, T* _
 //                  q and k heads, stores q into q_out [H, hd] and k, v into the paged caches at
 //                  the token's slot (qkv_rope_cache). 4 CTAs per SM (128 registers: 16 loads in
 //                  flight per lane).
-// and the residual add + RMSNorm before them folded in (NORM, below): gemv_<T>_m1_w2u{4,6}_silu_norm,
-//                  gemv_<T>_m1_w2u8_rope_norm: x is the layer output h; the projection is of
-//                  add_rms_norm(h, residual, norm_w)'s normed row within rounding, and CTA 0 also
-//                  stores sum_out = h + residual (the next residual).
+// and the residual add + RMSNorm before them folded in (NORM, below):
+// gemv_<T>_m1_w2u{4,6}_silu_norm, gemv_<T>_m1_w2u8_rope_norm: x is the layer output h; the
+//                  projection is of add_rms_norm(h, residual, norm_w)'s normed row within
+//                  rounding, and CTA 0 also stores sum_out = h + residual (the next residual).
 constexpr int WARP_ROW_CTAS = 8;
 constexpr int ROPE_CTAS = 4;
 // gemv_<T>_m1_w2u6_silu: the SiLU-pair kernel with six chunks per lane and row in flight, so that

@@ -31,11 +31,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
-// Asks for the 128-byte line holding p in L2 without waiting for it (a hint; any global address).
-__device__ __forceinline__ void prefetch_l2_line(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 // Spreads an L2 warm-up of `bytes` (a multiple of 16) at `p` (16-byte aligned) over every thread of
 // the grid, one bulk prefetch of at most 16 KB per thread and round: a kernel that leaves HBM idle
 // (a short decode attention) fetches weights the next kernels will read. Nothing when p is null.
