@@ -1,6 +1,16 @@
 # Shared by the engine-bench scripts of scripts/gpu (decode-step.sh, l2-prefetch.sh, eb-ab.sh),
 # sourced from the repository root on the GPU machine.
 
+# run_dirs RUN_DEFAULT LAB: OUT (default /tmp/out), RUN (default RUN_DEFAULT), D=$OUT/$RUN for
+# the results and L=LAB for the unpacked binaries, both made.
+run_dirs() {
+    OUT=${OUT:-/tmp/out}
+    RUN=${RUN:-$1}
+    D=$OUT/$RUN
+    L=$2
+    mkdir -p "$D" "$L"
+}
+
 # unpack_bins DIR NAME...: each carried .lab-p/NAME.xz that is there, unpacked to DIR/NAME.
 unpack_bins() {
     local dir=$1 f

@@ -9,11 +9,7 @@
 set -uo pipefail
 # shellcheck source=scripts/gpu/common.sh
 . scripts/gpu/common.sh
-OUT=${OUT:-/tmp/out}
-RUN=${RUN:-decode-step}
-D=$OUT/$RUN
-L=/root/dstep
-mkdir -p "$D" "$L"
+run_dirs decode-step /root/dstep
 unpack_bins "$L" engine-it engine-bench
 # SmolLM2 for the cuda_model tests: part aa left by `lab-runs.sh a` in a call just before, part ab
 # carried here.

@@ -11,11 +11,7 @@
 set -uo pipefail
 # shellcheck source=scripts/gpu/common.sh
 . scripts/gpu/common.sh
-OUT=${OUT:-/tmp/out}
-RUN=${RUN:-eb-ab}
-D=$OUT/$RUN
-L=/root/ebab
-mkdir -p "$D" "$L"
+run_dirs eb-ab /root/ebab
 B_BIN=${B_BIN:-engine-bench}
 unpack_bins "$L" engine-it engine-bench "$B_BIN"
 gpu_line "$D/gpu.txt"

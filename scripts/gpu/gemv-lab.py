@@ -96,6 +96,8 @@ def main():
     sink = cp.zeros(1 << 22, dtype=cp.uint32)
     y = cp.zeros(INTER * 2, dtype=cp.uint16)
 
+    # The engine's grid plan for the warp-per-row kernels (gemv::even_rounds_ctas), for the
+    # "served" rows.
     def even_rounds(groups, resident, warps=4):
         rounds = max(1, -(-groups // resident))
         return -(-(-(-groups // rounds)) // warps)

@@ -11,11 +11,7 @@
 set -uo pipefail
 # shellcheck source=scripts/gpu/common.sh
 . scripts/gpu/common.sh
-OUT=${OUT:-/tmp/out}
-RUN=${RUN:-l2-prefetch}
-D=$OUT/$RUN
-L=/root/l2p
-mkdir -p "$D" "$L"
+run_dirs l2-prefetch /root/l2p
 unpack_bins "$L" engine-it engine-bench engine-bench-base engine-bench-alt
 gpu_line "$D/gpu.txt"
 cuda_tests "$L/engine-it" "$D/cuda-tests.log" "${TESTS-cuda_model::cuda_l2_prefetch}" \

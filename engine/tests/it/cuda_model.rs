@@ -649,11 +649,12 @@ fn logits_on_and_off(
                 "a capture failed"
             );
             check(on);
-            runs.push(logit_bits(&outs));
+            runs.push((logit_bits(&outs), outs));
         }
         set(None);
         set_cuda_graphs_on_this_thread(None);
-        for (i, (off, on)) in runs[0].iter().zip(&runs[1]).enumerate() {
+        let ((bits_off, outs_off), (bits_on, outs_on)) = (&runs[0], &runs[1]);
+        for (i, (off, on)) in bits_off.iter().zip(bits_on).enumerate() {
             let differ = off.iter().zip(on).filter(|(a, b)| a != b).count();
             if max_rel == 0.0 || i == 0 {
                 assert_eq!(
@@ -665,14 +666,8 @@ fn logits_on_and_off(
                 );
                 continue;
             }
-            let (mut err, mut norm) = (0f64, 0f64);
-            for (a, b) in off.iter().zip(on) {
-                let (a, b) = (f32::from_bits(*a) as f64, f32::from_bits(*b) as f64);
-                assert!(b.is_finite(), "{}: output {i} not finite", path.display());
-                err += (a - b).powi(2);
-                norm += a.powi(2);
-            }
-            let rel = (err / norm.max(1e-30)).sqrt();
+            // rel_l2 also asserts the logits with the path on are finite.
+            let rel = rel_l2(&outs_on[i], &outs_off[i]);
             eprintln!(
                 "{}: output {i}: {differ} of {} logits differ, relative L2 {rel:.2e}",
                 path.display(),
@@ -687,7 +682,7 @@ fn logits_on_and_off(
         eprintln!(
             "{}: {} outputs with and without {what} ({})",
             path.display(),
-            runs[0].len(),
+            bits_off.len(),
             if max_rel == 0.0 {
                 "bit for bit".to_string()
             } else {
