@@ -20,6 +20,9 @@
 // distributed shared memory with paged_decode_combine's arithmetic in its order (the same bits
 // as the partials and the combine launch). Empty partitions take part in the barriers and are
 // not read.
+// early_kv (nonzero): the first two key tiles are copied before pdl_enter() (under programmatic
+// dependent launch, while the q/k/v kernel before still runs), all but the row of this step's key
+// (nkeys - 1, written by that kernel), which follows the wait with the query.
 // Each K/V element of the partition is read once per step (all of the group's heads use it), and
 // the score and P V arithmetic runs on tensor cores rather than in f32 FMAs per head.
 #include <cuda_bf16.h>
@@ -61,8 +64,9 @@ __device__ __forceinline__ void flash_decode_impl(
     float* __restrict__ part_acc, const T* __restrict__ q, const T* __restrict__ key_cache,
     const T* __restrict__ value_cache, const uint32_t* __restrict__ block_tables,
     const uint32_t* __restrict__ context_lens, const uint32_t* __restrict__ query_start,
-    int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, float scale_log2) {
-    pdl_enter();
+    int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, float scale_log2,
+    int early_kv) {
+    if (!early_kv) pdl_enter();
     using L = Dec<D>;
     constexpr int S = L::S, CH = L::CH, DN = L::DN, DK = L::DK;
     constexpr uint32_t kRow = S * sizeof(T);
@@ -107,17 +111,24 @@ __device__ __forceinline__ void flash_decode_impl(
         r = i / CH;
         c = i % CH * 8;
     };
-    auto load_tile = [&](int k0, int st) {
+    // K/V element offset of the key in row r of the tile in stage st (its slot from the fetch).
+    auto kv_offset = [&](int st, int r, int c) {
+        const uint32_t slot =
+            key_block[st * BN + r] * (uint32_t)block_size + key_within[st * BN + r];
+        return ((size_t)slot * (uint32_t)num_kv_heads + kv_head) * D + c;
+    };
+    // Copies the tile of keys k0 .. k0 + BN into stage st (rows past key_end zero-filled), all
+    // but the row of key `skip` (none when negative).
+    auto load_tile = [&](int k0, int st, int skip) {
         const uint32_t ks = kv_smem + st * kStageBytes;
 #pragma unroll
         for (int p = 0; p < (BN * CH + THREADS - 1) / THREADS; ++p) {
             if ((BN * CH) % THREADS != 0 && tid_here() + p * THREADS >= BN * CH) break;
             int r, c;
             unit(p, r, c);
+            if (k0 + r == skip) continue;
             const bool valid = k0 + r < key_end;
-            const uint32_t slot =
-                key_block[st * BN + r] * (uint32_t)block_size + key_within[st * BN + r];
-            const size_t off = ((size_t)slot * (uint32_t)num_kv_heads + kv_head) * D + c;
+            const size_t off = kv_offset(st, r, c);
             const uint32_t dst = ks + r * kRow + c * sizeof(T);
             cp_async16(dst, key_cache + off, valid);
             cp_async16(dst + kTileBytes, value_cache + off, valid);
@@ -129,7 +140,27 @@ __device__ __forceinline__ void flash_decode_impl(
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
-    // The group's query rows (zeros past the group), with key tile 0.
+    // Key tiles 0 and 1 (stages 0 and 1). With early_kv they are issued before the wait for the
+    // kernel before (the q/k/v projection, still writing this step's q and its K/V row; the block
+    // table, the lengths and the older keys are written before it), all but the row of this
+    // step's key, nkeys - 1, which is copied after the wait.
+    // (Only when that key is one of this partition's: a row past key_end is zero-filled.)
+    const int hole = early_kv && nkeys - 1 < key_end ? nkeys - 1 : -1;
+    load_tile(key_begin, 0, hole);
+    if (key_begin + BN < key_end) load_tile(key_begin + BN, 1, hole);
+    cp_async_commit();
+    if (early_kv) {
+        pdl_enter();
+        const int r = hole - key_begin;  // its row in tiles 0, 1 (stage r / BN), if there
+        if (r >= 0 && r < 2 * BN && tid_here() < CH) {
+            const int c = tid_here() * 8, st = r / BN, rr = r % BN;
+            const size_t off = kv_offset(st, rr, c);
+            const uint32_t dst = kv_smem + st * kStageBytes + rr * kRow + c * sizeof(T);
+            cp_async16(dst, key_cache + off, true);
+            cp_async16(dst + kTileBytes, value_cache + off, true);
+        }
+    }
+    // The group's query rows (zeros past the group).
     const T* const q_rows = q + ((size_t)qstart * num_heads + head0) * D;
 #pragma unroll
     for (int p = 0; p < (16 * CH + THREADS - 1) / THREADS; ++p) {
@@ -140,7 +171,6 @@ __device__ __forceinline__ void flash_decode_impl(
         cp_async16(q_smem + r * kRow + c * sizeof(T), valid ? q_rows + (size_t)r * D + c : q,
                    valid);
     }
-    load_tile(key_begin, 0);
     cp_async_commit();
 
     float o[DN][4];
@@ -153,7 +183,8 @@ __device__ __forceinline__ void flash_decode_impl(
         const int st = ((k0 - key_begin) / BN) & 1;
         cp_async_wait_all();
         __syncthreads();  // tile k0 visible to all; every warp is done with stage st ^ 1
-        if (k0 + BN < key_end) load_tile(k0 + BN, st ^ 1);
+        // Tile 1 came with tile 0; later tiles follow the wait (no hole: it is past).
+        if (k0 > key_begin && k0 + BN < key_end) load_tile(k0 + BN, st ^ 1, -1);
         if (k0 + 2 * BN < key_end) fetch_slots(k0 + 2 * BN, st);
         cp_async_commit();
         const int lane = tid_here() & 31, warp = tid_here() >> 5;
@@ -311,11 +342,12 @@ __device__ __forceinline__ void flash_decode_impl(
             T* out, float* part_m, float* part_l, float* part_acc, const T* q,                  \
             const T* key_cache, const T* value_cache, const uint32_t* block_tables,             \
             const uint32_t* context_lens, const uint32_t* query_start, int num_heads,           \
-            int num_kv_heads, int block_size, int max_blocks_per_seq, float scale_log2) {       \
+            int num_kv_heads, int block_size, int max_blocks_per_seq, float scale_log2,         \
+            int early_kv) {                                                                     \
         flash_decode::flash_decode_impl<T, D, CLUSTER>(                                         \
             out, part_m, part_l, part_acc, q, key_cache, value_cache, block_tables,             \
             context_lens, query_start, num_heads, num_kv_heads, block_size, max_blocks_per_seq, \
-            scale_log2);                                                                        \
+            scale_log2, early_kv);                                                              \
     }
 
 #define FLASH_DECODE(T, SUFFIX, D)                                     \

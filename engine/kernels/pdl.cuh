@@ -1,8 +1,10 @@
 // Programmatic dependent launch (Hopper, sm_90): a kernel launched with the programmatic
 // stream-serialization attribute (engine/src/model/pdl.rs) may start while the kernel before it
 // in the stream still runs. Each such kernel:
-//   1. may read what no earlier kernel writes (weights) and prefetch it into L2;
-//   2. calls pdl_enter() in every thread before it reads anything an earlier kernel wrote and
+//   1. may read what no earlier kernel writes (weights) and prefetch it into L2, and what the
+//      kernel just before does not write (it starts only once that kernel has passed its own
+//      wait, so every kernel before that one has completed: the decode attention's older keys);
+//   2. calls pdl_enter() in every thread before it reads anything the kernel before writes and
 //      before it writes anything: its wait returns once the kernel before has completed and its
 //      writes are visible (that one waited for its own predecessor, so all earlier work is done),
 //      and it then lets the next kernel's CTAs start early.

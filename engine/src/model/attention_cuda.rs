@@ -13,7 +13,7 @@ use super::attention::{l2_byte_ranges, AttentionMetadata, L2Range};
 pub use super::attention_select::*;
 use super::attention_select::{
     decode_head_tile, decode_splits, flash_decode_shared_bytes, takes_decode_cluster,
-    takes_decode_kernel, takes_flash_decode, PAGED_PREFILL, WARM_L2,
+    takes_decode_kernel, takes_flash_decode, DECODE_EARLY_KV, PAGED_PREFILL, WARM_L2,
 };
 use super::pdl;
 use candle_core::backend::BackendStorage;
@@ -778,6 +778,7 @@ impl PagedAttention {
         let (num_heads_i, kv_heads_i) = (num_heads as i32, num_kv_heads as i32);
         let (block_size_i, max_blocks_i) = (block_size as i32, max_blocks as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let early_kv = i32::from(DECODE_EARLY_KV.on());
         let variant = if cluster { "_cluster" } else { "" };
         let (name, module, code) = match tc {
             true => (
@@ -818,7 +819,9 @@ impl PagedAttention {
             .arg(&block_size_i)
             .arg(&max_blocks_i)
             .arg(&scale_log2);
-        if !tc {
+        if tc {
+            b.arg(&early_kv);
+        } else {
             for (p, bytes) in &warm {
                 b.arg(p).arg(bytes);
             }

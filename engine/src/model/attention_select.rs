@@ -184,6 +184,27 @@ crate::switch! {
 }
 
 crate::switch! {
+    /// The tensor-core decode kernel issues its first two key tiles (older keys, block table and
+    /// lengths: none of them written by the kernel before it) before it waits for the kernel
+    /// before, and this step's own key and the query after the wait (on); off, everything after
+    /// the wait. It changes nothing but when the copies start, and only where that kernel may
+    /// still run (programmatic dependent launch).
+    pub(crate) static DECODE_EARLY_KV = true;
+}
+
+/// Turns the decode kernel's early K/V copies on or off process-wide (side-by-side benchmarks).
+pub fn set_decode_early_kv(on: bool) {
+    DECODE_EARLY_KV.set(on);
+    #[cfg(feature = "cuda")]
+    super::cuda_graph::invalidate_graphs();
+}
+
+/// [`set_decode_early_kv`] for launches on this thread (`None`: the process-wide value).
+pub fn set_decode_early_kv_on_this_thread(on: Option<bool>) {
+    DECODE_EARLY_KV.set_on_this_thread(on);
+}
+
+crate::switch! {
     /// A decode launch of at most one CTA per SM (one that leaves HBM mostly idle) fetches the
     /// weight ranges its caller names into L2 for the kernels after it (on), or does not (off).
     pub(crate) static WARM_L2 = true;

@@ -352,7 +352,7 @@ fn capture(
     // Captured without programmatic dependent launch (`pdl`): a graph's kernels already follow
     // each other without launch gaps, and with programmatic edges batch-1 replays were slower
     // (Qwen2.5-1.5B shape, H200: 1.67-1.70 ms against 1.59-1.61; days/gpu-engine/run27).
-    let _no_pdl = NoPdl::on_this_thread();
+    let _no_pdl = (!super::pdl::pdl_in_graphs()).then(NoPdl::on_this_thread);
     let _persistent = super::decode_step::CaptureSetting::on_this_thread();
     for _ in 0..WARMUP_FORWARDS {
         forward()?;

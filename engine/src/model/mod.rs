@@ -34,6 +34,8 @@ pub mod lm_head;
 pub mod nccl;
 #[cfg(feature = "cuda")]
 pub mod pdl;
+#[cfg(feature = "cuda")]
+pub mod pdl_capture;
 pub mod switch;
 pub mod tp;
 

@@ -6,9 +6,10 @@
 //! anything may be launched here: the attribute lets them start early, the wait keeps them
 //! correct. On a GPU below sm_90, or with the switch off, the launch is an ordinary one.
 //!
-//! CUDA graph captures run with the switch off on their thread (`cuda_graph`): in a graph the
-//! kernels already follow each other without launch gaps, and programmatic edges made batch-1
-//! replays slower (days/gpu-engine/run27).
+//! CUDA graph captures run with the switch off on their thread (`cuda_graph`) unless
+//! [`pdl_in_graphs`] is on: in a graph the kernels already follow each other without launch gaps,
+//! and programmatic edges made batch-1 replays slower (days/gpu-engine/run27). With it on,
+//! `pdl_capture` chains the captured kernels by programmatic edges.
 //!
 //! A launch may also ask for thread-block clusters (`Launch::cluster`; the decode attention's
 //! cluster merge), passed as a second launch attribute.
@@ -27,6 +28,34 @@ crate::switch! {
     /// Kernels of `engine/kernels` launched with the programmatic stream-serialization attribute
     /// (on) or as ordinary launches (off).
     static PDL = true;
+}
+
+crate::switch! {
+    /// CUDA graph captures keep programmatic dependent launch (on): each PDL kernel gets a
+    /// programmatic edge from the PDL kernel before it when only graph memory nodes lie between
+    /// them (`pdl_capture`). Off (the default), captures run with PDL off on their thread.
+    static PDL_GRAPHS = false;
+}
+
+const PROGRAMMATIC: sys::CUlaunchAttributeID =
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+
+/// Turns programmatic edges in CUDA graph captures on or off process-wide (side-by-side
+/// benchmarks). Captured graphs are dropped, to be captured again under the new setting.
+pub fn set_pdl_in_graphs(on: bool) {
+    PDL_GRAPHS.set(on);
+    super::cuda_graph::invalidate_graphs();
+}
+
+/// [`set_pdl_in_graphs`] for captures on this thread (`None`: the process-wide value).
+pub fn set_pdl_in_graphs_on_this_thread(on: Option<bool>) {
+    PDL_GRAPHS.set_on_this_thread(on);
+    super::cuda_graph::invalidate_graphs();
+}
+
+/// Whether captures on this thread keep programmatic dependent launch.
+pub fn pdl_in_graphs() -> bool {
+    PDL_GRAPHS.on()
 }
 
 /// Turns programmatic dependent launch on or off process-wide (side-by-side benchmarks).
@@ -129,7 +158,7 @@ impl<'a> Launch<'a> {
         let mut num_attrs = 0;
         if pdl() && !self.ordinary {
             let a = &mut attrs[num_attrs];
-            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            a.id = PROGRAMMATIC;
             a.value.programmaticStreamSerializationAllowed = 1;
             num_attrs += 1;
         }
@@ -153,14 +182,18 @@ impl<'a> Launch<'a> {
             attrs: attrs.as_mut_ptr(),
             numAttrs: num_attrs as u32,
         };
+        let func = self.func.cu_function();
+        let args = self.args.as_mut_ptr();
         // `config`, `attrs` and the arguments outlive the call.
-        sys::cuLaunchKernelEx(
-            &config,
-            self.func.cu_function(),
-            self.args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-        .result()
-        .w()
+        let launch = || {
+            unsafe { sys::cuLaunchKernelEx(&config, func, args, std::ptr::null_mut()) }
+                .result()
+                .w()
+        };
+        if num_attrs > 0 && attrs[0].id == PROGRAMMATIC && pdl_in_graphs() {
+            super::pdl_capture::chained(&self.stream, launch)
+        } else {
+            launch()
+        }
     }
 }

@@ -530,6 +530,45 @@ fn cuda_pdl_matches_ordinary_launches() {
     });
 }
 
+/// CUDA graphs captured with programmatic dependent launch (`pdl_capture`: each of the engine's
+/// kernels chained to the one before by a programmatic edge where only graph memory nodes lie
+/// between them) replay the same bits as graphs captured without it, and hold such edges. The
+/// tensor-core decode kernel's early K/V copies (before its wait for the q/k/v kernel, which may
+/// then still be writing this step's key) are on in both, and eagerly, where PDL is on too.
+#[test]
+fn cuda_pdl_in_graphs_matches_graphs_without() {
+    use engine::model::pdl::set_pdl_in_graphs_on_this_thread;
+    use engine::model::pdl_capture::programmatic_edges;
+    let before = std::cell::Cell::new(0);
+    same_logits_on_and_off(
+        "programmatic edges in graphs",
+        23,
+        &|on| {
+            before.set(programmatic_edges());
+            set_pdl_in_graphs_on_this_thread(on);
+        },
+        &|on| {
+            let edges = programmatic_edges() - before.get();
+            eprintln!("PDL in graphs {on}: {edges} programmatic edges");
+            assert_eq!(edges > 0, on, "{edges} programmatic edges with PDL in graphs {on}");
+        },
+    );
+}
+
+/// The tensor-core decode kernel's early K/V copies change when copies start, nothing else: the
+/// same bits with them and without, eagerly (PDL on: the q/k/v kernel may still run when the
+/// older keys are copied) and replayed from graphs.
+#[test]
+fn cuda_decode_early_kv_matches_copies_after_the_wait() {
+    use engine::model::attention_cuda::set_decode_early_kv_on_this_thread;
+    same_logits_on_and_off(
+        "the early K/V copies",
+        29,
+        &|on| set_decode_early_kv_on_this_thread(on),
+        &|_| {},
+    );
+}
+
 /// The RMSNorm folded into the one-token q/k/v and gate/up projections changes how many kernels a
 /// decode step launches and the rounding of the normed row (not rounded to bf16 before the
 /// projection), nothing else: a prefill and decode steps of two and one sequences give the same

@@ -42,6 +42,10 @@ pub(crate) const NO_DECODE_CLUSTER: &str = "decode combine launch (no cluster)";
 /// one.
 pub(crate) const NO_DECODE_TC: &str = "CUDA-core decode attention";
 
+/// The tensor-core decode kernel's key tiles copied after its wait for the kernel before instead
+/// of before it (timed with `--without early-kv` only).
+pub(crate) const NO_EARLY_KV: &str = "decode K/V copies after the wait";
+
 /// Short decode attention launches without their L2 warm-up of the next projections' weights.
 pub(crate) const NO_WARM_L2: &str = "no L2 warm-up in attention";
 
@@ -135,6 +139,8 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
         #[cfg(feature = "cuda")]
         NO_DECODE_CLUSTER => engine::model::attention_cuda::set_decode_cluster(!on),
         #[cfg(feature = "cuda")]
+        NO_EARLY_KV => engine::model::attention_cuda::set_decode_early_kv(!on),
+        #[cfg(feature = "cuda")]
         NO_DECODE_TC => engine::model::attention_cuda::set_decode_tensor_cores(!on),
         #[cfg(feature = "cuda")]
         "paged kernel for decode" => engine::model::attention_cuda::set_decode_kernel(!on),
@@ -144,7 +150,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-pub(crate) const WITHOUT: [(&str, &str); 12] = [
+pub(crate) const WITHOUT: [(&str, &str); 13] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
@@ -157,6 +163,7 @@ pub(crate) const WITHOUT: [(&str, &str); 12] = [
     ("cluster", NO_DECODE_CLUSTER),
     ("warm", NO_WARM_L2),
     ("tensor-cores", NO_DECODE_TC),
+    ("early-kv", NO_EARLY_KV),
 ];
 
 /// Turns one optional path off for the whole run (`--without`).
@@ -166,7 +173,7 @@ pub(crate) fn turn_off(path: &str) -> Result<()> {
         _ => {
             let keys: Vec<&str> = WITHOUT.iter().map(|(key, _)| *key).collect();
             bail!(
-                "--without {path}: not one of {} (the last five need CUDA)",
+                "--without {path}: not one of {} (the last six need CUDA)",
                 keys.join(", ")
             )
         }
