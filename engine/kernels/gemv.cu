@@ -22,6 +22,12 @@
 #include "loads.cuh"
 #include "pdl.cuh"
 
+// GEMV_EARLY_LOADS (KERNEL_DEFINES): each warp's first step of weight loads is issued before
+// pdl_enter(), while the kernel before may still run (weights are no kernel's output).
+#ifndef GEMV_EARLY_LOADS
+#define GEMV_EARLY_LOADS 0
+#endif
+
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 
@@ -129,6 +135,22 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     // The CTA's rows of W into L2 while the kernel before may still run (pdl.cuh).
     if (threadIdx.x < R && prefetch_pays((int64_t)n * k * (int64_t)sizeof(T)))
         prefetch_l2(w + last_row(row0 + threadIdx.x, n) * k, (uint32_t)(k * sizeof(T)));
+    // One step of the thread's loads from chunk c0: U chunks a row. Every load of a step is
+    // issued before any is used; chunks past the end (last step only) load the last chunk again
+    // and count as zeros, without a branch that would let the compiler sink the loads behind it.
+    auto load_step = [&](uint4 (&wt)[U][R], int c0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = min(c0 + u * THREADS, chunks - 1);
+#pragma unroll
+            for (int r = 0; r < R; ++r) wt[u][r] = load_stream(wr[r] + c);
+        }
+    };
+    uint4 wt[U][R];
+#if GEMV_EARLY_LOADS
+    // The first step's weights are on their way before the wait for the kernel before.
+    load_step(wt, threadIdx.x);
+#endif
     pdl_enter();
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     float acc[M][R];
@@ -137,17 +159,8 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
-    // Every load of a step is issued before any is used; chunks past the end (last step only)
-    // load the last chunk again and count as zeros, without a branch that would let the compiler
-    // sink the loads behind it.
     for (int c0 = threadIdx.x; c0 < chunks; c0 += THREADS * U) {
-        uint4 wt[U][R];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = min(c0 + u * THREADS, chunks - 1);
-#pragma unroll
-            for (int r = 0; r < R; ++r) wt[u][r] = load_stream(wr[r] + c);
-        }
+        if (!GEMV_EARLY_LOADS || c0 != (int)threadIdx.x) load_step(wt, c0);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const bool valid = c0 + u * THREADS < chunks;
@@ -315,6 +328,26 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
     const int64_t w_rows = EPI == PLAIN ? n : 2 * (int64_t)n;
     if (first < n && lane < WR && prefetch_pays(w_rows * k * (int64_t)sizeof(T)))
         prefetch_l2(w + group_row(first, lane) * k, (uint32_t)(k * sizeof(T)));
+    // One step of a lane's loads of rows wr from chunk c0: U chunks a row (as gemv_v_impl's).
+    auto load_step = [&](uint4 (&wt)[U][WR], const uint4* const (&wr)[WR], int c0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = min(c0 + u * 32, chunks - 1);
+#pragma unroll
+            for (int r = 0; r < WR; ++r) wt[u][r] = load_stream(wr[r] + c);
+        }
+    };
+    uint4 wt[U][WR];
+#if GEMV_EARLY_LOADS
+    // The first step of the warp's first row group before the wait for the kernel before.
+    if (first < n) {
+        const uint4* wr[WR];
+#pragma unroll
+        for (int r = 0; r < WR; ++r)
+            wr[r] = reinterpret_cast<const uint4*>(w + group_row(first, r) * k);
+        load_step(wt, wr, lane);
+    }
+#endif
     pdl_enter();
     if constexpr (NORM) {
         // The sum a = round(h + residual), the next residual: stored by warp 0 of CTA 0.
@@ -343,13 +376,7 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         for (int r = 0; r < WR; ++r) acc[r] = 0.f;
         [[maybe_unused]] float ss = 0.f;
         for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-            uint4 wt[U][WR];
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = min(c0 + u * 32, chunks - 1);
-#pragma unroll
-                for (int r = 0; r < WR; ++r) wt[u][r] = load_stream(wr[r] + c);
-            }
+            if (!GEMV_EARLY_LOADS || row0 != first || c0 != lane) load_step(wt, wr, c0);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const bool valid = c0 + u * 32 < chunks;

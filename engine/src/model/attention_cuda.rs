@@ -95,14 +95,17 @@ pub fn flash_wide_tiles() -> bool {
     FLASH_WIDE_TILES.on()
 }
 
-/// Lets `func` take `bytes` of dynamic shared memory (above the default 48 KiB it must be
-/// allowed per function). Set at every launch that needs it: a cached "already set" keyed by the
+/// Lets `func` take `bytes` of dynamic shared memory (where dynamic and static together pass the
+/// default 48 KiB it must be allowed per function). Set at every launch that asks for any: a cached "already set" keyed by the
 /// function handle went stale when a device's modules were unloaded and a newly loaded function
 /// got the same handle (CUDA_ERROR_INVALID_VALUE at the launch,
 /// `days/gpu-engine/run16/cuda-tests.log`); the driver call costs microseconds against a prefill
 /// launch's milliseconds.
 pub(super) fn allow_shared_bytes(func: &CudaFunction, bytes: usize) -> Result<()> {
-    if bytes <= 48 * 1024 {
+    // Not only above 48 KiB: a kernel's static shared memory counts against the same default
+    // limit (the tensor-core decode kernel's cluster variant at head size 80: 47.75 KiB dynamic
+    // plus 5.1 KiB static failed to launch, CUDA_ERROR_INVALID_VALUE).
+    if bytes == 0 {
         return Ok(());
     }
     func.set_attribute(

@@ -349,9 +349,8 @@ fn capture(
     let forward = || model.logits(&model.hidden_states(&inputs.step, cache)?);
     // Thread-local: the warm-up and the capture run on this thread, under one guard.
     let _uploads_cached = cuda.enable_cuda_graph_htod_cache();
-    // Captured without programmatic dependent launch (`pdl`): a graph's kernels already follow
-    // each other without launch gaps, and with programmatic edges batch-1 replays were slower
-    // (Qwen2.5-1.5B shape, H200: 1.67-1.70 ms against 1.59-1.61; days/gpu-engine/run27).
+    // With programmatic dependent launch only while `pdl_in_graphs` is on (`pdl_capture` makes
+    // the edges). Off, captured without it.
     let _no_pdl = (!super::pdl::pdl_in_graphs()).then(NoPdl::on_this_thread);
     let _persistent = super::decode_step::CaptureSetting::on_this_thread();
     for _ in 0..WARMUP_FORWARDS {

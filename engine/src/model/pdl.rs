@@ -6,10 +6,8 @@
 //! anything may be launched here: the attribute lets them start early, the wait keeps them
 //! correct. On a GPU below sm_90, or with the switch off, the launch is an ordinary one.
 //!
-//! CUDA graph captures run with the switch off on their thread (`cuda_graph`) unless
-//! [`pdl_in_graphs`] is on: in a graph the kernels already follow each other without launch gaps,
-//! and programmatic edges made batch-1 replays slower (days/gpu-engine/run27). With it on,
-//! `pdl_capture` chains the captured kernels by programmatic edges.
+//! CUDA graph captures keep it ([`pdl_in_graphs`], on): `pdl_capture` chains the captured kernels
+//! by programmatic edges. Off, captures run with the switch off on their thread (`cuda_graph`).
 //!
 //! A launch may also ask for thread-block clusters (`Launch::cluster`; the decode attention's
 //! cluster merge), passed as a second launch attribute.
@@ -33,8 +31,8 @@ crate::switch! {
 crate::switch! {
     /// CUDA graph captures keep programmatic dependent launch (on): each PDL kernel gets a
     /// programmatic edge from the PDL kernel before it when only graph memory nodes lie between
-    /// them (`pdl_capture`). Off (the default), captures run with PDL off on their thread.
-    static PDL_GRAPHS = false;
+    /// them (`pdl_capture`). Off, captures run with PDL off on their thread.
+    static PDL_GRAPHS = true;
 }
 
 const PROGRAMMATIC: sys::CUlaunchAttributeID =

@@ -16,8 +16,7 @@
 //! everything the allocation was ordered after.
 //!
 //! Only kernels on the same stream chain (a launch on a side stream starts no chain and follows
-//! none). Used only while [`super::pdl::pdl_in_graphs`] is on (off by default: with these edges
-//! the batch-1 replays of the engine's kernels at the time were slower, days/gpu-engine/run27).
+//! none). Used while [`super::pdl::pdl_in_graphs`] is on.
 
 use std::cell::RefCell;
 use std::collections::HashSet;

@@ -434,7 +434,9 @@ fn paged_decode_cluster_matches_combine_launch() {
 
 /// The same for the tensor-core decode kernel (a whole GQA group per CTA, bf16 and f16): groups
 /// of 6, 8 and 16 heads, head sizes 64 to 128, partitions of >= 64 to >= 512 keys (2 to 16 per
-/// cluster) and of 32 keys (more than a cluster takes: the combine launch).
+/// cluster) and of 32 keys (more than a cluster takes: the combine launch). Head size 80 is the one
+/// whose dynamic shared memory (47.75 KiB) is below 48 KiB while its static and dynamic together
+/// are above: its launches need the raised limit too.
 #[test]
 fn flash_decode_cluster_matches_combine_launch() {
     cluster_matches_combine_launch(ClusterCases {
@@ -444,6 +446,7 @@ fn flash_decode_cluster_matches_combine_launch() {
             (16, 2, 96, 8),
             (16, 1, 64, 16),
             (40, 5, 128, 16),
+            (8, 2, 80, 32),
         ],
         extra_batch: vec![],
         splits: &[(64, 64), (64, 128), (64, 200), (64, 512), (64, 32)],

@@ -82,10 +82,6 @@ struct Cli {
     /// Replay decode steps from CUDA graphs ("as served"); the other variants run eagerly.
     #[arg(long)]
     cuda_graphs: bool,
-    /// Capture the CUDA graphs with programmatic dependent launch: the engine's kernels chained
-    /// by programmatic edges (off in the engine).
-    #[arg(long)]
-    pdl_in_graphs: bool,
     /// Also time decode attention under these context splits of the paged kernel, each
     /// `CTAS_PER_SM:MIN_TILES` (e.g. `2:2,8:1,32:1`; the engine's default is 2:2).
     #[arg(long, value_delimiter = ',')]
@@ -122,7 +118,8 @@ struct Cli {
     /// norm (the residual add + RMSNorm folded into the q/k/v and gate/up GEMVs),
     /// down-one-step (the long-row GEMV's), decode-kernel, pdl (programmatic dependent launch),
     /// cluster (the decode kernels' cluster merge), warm (its L2 warm-up), tensor-cores (the
-    /// tensor-core decode kernel), early-kv (its key tiles issued before its wait).
+    /// tensor-core decode kernel), early-kv (its key tiles issued before its wait), pdl-graphs
+    /// (programmatic edges in CUDA graphs).
     #[arg(long, value_delimiter = ',')]
     without: Vec<String>,
     /// Batch-1 decode steps through the persistent decode step for the whole run, eager and in
@@ -199,7 +196,6 @@ fn main() -> Result<()> {
         engine::gpu_memory::keep_pool_memory(&device)?;
         engine::gpu_memory::set_event_tracking(&device, false)?;
         engine::model::cuda_graph::set_cuda_graphs(cli.cuda_graphs);
-        engine::model::pdl::set_pdl_in_graphs(cli.pdl_in_graphs);
     }
     for path in &cli.without {
         turn_off(path)?;

@@ -46,6 +46,10 @@ pub(crate) const NO_DECODE_TC: &str = "CUDA-core decode attention";
 /// of before it (timed with `--without early-kv` only).
 pub(crate) const NO_EARLY_KV: &str = "decode K/V copies after the wait";
 
+/// CUDA graphs captured without programmatic dependent launch (timed with `--without pdl-graphs`
+/// only: every variant but "as served" runs eagerly).
+pub(crate) const NO_PDL_GRAPHS: &str = "graphs without programmatic edges";
+
 /// Short decode attention launches without their L2 warm-up of the next projections' weights.
 pub(crate) const NO_WARM_L2: &str = "no L2 warm-up in attention";
 
@@ -139,6 +143,8 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
         #[cfg(feature = "cuda")]
         NO_DECODE_CLUSTER => engine::model::attention_cuda::set_decode_cluster(!on),
         #[cfg(feature = "cuda")]
+        NO_PDL_GRAPHS => engine::model::pdl::set_pdl_in_graphs(!on),
+        #[cfg(feature = "cuda")]
         NO_EARLY_KV => engine::model::attention_cuda::set_decode_early_kv(!on),
         #[cfg(feature = "cuda")]
         NO_DECODE_TC => engine::model::attention_cuda::set_decode_tensor_cores(!on),
@@ -150,7 +156,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-pub(crate) const WITHOUT: [(&str, &str); 13] = [
+pub(crate) const WITHOUT: [(&str, &str); 14] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
@@ -164,6 +170,7 @@ pub(crate) const WITHOUT: [(&str, &str); 13] = [
     ("warm", NO_WARM_L2),
     ("tensor-cores", NO_DECODE_TC),
     ("early-kv", NO_EARLY_KV),
+    ("pdl-graphs", NO_PDL_GRAPHS),
 ];
 
 /// Turns one optional path off for the whole run (`--without`).
@@ -173,7 +180,7 @@ pub(crate) fn turn_off(path: &str) -> Result<()> {
         _ => {
             let keys: Vec<&str> = WITHOUT.iter().map(|(key, _)| *key).collect();
             bail!(
-                "--without {path}: not one of {} (the last six need CUDA)",
+                "--without {path}: not one of {} (the last seven need CUDA)",
                 keys.join(", ")
             )
         }
