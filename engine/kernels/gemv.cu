@@ -22,10 +22,15 @@
 #include "loads.cuh"
 #include "pdl.cuh"
 
-// GEMV_EARLY_LOADS (KERNEL_DEFINES): each warp's first step of weight loads is issued before
-// pdl_enter(), while the kernel before may still run (weights are no kernel's output).
+// GEMV_EARLY_LOADS (KERNEL_DEFINES, a bit mask): the first step of weight loads is issued before
+// pdl_enter(), while the kernel before may still run (weights are no kernel's output), in the
+// warp-per-row kernels without an epilogue (1: the o projection, after the decode attention's few
+// CTAs), with the rotary one (2: q/k/v) and the SiLU one (4: gate/up), and in the CTA-per-rows
+// kernels (8: down). Default 1. Qwen2.5-1.5B batch-1 steps on the H200 (CUDA graphs with
+// programmatic edges, days/gpu-engine/run67, run68): 1 1.192 / 1.193 ms against 1.211 / 1.209
+// for 0; 3 1.206 / 1.225 against 1.217 / 1.209; 15 1.335 / 1.336 against 1.221 / 1.207.
 #ifndef GEMV_EARLY_LOADS
-#define GEMV_EARLY_LOADS 0
+#define GEMV_EARLY_LOADS 1
 #endif
 
 constexpr int WARPS = 4;
@@ -147,10 +152,9 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         }
     };
     uint4 wt[U][R];
-#if GEMV_EARLY_LOADS
-    // The first step's weights are on their way before the wait for the kernel before.
-    load_step(wt, threadIdx.x);
-#endif
+    constexpr bool early = GEMV_EARLY_LOADS & 8;
+    // The first step's weights on their way before the wait for the kernel before.
+    if (early) load_step(wt, threadIdx.x);
     pdl_enter();
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     float acc[M][R];
@@ -160,7 +164,7 @@ __device__ void gemv_v_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
     for (int c0 = threadIdx.x; c0 < chunks; c0 += THREADS * U) {
-        if (!GEMV_EARLY_LOADS || c0 != (int)threadIdx.x) load_step(wt, c0);
+        if (!early || c0 != (int)threadIdx.x) load_step(wt, c0);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const bool valid = c0 + u * THREADS < chunks;
@@ -338,16 +342,15 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         }
     };
     uint4 wt[U][WR];
-#if GEMV_EARLY_LOADS
+    constexpr bool early = GEMV_EARLY_LOADS & (EPI == PLAIN ? 1 : EPI == ROPE ? 2 : 4);
     // The first step of the warp's first row group before the wait for the kernel before.
-    if (first < n) {
+    if (early && first < n) {
         const uint4* wr[WR];
 #pragma unroll
         for (int r = 0; r < WR; ++r)
             wr[r] = reinterpret_cast<const uint4*>(w + group_row(first, r) * k);
         load_step(wt, wr, lane);
     }
-#endif
     pdl_enter();
     if constexpr (NORM) {
         // The sum a = round(h + residual), the next residual: stored by warp 0 of CTA 0.
@@ -376,7 +379,7 @@ __device__ void gemv_w_impl(const T* __restrict__ x, const T* __restrict__ w, T*
         for (int r = 0; r < WR; ++r) acc[r] = 0.f;
         [[maybe_unused]] float ss = 0.f;
         for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-            if (!GEMV_EARLY_LOADS || row0 != first || c0 != lane) load_step(wt, wr, c0);
+            if (!early || row0 != first || c0 != lane) load_step(wt, wr, c0);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const bool valid = c0 + u * 32 < chunks;
