@@ -188,7 +188,9 @@ crate::switch! {
     /// lengths: none of them written by the kernel before it) before it waits for the kernel
     /// before, and this step's own key and the query after the wait (on); off, everything after
     /// the wait. It changes nothing but when the copies start, and only where that kernel may
-    /// still run (programmatic dependent launch).
+    /// still run (programmatic dependent launch, in CUDA graphs too). H200, Qwen2.5-1.5B batch 1,
+    /// graphs with programmatic edges (days/gpu-engine/run66): 1.219 ms a step against 1.253
+    /// without; attention over all layers (eager, queued) 0.172 against 0.233 ms.
     pub(crate) static DECODE_EARLY_KV = true;
 }
 

@@ -31,7 +31,12 @@ crate::switch! {
 crate::switch! {
     /// CUDA graph captures keep programmatic dependent launch (on): each PDL kernel gets a
     /// programmatic edge from the PDL kernel before it when only graph memory nodes lie between
-    /// them (`pdl_capture`). Off, captures run with PDL off on their thread.
+    /// them (`pdl_capture`). Off, captures run with PDL off on their thread. The edges alone did
+    /// not pay at batch 1 (run27; run66b 1.253 ms against 1.239-1.250 without); with kernels that
+    /// work before their wait (the decode attention's K/V copies, the o projection's loads) the
+    /// H200 Qwen2.5-1.5B step took 1.199 ms at batch 1 and 1.733 at batch 8 against 1.251 and
+    /// 1.796 without both (days/gpu-engine/run69), CodeLlama-34B batch 1 15.80 against 15.95 ms
+    /// without the edges (run68c).
     static PDL_GRAPHS = true;
 }
 
