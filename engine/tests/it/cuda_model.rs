@@ -550,7 +550,11 @@ fn cuda_pdl_in_graphs_matches_graphs_without() {
         &|on| {
             let edges = programmatic_edges() - before.get();
             eprintln!("PDL in graphs {on}: {edges} programmatic edges");
-            assert_eq!(edges > 0, on, "{edges} programmatic edges with PDL in graphs {on}");
+            assert_eq!(
+                edges > 0,
+                on,
+                "{edges} programmatic edges with PDL in graphs {on}"
+            );
         },
     );
 }
