@@ -96,11 +96,12 @@ pub fn flash_wide_tiles() -> bool {
 }
 
 /// Lets `func` take `bytes` of dynamic shared memory (where dynamic and static together pass the
-/// default 48 KiB it must be allowed per function). Set at every launch that asks for any: a cached "already set" keyed by the
-/// function handle went stale when a device's modules were unloaded and a newly loaded function
-/// got the same handle (CUDA_ERROR_INVALID_VALUE at the launch,
-/// `days/gpu-engine/run16/cuda-tests.log`); the driver call costs microseconds against a prefill
-/// launch's milliseconds.
+/// default 48 KiB it must be allowed per function). Set at every launch that asks for any: a
+/// cached "already set" keyed by the function handle went stale when a device's modules were
+/// unloaded and a newly loaded function got the same handle (CUDA_ERROR_INVALID_VALUE at the
+/// launch, `days/gpu-engine/run16/cuda-tests.log`). The driver call costs microseconds against a
+/// prefill launch's milliseconds; a decode launch pays it on the host (eager steps) or once at
+/// capture (graphs).
 pub(super) fn allow_shared_bytes(func: &CudaFunction, bytes: usize) -> Result<()> {
     // Not only above 48 KiB: a kernel's static shared memory counts against the same default
     // limit (the tensor-core decode kernel's cluster variant at head size 80: 47.75 KiB dynamic

@@ -352,6 +352,7 @@ fn capture(
     // With programmatic dependent launch only while `pdl_in_graphs` is on (`pdl_capture` makes
     // the edges). Off, captured without it.
     let _no_pdl = (!super::pdl::pdl_in_graphs()).then(NoPdl::on_this_thread);
+    let _capturing = super::pdl_capture::Capturing::on_this_thread();
     let _persistent = super::decode_step::CaptureSetting::on_this_thread();
     for _ in 0..WARMUP_FORWARDS {
         forward()?;

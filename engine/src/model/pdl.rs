@@ -193,7 +193,7 @@ impl<'a> Launch<'a> {
                 .result()
                 .w()
         };
-        if num_attrs > 0 && attrs[0].id == PROGRAMMATIC && pdl_in_graphs() {
+        if num_attrs > 0 && attrs[0].id == PROGRAMMATIC && super::pdl_capture::capturing() {
             super::pdl_capture::chained(&self.stream, launch)
         } else {
             launch()

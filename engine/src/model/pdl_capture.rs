@@ -18,7 +18,7 @@
 //! Only kernels on the same stream chain (a launch on a side stream starts no chain and follows
 //! none). Used while [`super::pdl::pdl_in_graphs`] is on.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -36,6 +36,29 @@ struct Chained {
 
 thread_local! {
     static LAST: RefCell<Option<Chained>> = const { RefCell::new(None) };
+    /// A capture runs on this thread (`Capturing`): only then do launches ask the driver.
+    static CAPTURING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as capturing a CUDA graph until dropped; launches outside it (eager steps)
+/// skip the capture query that [`chained`] makes.
+pub(super) struct Capturing(bool);
+
+impl Capturing {
+    pub(super) fn on_this_thread() -> Self {
+        Self(CAPTURING.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for Capturing {
+    fn drop(&mut self) {
+        CAPTURING.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether a capture runs on this thread.
+pub(super) fn capturing() -> bool {
+    CAPTURING.with(Cell::get)
 }
 
 static EDGES: AtomicUsize = AtomicUsize::new(0);
