@@ -27,8 +27,10 @@
 // warp-per-row kernels without an epilogue (1: the o projection, after the decode attention's few
 // CTAs), with the rotary one (2: q/k/v) and the SiLU one (4: gate/up), and in the CTA-per-rows
 // kernels (8: down). Default 1. Qwen2.5-1.5B batch-1 steps on the H200 (CUDA graphs with
-// programmatic edges, days/gpu-engine/run67, run68): 1 1.192 / 1.193 ms against 1.211 / 1.209
-// for 0; 3 1.206 / 1.225 against 1.217 / 1.209; 15 1.335 / 1.336 against 1.221 / 1.207.
+// programmatic edges, days/gpu-engine/run67, run68, run71; each against the default build of the
+// call): 1 1.192 / 1.193 ms against 1.211 / 1.209 for 0; 3 1.206 / 1.225 against 1.217 / 1.209;
+// 9 1.205 / 1.203 against 1.215 / 1.200; 5 1.306 / 1.296 against 1.194 / 1.212 (the gate/up
+// projection's early loads cost 0.1 ms); 15 1.335 / 1.336 against 1.221 / 1.207.
 #ifndef GEMV_EARLY_LOADS
 #define GEMV_EARLY_LOADS 1
 #endif
