@@ -31,7 +31,6 @@
 // reading the partitions through distributed shared memory with the combine kernel's arithmetic
 // in its order (same bits), and a second barrier keeps the shared memory alive until all have
 // read it. No partials in global memory, no combine launch. Empty partitions take part (m = -inf).
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -47,11 +46,6 @@
 static_assert(DEC_CHUNK == DECODE_PARTITION_KEYS, "partitions are whole chunks");
 #define DEC_STAGE 16      // 16-byte vectors of a K row staged per round (256 bytes)
 #define DEC_PV_UNROLL 8   // V loads in flight per lane
-
-namespace {
-
-
-}  // namespace
 
 template <typename T, int D, int G, bool CLUSTER>
 __device__ void paged_decode_impl(T* __restrict__ out, float* __restrict__ part_m,

@@ -349,9 +349,7 @@ fn capture(
     let forward = || model.logits(&model.hidden_states(&inputs.step, cache)?);
     // Thread-local: the warm-up and the capture run on this thread, under one guard.
     let _uploads_cached = cuda.enable_cuda_graph_htod_cache();
-    // With programmatic dependent launch only while `pdl_in_graphs` is on (`pdl_capture` makes
-    // the edges). Off, captured without it.
-    let _no_pdl = (!super::pdl::pdl_in_graphs()).then(NoPdl::on_this_thread);
+    // With programmatic edges while `pdl_in_graphs` is on, else without PDL (`pdl_capture`).
     let _capturing = super::pdl_capture::Capturing::on_this_thread();
     let _persistent = super::decode_step::CaptureSetting::on_this_thread();
     for _ in 0..WARMUP_FORWARDS {
@@ -372,23 +370,6 @@ fn capture(
         inputs,
         logits,
     })
-}
-
-/// Turns programmatic dependent launch off on this thread until dropped.
-struct NoPdl(Option<bool>);
-
-impl NoPdl {
-    fn on_this_thread() -> Self {
-        let before = super::pdl::pdl_on_this_thread();
-        super::pdl::set_pdl_on_this_thread(Some(false));
-        Self(before)
-    }
-}
-
-impl Drop for NoPdl {
-    fn drop(&mut self) {
-        super::pdl::set_pdl_on_this_thread(self.0);
-    }
 }
 
 /// Gives the device's cuBLAS handle a workspace of its own (kept for the life of the process).

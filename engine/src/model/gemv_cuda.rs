@@ -204,10 +204,9 @@ pub fn gemv_silu(x: &Tensor, w: &Tensor, inter: usize) -> Result<Tensor> {
 /// CUDA [`gemv_silu`] of `fused::add_rms_norm(addend, residual, norm_w, eps)` with the add and
 /// norm folded into the projection (`gemv_<dtype>_m1_w2u{6,4}_silu_norm`), one launch, within
 /// rounding of `fused::add_rms_norm` followed by [`gemv_silu`] (the sum bit for bit): the
-/// activation `[1, inter]` and the sum
-/// `addend + residual` `[1, k]` (fresh tensors). addend, residual `[1, k]` and the norm weight
-/// `[k]` as x for [`gemv_silu`] (contiguous, one dtype with W, 16-byte aligned, k at most
-/// `WARP_ROWS_MAX_CHUNKS` 16-byte chunks).
+/// activation `[1, inter]` and the sum `addend + residual` `[1, k]` (fresh tensors). addend,
+/// residual `[1, k]` and the norm weight `[k]` as x for [`gemv_silu`] (contiguous, one dtype with
+/// W, 16-byte aligned, k at most `WARP_ROWS_MAX_CHUNKS` 16-byte chunks).
 pub fn gemv_silu_norm(
     addend: &Tensor,
     residual: &Tensor,

@@ -7,7 +7,8 @@
 //! correct. On a GPU below sm_90, or with the switch off, the launch is an ordinary one.
 //!
 //! CUDA graph captures keep it ([`pdl_in_graphs`], on): `pdl_capture` chains the captured kernels
-//! by programmatic edges. Off, captures run with the switch off on their thread (`cuda_graph`).
+//! by programmatic edges. Off, captures run with the switch off on their thread
+//! (`pdl_capture::Capturing`).
 //!
 //! A launch may also ask for thread-block clusters (`Launch::cluster`; the decode attention's
 //! cluster merge), passed as a second launch attribute.
@@ -39,9 +40,6 @@ crate::switch! {
     /// without the edges (run68c).
     static PDL_GRAPHS = true;
 }
-
-const PROGRAMMATIC: sys::CUlaunchAttributeID =
-    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
 
 /// Turns programmatic edges in CUDA graph captures on or off process-wide (side-by-side
 /// benchmarks). Captured graphs are dropped, to be captured again under the new setting.
@@ -159,9 +157,10 @@ impl<'a> Launch<'a> {
         self.stream.context().bind_to_thread().w()?;
         let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
         let mut num_attrs = 0;
-        if pdl() && !self.ordinary {
+        let programmatic = pdl() && !self.ordinary;
+        if programmatic {
             let a = &mut attrs[num_attrs];
-            a.id = PROGRAMMATIC;
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
             a.value.programmaticStreamSerializationAllowed = 1;
             num_attrs += 1;
         }
@@ -193,7 +192,7 @@ impl<'a> Launch<'a> {
                 .result()
                 .w()
         };
-        if num_attrs > 0 && attrs[0].id == PROGRAMMATIC && super::pdl_capture::capturing() {
+        if programmatic && super::pdl_capture::capturing() {
             super::pdl_capture::chained(&self.stream, launch)
         } else {
             launch()

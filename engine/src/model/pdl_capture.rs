@@ -40,19 +40,36 @@ thread_local! {
     static CAPTURING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Marks this thread as capturing a CUDA graph until dropped; launches outside it (eager steps)
-/// skip the capture query that [`chained`] makes.
-pub(super) struct Capturing(bool);
+/// A CUDA graph capture on this thread, until dropped: launches inside it chain ([`chained`];
+/// launches outside it, eager steps, skip the capture query), or, with
+/// [`super::pdl::pdl_in_graphs`] off, run with PDL off.
+pub(super) struct Capturing {
+    was_capturing: bool,
+    /// This thread's PDL override before, when the capture turned PDL off.
+    pdl_before: Option<Option<bool>>,
+}
 
 impl Capturing {
     pub(super) fn on_this_thread() -> Self {
-        Self(CAPTURING.with(|c| c.replace(true)))
+        use super::pdl::{pdl_in_graphs, pdl_on_this_thread, set_pdl_on_this_thread};
+        let pdl_before = (!pdl_in_graphs()).then(|| {
+            let before = pdl_on_this_thread();
+            set_pdl_on_this_thread(Some(false));
+            before
+        });
+        Self {
+            was_capturing: CAPTURING.with(|c| c.replace(true)),
+            pdl_before,
+        }
     }
 }
 
 impl Drop for Capturing {
     fn drop(&mut self) {
-        CAPTURING.with(|c| c.set(self.0));
+        CAPTURING.with(|c| c.set(self.was_capturing));
+        if let Some(before) = self.pdl_before {
+            super::pdl::set_pdl_on_this_thread(before);
+        }
     }
 }
 
