@@ -22,6 +22,19 @@ unpack_bins() {
     done
 }
 
+# join_smollm2 DIR: SmolLM2's GGUF from part aa (left in /root/llmlab by `lab-runs.sh a` in a call
+# just before, on the still-warm machine) and part ab (carried in .lab-p), sha256-checked, into
+# DIR/smollm2.gguf; exports SMOLLM2_GGUF when both parts are there (the SmolLM2 tests skip otherwise).
+join_smollm2() {
+    local sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+    if [ -f /root/llmlab/smolpart.aa ] && [ -f .lab-p/smolpart.ab ]; then
+        cat /root/llmlab/smolpart.aa .lab-p/smolpart.ab > "$1/smollm2.gguf"
+        echo "$sha  $1/smollm2.gguf" | sha256sum -c - && export SMOLLM2_GGUF=$1/smollm2.gguf
+    else
+        echo "SmolLM2 parts not both here: its tests will skip"
+    fi
+}
+
 # gpu_line FILE: the GPU's name, driver, power limit and top SM clock, printed and into FILE.
 gpu_line() {
     nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv,noheader \

@@ -13,11 +13,7 @@ run_dirs decode-step /root/dstep
 unpack_bins "$L" engine-it engine-bench
 # SmolLM2 for the cuda_model tests: part aa left by `lab-runs.sh a` in a call just before, part ab
 # carried here.
-SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-if [ -f /root/llmlab/smolpart.aa ] && [ -f .lab-p/smolpart.ab ]; then
-    cat /root/llmlab/smolpart.aa .lab-p/smolpart.ab > "$L/smollm2.gguf"
-    echo "$SHA  $L/smollm2.gguf" | sha256sum -c - && export SMOLLM2_GGUF=$L/smollm2.gguf
-fi
+join_smollm2 "$L"
 gpu_line "$D/gpu.txt"
 cuda_tests "$L/engine-it" "$D/cuda-tests.log" "${TESTS-cuda_model::cuda_persistent}" \
     "^test |test result|relative|panicked|differ" 40

@@ -14,6 +14,7 @@ set -uo pipefail
 run_dirs eb-ab /root/ebab
 B_BIN=${B_BIN:-engine-bench}
 unpack_bins "$L" engine-it engine-bench "$B_BIN"
+join_smollm2 "$L"
 gpu_line "$D/gpu.txt"
 cuda_tests "$L/engine-it" "$D/cuda-tests.log" "${TESTS:-}" "^test |test result|panicked" 20
 QW="--model ${MODEL:-configs/qwen2.5-1.5b-instruct.json} --load-format dummy --dtype bfloat16 --device cuda"
