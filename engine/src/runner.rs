@@ -3,7 +3,7 @@
 
 use crate::core::{ExecuteError, ModelExecutor};
 use crate::model::cache::HostBlocks;
-use crate::model::{CausalLM, ForwardBatch, KvCache, SeqInput};
+use crate::model::{greedy, CausalLM, ForwardBatch, KvCache, SeqInput};
 use crate::sampling::Sampler;
 use crate::sched::SchedulerOutput;
 use candle_core::{DType, Tensor};
@@ -171,8 +171,7 @@ impl ModelExecutor for ModelRunner {
             let ids = self
                 .model
                 .forward(&batch, &mut self.cache)
-                .and_then(|t| t.argmax(candle_core::D::Minus1))
-                .and_then(|t| t.to_vec1::<u32>())
+                .and_then(|t| greedy::greedy_tokens(&t))
                 .map_err(|e| ExecuteError(e.to_string()))?;
             if ids.len() != n_logits {
                 return Err(ExecuteError(format!(

@@ -27,6 +27,7 @@ pub mod fused_cuda;
 pub mod gemv;
 #[cfg(feature = "cuda")]
 pub mod gemv_cuda;
+pub mod greedy;
 pub mod l2_prefetch;
 pub mod llama;
 pub mod lm_head;

@@ -281,12 +281,12 @@ fn cuda_graph_decode_matches_eager() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-const TEMPLATE_IDS: [u32; 37] = [
+pub(crate) const TEMPLATE_IDS: [u32; 37] = [
     1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
     19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531,
     198,
 ];
-const ANSWER_37: [u32; 8] = [504, 3575, 282, 4649, 314, 7042, 30, 2];
+pub(crate) const ANSWER_37: [u32; 8] = [504, 3575, 282, 4649, 314, 7042, 30, 2];
 
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -298,7 +298,7 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-fn smollm2_path() -> Option<PathBuf> {
+pub(crate) fn smollm2_path() -> Option<PathBuf> {
     let path = match std::env::var_os("SMOLLM2_GGUF") {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))

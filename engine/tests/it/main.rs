@@ -8,6 +8,8 @@ mod cuda_diag;
 mod cuda_fused;
 #[cfg(feature = "cuda")]
 mod cuda_gemv;
+#[cfg(feature = "cuda")]
+mod cuda_greedy;
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_model;

@@ -116,7 +116,8 @@ struct Cli {
     /// the engine without them: silu (SiLU-gate epilogue), rope (rotary epilogue), warp-rows
     /// (warp-per-row GEMV), fused, silu-one-step (the gate/up + SiLU GEMV's one-step variant),
     /// norm (the residual add + RMSNorm folded into the q/k/v and gate/up GEMVs),
-    /// down-one-step (the long-row GEMV's), decode-kernel, pdl (programmatic dependent launch),
+    /// down-one-step (the long-row GEMV's), argmax (the greedy argmax kernel: candle's argmax
+    /// instead, in the runner step), decode-kernel, pdl (programmatic dependent launch),
     /// cluster (the decode kernels' cluster merge), warm (its L2 warm-up), tensor-cores (the
     /// tensor-core decode kernel), early-kv (its key tiles issued before its wait), pdl-graphs
     /// (programmatic edges in CUDA graphs).

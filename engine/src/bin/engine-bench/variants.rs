@@ -50,6 +50,10 @@ pub(crate) const NO_EARLY_KV: &str = "decode K/V copies after the wait";
 /// only: every variant but "as served" runs eagerly).
 pub(crate) const NO_PDL_GRAPHS: &str = "graphs without programmatic edges";
 
+/// Greedy steps' token ids from candle's `argmax` instead of the engine's argmax kernel (timed with
+/// `--without argmax` only: it changes the runner step, not the forward).
+pub(crate) const NO_ARGMAX_KERNEL: &str = "candle's argmax for greedy steps";
+
 /// Short decode attention launches without their L2 warm-up of the next projections' weights.
 pub(crate) const NO_WARM_L2: &str = "no L2 warm-up in attention";
 
@@ -134,6 +138,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
         LONG_ROWS_STEPS => engine::model::gemv::set_gemv_long_rows_one_step(!on),
         ROPE_OWN_LAUNCH => engine::model::gemv::set_gemv_rope_epilogue(!on),
         NORM_OWN_LAUNCH => engine::model::gemv::set_gemv_norm_fold(!on),
+        NO_ARGMAX_KERNEL => engine::model::greedy::set_argmax_kernel(!on),
         #[cfg(feature = "cuda")]
         COMBINE_IN_KERNEL => engine::model::attention_cuda::set_in_kernel_combine(on),
         #[cfg(feature = "cuda")]
@@ -156,7 +161,7 @@ pub(crate) fn set_path(variant: &str, on: bool) -> bool {
 }
 
 /// `--without` keys and the variant each takes for the whole run.
-pub(crate) const WITHOUT: [(&str, &str); 14] = [
+pub(crate) const WITHOUT: [(&str, &str); 15] = [
     ("silu", SILU_OWN_LAUNCH),
     ("rope", ROPE_OWN_LAUNCH),
     ("warp-rows", ONE_ROW_CTA),
@@ -164,6 +169,7 @@ pub(crate) const WITHOUT: [(&str, &str); 14] = [
     ("silu-one-step", SILU_TWO_STEPS),
     ("norm", NORM_OWN_LAUNCH),
     ("down-one-step", LONG_ROWS_STEPS),
+    ("argmax", NO_ARGMAX_KERNEL),
     ("decode-kernel", "paged kernel for decode"),
     ("pdl", NO_PDL),
     ("cluster", NO_DECODE_CLUSTER),
