@@ -178,9 +178,18 @@ fn runner_greedy_smollm2_gives_the_reference_answer() {
         );
     }
     let (replays, failed) = graph_counts();
-    assert_eq!(failed, 0, "CUDA graph capture failed: {:?}", last_capture_error());
+    assert_eq!(
+        failed,
+        0,
+        "CUDA graph capture failed: {:?}",
+        last_capture_error()
+    );
     // Seven decode steps of each runner.
-    assert!(replays - replays_before >= 14, "{} replays", replays - replays_before);
+    assert!(
+        replays - replays_before >= 14,
+        "{} replays",
+        replays - replays_before
+    );
     set_argmax_kernel_on_this_thread(None);
     set_cuda_graphs_on_this_thread(None);
 }
