@@ -548,8 +548,23 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
         tracing::info!("{}", cuda_graphs_line(args.cuda_graphs, tp));
     }
 
-    // Warm up on the paged path the server runs: one short sequence through block 0.
+    // Kernel warmup. First every kernel module the engine may launch, so that no step waits for
+    // the driver's PTX JIT (seconds per module while its cache is cold, the first run on a
+    // machine); then steps on the paged path the server runs.
     let t = Instant::now();
+    #[cfg(feature = "cuda")]
+    for d in &devices {
+        if let candle_core::Device::Cuda(dev) = d {
+            let (modules, functions) =
+                crate::model::kernel_modules::load_all(dev).map_err(phase("warmup"))?;
+            tracing::info!(
+                "Loaded {modules} CUDA kernel modules ({functions} kernels) on {} in {:.2} s",
+                device_name(d),
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    // One short sequence through block 0.
     let n = args.block_size.min(4);
     let warm = ForwardBatch::one_prompt((0..n as u32).collect(), args.block_size);
     model.forward(&warm).map_err(phase("warmup"))?;

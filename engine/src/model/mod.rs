@@ -28,6 +28,7 @@ pub mod gemv;
 #[cfg(feature = "cuda")]
 pub mod gemv_cuda;
 pub mod greedy;
+pub mod kernel_modules;
 pub mod l2_prefetch;
 pub mod llama;
 pub mod lm_head;

@@ -972,3 +972,26 @@ fn swap_out_then_in_restores_block_contents_on_gpu() {
         );
     }
 }
+
+/// Every kernel module the server loads before it reports ready: each of its `.entry` functions
+/// loads on a fresh device (ours from `engine/kernels`, candle's that the engine's ops reach).
+#[test]
+fn every_kernel_module_and_function_loads() {
+    use engine::model::kernel_modules::load_all;
+    let Device::Cuda(dev) = gpu() else {
+        unreachable!()
+    };
+    let t = Instant::now();
+    let (modules, functions) = load_all(&dev).unwrap();
+    println!(
+        "{modules} modules, {functions} kernels loaded in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    // engine/kernels has 10 files; candle 9 modules the engine's ops reach.
+    assert!(
+        modules >= 19 && functions > 5 * modules,
+        "{modules} / {functions}"
+    );
+    // Loaded once: the second pass only looks them up.
+    assert_eq!(load_all(&dev).unwrap(), (modules, functions));
+}
