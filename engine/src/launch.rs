@@ -555,12 +555,14 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     #[cfg(feature = "cuda")]
     for d in &devices {
         if let candle_core::Device::Cuda(dev) = d {
-            let (modules, functions) =
-                crate::model::kernel_modules::load_all(dev).map_err(phase("warmup"))?;
+            let loaded = crate::model::kernel_modules::load_all(dev).map_err(phase("warmup"))?;
             tracing::info!(
-                "Loaded {modules} CUDA kernel modules ({functions} kernels) on {} in {:.2} s",
+                "Loaded {} CUDA kernel modules ({} kernels) on {} in {:.2} s (slowest: {})",
+                loaded.modules,
+                loaded.functions,
                 device_name(d),
-                t.elapsed().as_secs_f64()
+                t.elapsed().as_secs_f64(),
+                loaded.slowest(3)
             );
         }
     }

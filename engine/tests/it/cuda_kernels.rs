@@ -982,10 +982,12 @@ fn every_kernel_module_and_function_loads() {
         unreachable!()
     };
     let t = Instant::now();
-    let (modules, functions) = load_all(&dev).unwrap();
+    let loaded = load_all(&dev).unwrap();
+    let (modules, functions) = (loaded.modules, loaded.functions);
     println!(
-        "{modules} modules, {functions} kernels loaded in {:.2} s",
-        t.elapsed().as_secs_f64()
+        "{modules} modules, {functions} kernels loaded in {:.2} s; slowest: {}",
+        t.elapsed().as_secs_f64(),
+        loaded.slowest(5)
     );
     // engine/kernels has 10 files; candle 9 modules the engine's ops reach.
     assert!(
@@ -993,5 +995,6 @@ fn every_kernel_module_and_function_loads() {
         "{modules} / {functions}"
     );
     // Loaded once: the second pass only looks them up.
-    assert_eq!(load_all(&dev).unwrap(), (modules, functions));
+    let again = load_all(&dev).unwrap();
+    assert_eq!((again.modules, again.functions), (modules, functions));
 }
