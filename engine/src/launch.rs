@@ -555,6 +555,7 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     #[cfg(feature = "cuda")]
     for d in &devices {
         if let candle_core::Device::Cuda(dev) = d {
+            let t = Instant::now();
             let loaded = crate::model::kernel_modules::load_all(dev).map_err(phase("warmup"))?;
             tracing::info!(
                 "Loaded {} CUDA kernel modules ({} kernels) on {} in {:.2} s (slowest: {})",
