@@ -555,14 +555,14 @@ pub fn launch(args: &EngineArgs, process_start: Instant) -> Result<Launched, Lau
     #[cfg(feature = "cuda")]
     for d in &devices {
         if let candle_core::Device::Cuda(dev) = d {
-            let t = Instant::now();
+            let t_load = Instant::now();
             let loaded = crate::model::kernel_modules::load_all(dev).map_err(phase("warmup"))?;
             tracing::info!(
                 "Loaded {} CUDA kernel modules ({} kernels) on {} in {:.2} s (slowest: {})",
                 loaded.modules,
                 loaded.functions,
                 device_name(d),
-                t.elapsed().as_secs_f64(),
+                t_load.elapsed().as_secs_f64(),
                 loaded.slowest(3)
             );
         }

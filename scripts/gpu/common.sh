@@ -1,5 +1,5 @@
-# Shared by the engine-bench scripts of scripts/gpu (decode-step.sh, l2-prefetch.sh, eb-ab.sh),
-# sourced from the repository root on the GPU machine.
+# Shared by the scripts of scripts/gpu (decode-step.sh, l2-prefetch.sh, eb-ab.sh, floor-table.sh,
+# serve-tpot.sh, lab-runs.sh), sourced from the repository root on the GPU machine.
 
 # run_dirs RUN_DEFAULT LAB: OUT (default /tmp/out), RUN (default RUN_DEFAULT), D=$OUT/$RUN for
 # the results and L=LAB for the unpacked binaries, both made.
@@ -62,4 +62,15 @@ eb_run() {
     timeout "$secs" "$bin" "$@" --out "$out.md" > "$out.log" 2>&1
     echo "exit $?"
     grep -E "$pattern" "$out.log"
+}
+
+# wait_ready URL PID [TRIES]: 0 once URL/health answers, 1 if the process PID exits first or
+# TRIES half-second polls (default 1200) pass.
+wait_ready() {
+    for _ in $(seq 1 "${3:-1200}"); do
+        curl -sf "$1/health" >/dev/null 2>&1 && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.5
+    done
+    return 1
 }

@@ -46,6 +46,8 @@
 # Every step has a time limit inside the call's 10 minutes; results are packed into $OUT/lab.tgz
 # (days/ tree) beside the server logs.
 set -uo pipefail
+# shellcheck source=scripts/gpu/common.sh
+. scripts/gpu/common.sh
 OUT=${OUT:-/tmp/lab-out}
 LAB=/root/llmlab
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -69,14 +71,6 @@ pack() {
 }
 trap pack EXIT
 
-wait_ready() {  # url pid
-    for _ in $(seq 1 1200); do
-        curl -sf "$1/health" >/dev/null 2>&1 && return 0
-        kill -0 "$2" 2>/dev/null || return 1
-        sleep 0.5
-    done
-    return 1
-}
 
 # bench_policies DAYDIR ENGINE_FLAGS TOKENIZER_JSON SECONDS_PER_POLICY POLICY...
 bench_policies() {

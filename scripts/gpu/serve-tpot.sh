@@ -37,13 +37,7 @@ for v in ${VARIANTS:-graphs:--cuda-graphs eager:}; do
     # shellcheck disable=SC2086
     "$bin" $QW $flags --port $port > "$D/serve-$name.log" 2>&1 &
     pid=$!
-    ready=0
-    for _ in $(seq 1 600); do
-        curl -sf "http://127.0.0.1:$port/health" > /dev/null 2>&1 && { ready=1; break; }
-        kill -0 $pid 2> /dev/null || break
-        sleep 0.5
-    done
-    if [ $ready = 0 ]; then
+    if ! wait_ready "http://127.0.0.1:$port" $pid 600; then
         echo "engine ($name) did not become ready"; tail -20 "$D/serve-$name.log"
         kill $pid 2> /dev/null; wait $pid 2> /dev/null
         continue

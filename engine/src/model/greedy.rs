@@ -38,8 +38,16 @@ pub fn greedy_tokens(logits: &Tensor) -> Result<Vec<u32>> {
         }
         return logits.argmax(candle_core::D::Minus1)?.to_vec1();
     }
-    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    Ok(rows.iter().map(|r| sampling::argmax(r)).collect())
+    let vocab = logits.dim(1)?;
+    if vocab == 0 {
+        return Ok(vec![0; logits.dim(0)?]);
+    }
+    // One host buffer for every row, not one per row.
+    let all = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(all.chunks(vocab).map(sampling::argmax).collect())
 }
 
 /// `u32 [n]`: each row's greedy token, on the device of f32 `logits [n, vocab]` (CUDA: one
